@@ -1,0 +1,74 @@
+"""
+The project's speed benchmark (random-init GPT, so no checkpoint is needed):
+generation (new tokens/s, with and without the KV cache), the forward pass with full vs last-token
+logits, and the sampler (torch.multinomial vs model.sample_from_logits).
+    python bench.py                          # the CPU preset of DESIGN.md section 6
+    python bench.py --device=cuda --batch_size=64
+"""
+import time
+
+import torch
+import torch.nn.functional as F
+
+from common import parse_config, setup_runtime
+from model import GPT, GPTConfig, sample_from_logits
+
+config = dict(device="auto", dtype="auto", seed=1337, compile=False, n_layer=4, n_head=4, n_embd=128,
+              block_size=256, batch_size=16, prompt_len=64, max_new_tokens=128, repeats=3)
+
+
+def timed(fn, cfg, repeats):
+    """Best wall time (seconds) of `repeats` calls after one warm-up call."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        if cfg.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if cfg.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+@torch.no_grad()
+def main(argv=None):
+    cfg = parse_config(config, argv)
+    rt = setup_runtime(cfg)
+    model = GPT(GPTConfig(block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                          n_embd=cfg.n_embd)).to(rt.device).eval()
+    fwd = torch.compile(model) if cfg.compile else model
+    print(f"GPT {model.num_params() / 1e6:.2f}M parameters on {rt.device} ({cfg.dtype}, "
+          f"{torch.get_num_threads()} threads)")
+    B, P, N = cfg.batch_size, cfg.prompt_len, cfg.max_new_tokens
+    prompt = torch.randint(0, 50257, (B, P), device=rt.device)
+    mask = torch.ones(B, P, device=rt.device)
+    mask[: B // 2, : P // 4] = 0  # half the rows left-padded
+    report = {}
+    for use_cache in (True, False):
+        def gen():
+            with rt.autocast():  # eos_token_id=None: all B x N tokens are generated
+                model.generate(prompt, mask, N, temperature=1.0, eos_token_id=None, use_cache=use_cache)
+        s = timed(gen, cfg, 1 if not use_cache else cfg.repeats)
+        report[f"generate_{'cache' if use_cache else 'nocache'}_tok_s"] = B * N / s
+        print(f"generate B{B} P{P} +{N} tokens, {'KV cache   ' if use_cache else 'no cache   '}: "
+              f"{B * N / s:8.0f} new tokens/s ({s:.2f} s)")
+    idx = torch.randint(0, 50257, (B, cfg.block_size), device=rt.device)
+    for name, fn in (("full logits      ", lambda: fwd(idx)),
+                     ("last-token logits", lambda: model.lm_logits(model.hidden_states(idx)[:, -1]))):
+        with rt.autocast():
+            s = timed(fn, cfg, cfg.repeats)
+        report[f"forward_{name.split()[0]}_s"] = s
+        print(f"forward B{B} x T{cfg.block_size}, {name}: {s * 1e3:8.1f} ms")
+    logits = torch.randn(B, model.config.vocab_size, device=rt.device)
+    for name, fn in (("torch.multinomial ", lambda: torch.multinomial(F.softmax(logits, -1), 1)),
+                     ("sample_from_logits", lambda: sample_from_logits(logits))):
+        s = timed(fn, cfg, 20)
+        report[f"sample_{name.strip()}_ms"] = s * 1e3
+        print(f"sample B{B} x V{logits.shape[1]}, {name}: {s * 1e3:8.2f} ms")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,458 @@
+"""
+The GPT used by every stage: a nanoGPT-style GPT-2 (learned positions, pre-LayerNorm blocks, GELU MLP,
+tied input/output embeddings, F.scaled_dot_product_attention) plus what RLHF needs on top of it:
+- left-padded batches (attention mask + position ids derived from it), so a batch of prompts of
+  different lengths gives the same logits and greedy tokens as each prompt alone;
+- generation with a preallocated KV cache, temperature / top-k, per-row EOS and early exit, and an
+  exact inverse-CDF sampler (torch.multinomial over 50k tokens costs more than a model step on CPU);
+- an optional scalar head (reward model / critic): one number per token;
+- per-token logprobs that compute logits only where they are needed;
+- loading OpenAI GPT-2 weights (Hugging Face layout, .bin or .safetensors, read with torch alone);
+- atomic checkpoint save / load.
+Conventions (see ../shared/DESIGN.md): masks are 0/1 with 1 on real tokens; a target mask is aligned to
+token positions, mask[:, t] = 1 meaning "token t is predicted from tokens < t".
+"""
+import json
+import math
+import os
+import urllib.request
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+N_TOKENS = 50257  # GPT-2's vocabulary (tiktoken "gpt2"); ids >= N_TOKENS are padding
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 256
+    vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 64
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    dropout: float = 0.0
+    bias: bool = True
+    scalar_head: bool = False  # adds Linear(n_embd, 1): reward model / critic
+
+
+# ----------------------------------------------------------------------------------------------------
+# masks and positions
+
+def position_ids(attention_mask):
+    """Position of each token among the real tokens of its row: (B, T) 0/1 mask -> (B, T) long.
+    Pads get position 0 (left padding) or repeat the last position (right padding); neither is read."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def last_token_index(attention_mask):
+    """Index of the last 1 in each row of a (B, T) 0/1 mask (left or right padding) -> (B,) long.
+    A row with no 1 gives 0."""
+    T = attention_mask.shape[1]
+    idx = torch.arange(T, device=attention_mask.device).expand_as(attention_mask)
+    return torch.where(attention_mask.bool(), idx, 0).amax(-1)
+
+
+def _attention_mask_4d(attention_mask, T):
+    """(B, L) key mask -> (B, 1, T, L) bool, True = may attend, for the last T of L positions as queries:
+    causal AND key is real, OR key is the query itself (so a row of pads never gives NaN)."""
+    L = attention_mask.shape[1]
+    q = torch.arange(L - T, L, device=attention_mask.device)[:, None]  # (T, 1)
+    k = torch.arange(L, device=attention_mask.device)[None, :]  # (1, L)
+    keep = (k <= q) & attention_mask.bool()[:, None, :]  # (B, T, L)
+    return (keep | (k == q))[:, None]  # (B, 1, T, L)
+
+
+class KVCache:
+    """Keys and values of every layer, preallocated at full length and written in place."""
+
+    def __init__(self, n_layer, max_len):
+        self.max_len, self.k, self.v = max_len, [None] * n_layer, [None] * n_layer
+
+    def update(self, layer, k, v, start):
+        """Write k, v (B, nh, T, hs) at [start, start+T); return the keys/values of [0, start+T)."""
+        if self.k[layer] is None:  # allocated at the first write, in the dtype autocast computes in
+            B, nh, _, hs = k.shape
+            self.k[layer] = k.new_empty(B, nh, self.max_len, hs)
+            self.v[layer] = v.new_empty(B, nh, self.max_len, hs)
+        end = start + k.shape[2]
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+# ----------------------------------------------------------------------------------------------------
+# the network (nanoGPT)
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.n_head, self.n_embd, self.dropout = config.n_head, config.n_embd, config.dropout
+
+    def forward(self, x, mask, cache=None, layer=0, start=0):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        if cache is not None:
+            k, v = cache.update(layer, k, v, start)  # (B, nh, start+T, hs)
+        p = self.dropout if self.training else 0.0
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))  # GPT-2's GELU
+
+
+class Block(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, mask, cache=None, layer=0, start=0):
+        x = x + self.attn(self.ln_1(x), mask, cache, layer, start)
+        return x + self.mlp(self.ln_2(x))
+
+
+GPT2_SIZES = {  # OpenAI GPT-2 checkpoints: n_layer, n_head, n_embd (block_size 1024)
+    "gpt2": (12, 12, 768), "gpt2-medium": (24, 16, 1024), "gpt2-large": (36, 20, 1280), "gpt2-xl": (48, 25, 1600),
+}
+GPT2_URL = "https://huggingface.co/openai-community/{}/resolve/main/model.safetensors"
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # weight tying
+        self.scalar_head = nn.Linear(config.n_embd, 1) if config.scalar_head else None
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2 paper: scale residual projections by 1/sqrt(2 n_layer)
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def num_params(self):
+        """Number of parameters, the tied embedding counted once."""
+        return sum(p.numel() for p in self.parameters())
+
+    def hidden_states(self, idx, attention_mask=None, cache=None, start=0):
+        """Final hidden states (after ln_f). idx (B, T) long; attention_mask (B, start+T) 0/1 or None
+        (None: every token real, causal fast path). With a KVCache, idx are positions [start, start+T)
+        and the mask covers [0, start+T). Returns (B, T, C) (float32, or bf16 under autocast).
+        Raises ValueError if start + T > block_size."""
+        B, T = idx.shape
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence length {start + T} exceeds block_size {self.config.block_size}")
+        if attention_mask is None and cache is not None:
+            attention_mask = torch.ones(B, start + T, device=idx.device)
+        if attention_mask is None:
+            pos, mask = torch.arange(T, device=idx.device)[None], None  # (1, T)
+        else:
+            pos, mask = position_ids(attention_mask)[:, start:], _attention_mask_4d(attention_mask, T)  # (B, T)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, mask, cache, i, start)
+        return self.transformer.ln_f(x)  # (B, T, C)
+
+    def lm_logits(self, h):
+        """Tied output head: h (..., C) -> logits (..., V) float32. The ids past GPT-2's 50257 tokens
+        (vocab_size is padded to 50304 for speed) are not tokens: their logit is -1e9, so they are never
+        sampled and carry no probability (a finite value keeps 0 * log 0 = 0 in the entropy)."""
+        logits = self.lm_head(h).float()
+        logits[..., N_TOKENS:] = -1e9
+        return logits
+
+    def forward(self, idx, attention_mask=None):
+        """Full logits: idx (B, T) long, attention_mask (B, T) 0/1 or None -> (B, T, V) float32.
+        logits[:, t] predicts token t+1. Raises ValueError if T > block_size."""
+        return self.lm_logits(self.hidden_states(idx, attention_mask))  # (B, T, V)
+
+    def scalar(self, idx, attention_mask=None):
+        """Scalar head (reward / value) at every position: (B, T) long -> (B, T) float32. Read a sequence's
+        reward at last_token_index(attention_mask). Raises RuntimeError without a scalar head."""
+        return self._head()(self.hidden_states(idx, attention_mask)).squeeze(-1).float()  # (B, T)
+
+    def score(self, idx, attention_mask):
+        """Reward of each whole sequence: the scalar head at the last real token (DESIGN section 4,
+        r_theta(x, y)). idx (B, T) long, attention_mask (B, T) 0/1 -> (B,) float32. Raises RuntimeError
+        without a scalar head."""
+        head = self._head()
+        h = self.hidden_states(idx, attention_mask)  # (B, T, C)
+        h = h[torch.arange(idx.shape[0], device=idx.device), last_token_index(attention_mask)]  # (B, C)
+        return head(h).squeeze(-1).float()  # (B,)
+
+    def _head(self):
+        if self.scalar_head is None:
+            raise RuntimeError("this GPT has no scalar head (GPTConfig.scalar_head=False); build it with "
+                               "scalar_head=True or model_from_checkpoint(ckpt, scalar_head=True)")
+        return self.scalar_head
+
+    def logprobs(self, idx, attention_mask, target_mask, temperature=1.0, return_entropy=False):
+        """Per-token log pi(idx[:, t] | idx[:, :t]) with pi = softmax(logits / temperature).
+        idx (B, T) long; attention_mask, target_mask (B, T) 0/1 (target_mask[:, 0] is ignored: token 0
+        has no prediction). Logits are computed only at the targets' predicting positions. Returns
+        logprobs (B, T) float32, 0 where target_mask is 0, and with return_entropy also the entropy
+        -sum_v p_v log p_v (B, T) of each of those distributions."""
+        h = self.hidden_states(idx, attention_mask)[:, :-1]  # (B, T-1, C): h[:, t-1] predicts token t
+        sel = target_mask[:, 1:].bool()  # (B, T-1)
+        logp = F.log_softmax(self.lm_logits(h[sel]) / temperature, dim=-1)  # (N, V)
+        lp = logp.gather(-1, idx[:, 1:][sel][:, None]).squeeze(-1)  # (N,)
+        full = F.pad(sel, (1, 0))  # (B, T): back on token positions
+        out = lp.new_zeros(idx.shape).masked_scatter(full, lp)  # (B, T)
+        if not return_entropy:
+            return out
+        ent = -(logp.exp() * logp).sum(-1)  # (N,) H = -sum_v p_v log p_v
+        return out, lp.new_zeros(idx.shape).masked_scatter(full, ent)
+
+    @torch.no_grad()
+    def generate(self, idx, attention_mask, max_new_tokens, temperature=1.0, top_k=None,
+                 eos_token_id=50256, generator=None, use_cache=True, return_logits=False):
+        """Sample continuations of LEFT-padded prompts. idx (B, P) long; attention_mask (B, P) 0/1 (None:
+        no padding). temperature 0 means greedy; eos_token_id None never stops. With use_cache=False
+        every step recomputes the whole forward (for tests and benchmarks).
+        Returns tokens (B, R) long, response_mask (B, R) float32 (1 up to and including each row's first
+        EOS; tokens after it are EOS fillers), and with return_logits the logits (B, R, V) float32 each
+        token was sampled from (before temperature). R <= max_new_tokens: generation stops once every
+        row has emitted EOS. Raises ValueError if P + max_new_tokens > block_size."""
+        B, P = idx.shape
+        L = P + max_new_tokens
+        if L > self.config.block_size:
+            raise ValueError(f"prompt length {P} + max_new_tokens {max_new_tokens} = {L} exceeds "
+                             f"block_size {self.config.block_size}")
+        mask = torch.ones(B, L, dtype=torch.long, device=idx.device)  # generated tokens are all real
+        if attention_mask is not None:
+            mask[:, :P] = attention_mask
+        seq = torch.cat([idx, idx.new_zeros(B, max_new_tokens)], 1)  # (B, L)
+        response_mask = torch.zeros(B, max_new_tokens, device=idx.device)
+        done = torch.zeros(B, dtype=torch.bool, device=idx.device)
+        cache = KVCache(self.config.n_layer, L) if use_cache else None
+        all_logits = []
+        for t in range(max_new_tokens):
+            n = P + t  # tokens so far
+            if cache is None:
+                h = self.hidden_states(seq[:, :n], mask[:, :n])[:, -1]  # (B, C)
+            elif t == 0:  # prefill the cache with the prompt
+                h = self.hidden_states(seq[:, :n], mask[:, :n], cache, 0)[:, -1]
+            else:  # one new token against the cached keys / values
+                h = self.hidden_states(seq[:, n - 1:n], mask[:, :n], cache, n - 1)[:, -1]
+            logits = self.lm_logits(h)  # (B, V)
+            if return_logits:
+                all_logits.append(logits)
+            tok = sample_from_logits(logits, temperature, top_k, generator)  # (B,)
+            if eos_token_id is not None:
+                tok = torch.where(done, eos_token_id, tok)
+            seq[:, n] = tok
+            response_mask[:, t] = (~done).float()
+            if eos_token_id is not None:
+                done |= tok == eos_token_id
+                if bool(done.all()):
+                    break
+        R = t + 1
+        out = (seq[:, P:P + R], response_mask[:, :R])
+        return out + (torch.stack(all_logits, 1),) if return_logits else out
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, cache_dir="~/.cache/rlhf-gpt2", **overrides):
+        """OpenAI GPT-2 weights in the Hugging Face layout. name_or_path: "gpt2", "gpt2-medium",
+        "gpt2-large", "gpt2-xl" (read from cache_dir, downloaded there when missing), or a local
+        model.safetensors / pytorch_model.bin / folder holding one. overrides: GPTConfig fields (e.g. a
+        smaller block_size crops the positions; scalar_head=True adds a fresh head); for a local file the
+        shape is read from the weights (n_head from a config.json beside it, or the GPT-2 sizes).
+        Raises FileNotFoundError, ValueError (unknown name / config key, shape mismatch), RuntimeError
+        (download failed: download the file by hand and pass its path)."""
+        bad = set(overrides) - {f.name for f in fields(GPTConfig)}
+        if bad:
+            raise ValueError(f"from_pretrained: unknown GPTConfig keys {sorted(bad)}")
+        path = _gpt2_file(name_or_path, os.path.expanduser(cache_dir))
+        sd = read_safetensors(path) if path.endswith(".safetensors") else \
+            torch.load(path, map_location="cpu", weights_only=True)
+        sd = {k.removeprefix("transformer."): v for k, v in sd.items()
+              if not k.endswith((".attn.bias", ".attn.masked_bias")) and k != "lm_head.weight"}
+        args = dict(n_layer=1 + max(int(k.split(".")[1]) for k in sd if k.startswith("h.")),
+                    n_embd=sd["wte.weight"].shape[1], block_size=sd["wpe.weight"].shape[0])
+        cfg_json = os.path.join(os.path.dirname(path), "config.json")
+        sizes = {e: h for _, h, e in GPT2_SIZES.values()}
+        if os.path.exists(cfg_json):
+            with open(cfg_json) as f:
+                args["n_head"] = json.load(f)["n_head"]
+        elif args["n_embd"] in sizes:
+            args["n_head"] = sizes[args["n_embd"]]
+        if "n_head" not in args and "n_head" not in overrides:
+            raise ValueError(f"{path}: cannot tell n_head (no config.json beside it); pass n_head=...")
+        config = GPTConfig(**{**args, **overrides})
+        model = cls(config)
+        ours = model.state_dict()
+        n = config.block_size
+        for k, v in sd.items():
+            if k.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
+                v = v.t()  # HF Conv1D stores (in, out); nn.Linear wants (out, in)
+            if k == "wpe.weight":
+                v = v[:n]  # a smaller block_size keeps the first positions
+            if k == "wte.weight":
+                v = F.pad(v, (0, 0, 0, config.vocab_size - v.shape[0]))  # 50257 -> 50304 rows
+            key = "transformer." + k
+            if key not in ours or ours[key].shape != v.shape:
+                raise ValueError(f"{path}: weight {k} {tuple(v.shape)} does not fit this GPT "
+                                 f"({tuple(ours[key].shape) if key in ours else 'no such weight'}); {config}")
+            with torch.no_grad():
+                ours[key].copy_(v)
+        missing = [k for k in ours if k.removeprefix("transformer.") not in sd
+                   and k != "lm_head.weight" and not k.startswith("scalar_head.")]  # lm_head: tied to wte
+        if missing:
+            raise ValueError(f"{path}: weights missing: {sorted(missing)[:5]}")
+        return model
+
+
+# ----------------------------------------------------------------------------------------------------
+# sampling
+
+def sample_from_logits(logits, temperature=1.0, top_k=None, generator=None):
+    """One token per row from softmax(logits / temperature), optionally among the top_k logits only.
+    logits (B, V) float; temperature 0 means argmax; generator must live on logits' device.
+    Exact inverse-CDF sampling: i = first index with cdf_i > u, u ~ U[0, cdf_V), one uniform per row.
+    Returns (B,) long."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    ids = None
+    if top_k is not None and top_k < logits.shape[-1]:
+        logits, ids = torch.topk(logits, top_k, dim=-1)  # (B, k) sample among these only
+    probs = F.softmax(logits.double() / temperature, dim=-1)  # (B, V)
+    cdf = probs.cumsum(-1)  # (B, V) float64
+    total = cdf[:, -1:]  # (B, 1) ~1
+    u = torch.rand(total.shape, generator=generator, device=cdf.device, dtype=cdf.dtype) * total
+    u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))  # u < total: never past the end
+    i = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1).squeeze(-1)  # (B,)
+    return i if ids is None else ids.gather(-1, i[:, None]).squeeze(-1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# GPT-2 files
+
+def _gpt2_file(name_or_path, cache_dir):
+    """A GPT-2 name or a local path -> the path of a .safetensors / .bin file (downloading a name)."""
+    if os.path.isdir(name_or_path):
+        for f in ("model.safetensors", "pytorch_model.bin"):
+            if os.path.exists(os.path.join(name_or_path, f)):
+                return os.path.join(name_or_path, f)
+        raise FileNotFoundError(f"{name_or_path} holds neither model.safetensors nor pytorch_model.bin")
+    if os.path.exists(name_or_path):
+        return name_or_path
+    if name_or_path not in GPT2_SIZES:
+        raise FileNotFoundError(f"{name_or_path!r} is neither a file nor a folder nor one of {list(GPT2_SIZES)}")
+    path = os.path.join(cache_dir, name_or_path, "model.safetensors")
+    if not os.path.exists(path):
+        url = GPT2_URL.format(name_or_path)
+        print(f"downloading {url} -> {path}")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        try:
+            urllib.request.urlretrieve(url, path + ".tmp")
+            os.replace(path + ".tmp", path)
+        except Exception as e:
+            raise RuntimeError(f"could not download {url} ({e}). Download the file by hand and pass its path: "
+                               f"GPT.from_pretrained('/path/to/model.safetensors')") from e
+    return path
+
+
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+
+def read_safetensors(path):
+    """Read a .safetensors file with torch alone -> dict name -> CPU tensor. Format: a little-endian
+    u64 header length n, n bytes of JSON {name: {dtype, shape, data_offsets: [begin, end]}} (offsets
+    relative to the end of the header), then the raw little-endian tensor bytes."""
+    with open(path, "rb") as f:
+        buf = bytearray(f.read())
+    n = int.from_bytes(buf[:8], "little")
+    header = json.loads(buf[8:8 + n])
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype, (b, e) = _ST_DTYPES[info["dtype"]], info["data_offsets"]
+        count = (e - b) // torch.empty(0, dtype=dtype).element_size()
+        t = torch.frombuffer(buf, dtype=dtype, count=count, offset=8 + n + b) if count else torch.empty(0, dtype=dtype)
+        out[name] = t.reshape(info["shape"])
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# checkpoints
+
+def _raw(model):
+    """The plain GPT inside DDP / torch.compile wrappers."""
+    model = getattr(model, "module", model)  # DDP
+    return getattr(model, "_orig_mod", model)  # torch.compile
+
+
+def save_checkpoint(path, model, config, **extra):
+    """Save {"model_args", "model" (state_dict without "_orig_mod."/"module." prefixes), "config"
+    (the stage's config: dict or namespace), "tokenizer": "gpt2", **extra} to path, atomically
+    (a temporary file in the same folder, then os.replace)."""
+    raw = _raw(model)
+    sd = {k.replace("_orig_mod.", "").removeprefix("module."): v for k, v in raw.state_dict().items()}
+    ckpt = dict(model_args=asdict(raw.config), model=sd,
+                config=config if isinstance(config, dict) else vars(config), tokenizer="gpt2", **extra)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, device="cpu", hint=None):
+    """Load a checkpoint dict written by save_checkpoint (tensors on device). Only load files you trust
+    (pickle). Raises FileNotFoundError naming the path and the hint (e.g. "run `python sft.py` first")."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint {path} not found" + (f": {hint}" if hint else ""))
+    return torch.load(path, map_location=device, weights_only=False)
+
+
+def model_from_checkpoint(ckpt, scalar_head=None):
+    """Build the GPT of a checkpoint dict (on CPU, float32). scalar_head=True on a checkpoint without a
+    head adds a freshly initialised one; False drops it; None keeps what the checkpoint has."""
+    args = dict(ckpt["model_args"])
+    if scalar_head is not None:
+        args["scalar_head"] = scalar_head
+    model = GPT(GPTConfig(**args))
+    sd = {k.replace("_orig_mod.", ""): v for k, v in ckpt["model"].items()}
+    if not args["scalar_head"]:
+        sd = {k: v for k, v in sd.items() if not k.startswith("scalar_head.")}
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if unexpected or any(not k.startswith("scalar_head.") for k in missing):
+        raise ValueError(f"checkpoint does not fit its model_args: missing {missing}, unexpected {unexpected}")
+    return model
