@@ -1,0 +1,301 @@
+"""
+DPO: fit the SFT policy to the human comparisons directly, with no reward model and no sampling
+(Rafailov et al. 2023, "Direct Preference Optimization: Your Language Model is Secretly a Reward Model").
+
+    python dpo.py                                # CPU preset; needs out/sft.pt (python sft.py)
+    python dpo.py --loss_type=ipo --beta=0.5     # any config key: --key=value
+    torchrun --nproc_per_node=2 dpo.py           # DDP (gloo on CPU, nccl on CUDA)
+
+The policy pi_theta and the frozen reference pi_ref both start from out/sft.pt. For a prompt x with a chosen
+response y_w and a rejected one y_l (the `train` pairs of HH-RLHF) every loss is a function of
+    h = beta * [ (log pi(y_w|x) - log pi_ref(y_w|x)) - (log pi(y_l|x) - log pi_ref(y_l|x)) ]    (eq. 7)
+with log pi(y|x) summed over the response tokens. r_hat(x, y) = beta * (log pi(y|x) - log pi_ref(y|x)) is
+DPO's implicit reward (section 4): the `sigmoid` loss is the reward model's Bradley-Terry loss with r_hat in
+place of r, so the policy is its own reward model. Other losses: conservative DPO (label smoothing), IPO
+(Azar et al. 2023), hinge (SLiC, Zhao et al. 2023; RSO, Liu et al. 2023).
+
+The reference enters only through log pi_ref(y|x) of the pairs, which never change: they are computed once
+before training, and the reference is freed. The training loss never samples; the report does, to put DPO
+on the same reward-versus-KL chart as PPO (evaluate.py): SFT and DPO answer the same `test` prompts with the
+same seed, the reward model out/rm.pt scores them (skipped if it is missing: DPO itself does not need it).
+Writes out/dpo.pt, out/dpo_log.jsonl, out/dpo.png, out/eval_dpo.json (and eval_sft.json if it is missing,
+so PPO and DPO share the SFT point) and out/frontier.png.
+Simplifications: the policy's dropout is set to 0 (so pi = pi_ref exactly at the start, as TRL does);
+a subset of `train` (train_pairs) keeps the CPU preset to a few minutes.
+"""
+import gc
+import json
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import common
+import data
+import evaluate
+from model import load_checkpoint, model_from_checkpoint, save_checkpoint
+
+# ----------------------------------------------------------------------------- config
+config = dict(               # CPU preset: every key can be overridden with --key=value
+    out_dir="out",           # reads sft.pt (and rm.pt for the report); writes dpo.pt, logs, plots
+    data_dir="",             # HH-RLHF folder; "" = $RLHF_DATA_DIR, else download
+    device="auto", dtype="auto", compile=False, seed=1337,
+    block_size=256, max_prompt_len=128,   # data settings: the same values in every stage
+    loss_type="sigmoid",     # sigmoid (DPO) | ipo | hinge
+    beta=0.1,                # DPO's beta: the weight of the KL constraint to the reference (higher = closer)
+    label_smoothing=0.0,     # conservative DPO: assumed probability that a label is flipped (sigmoid only)
+    train_pairs=320,         # train pairs used, a fixed random subset (0 = all of `train`)
+    batch_size=8,            # pairs per micro-batch (2 * batch_size sequences)
+    grad_accum=1,            # micro-batches per optimiser step
+    max_iters=100,           # optimiser steps (100 x 8 = 2.5 epochs of the 320 pairs)
+    lr=2e-4,                 # peak learning rate (AdamW, warmup then cosine to 10%)
+    warmup_iters=10,
+    weight_decay=0.0,
+    grad_clip=1.0,           # max gradient norm (0 = off)
+    log_interval=5,          # log the mean of the train metrics over this many steps
+    eval_pairs=256,          # test pairs for the implicit-reward accuracy (0 = all of `test`)
+    eval_interval=25,        # every this many steps log test accuracy / margin (0 = only at the end)
+    eval_batch_size=32,      # sequences per no-grad forward: 16 pairs, or 32 prompts when sampling
+    # the sample evaluation: keep these equal to ppo.py's, so PPO and DPO share the SFT point of the chart
+    eval_prompts=128,        # the first eval_prompts `test` prompts, answered by SFT and DPO
+    max_new_tokens=48,       # answer length cap
+    temperature=1.0,         # sampling temperature (the KL is measured at the same temperature)
+)
+cuda_config = dict(          # the CUDA preset (untested here: no GPU was available when it was written)
+    compile=True, train_pairs=0, batch_size=32, grad_accum=2, warmup_iters=50,
+    max_iters=1000,          # 64k pairs: 0.4 epoch of the full HH-RLHF train split (15 of a test-only copy)
+    lr=5e-6,                 # DPO recipes for ~100M-1B models use 1e-6 to 1e-5 (the paper: 1e-6 at 2.8B+)
+    eval_pairs=0, eval_interval=200, eval_batch_size=128, eval_prompts=1024, max_new_tokens=128,  # as ppo.py
+)
+LOSS_TYPES = ("sigmoid", "ipo", "hinge")
+
+
+# ----------------------------------------------------------------------------- the math
+def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta,
+             loss_type="sigmoid", label_smoothing=0.0):
+    """Preference loss of each pair from sequence logprobs (nats), all four (B,) float.
+
+    h = beta * [(logpi_c - logref_c) - (logpi_r - logref_r)]
+      sigmoid: -log sigmoid(h)                         DPO, Rafailov et al. 2023, eq. 7
+               -(1-eps) log sigmoid(h) - eps log sigmoid(-h) with label_smoothing eps (conservative DPO,
+               Mitchell 2023: the label is flipped with probability eps)
+      ipo:     (h / beta - 1 / (2 beta))^2              IPO, Azar et al. 2023 (their h is our h / beta);
+               the caller passes logprobs averaged over the response tokens (TRL's length normalisation)
+      hinge:   max(0, 1 - h)                            SLiC (Zhao et al. 2023) / RSO (Liu et al. 2023)
+    Returns (losses (B,), chosen_rewards (B,), rejected_rewards (B,)); the rewards are the implicit rewards
+    beta * (logpi - logref), detached. Raises ValueError for an unknown loss_type.
+    """
+    chosen_logratios = policy_chosen_logps - ref_chosen_logps  # (B,) log pi(y_w|x) / pi_ref(y_w|x)
+    rejected_logratios = policy_rejected_logps - ref_rejected_logps  # (B,)
+    h = beta * (chosen_logratios - rejected_logratios)  # (B,)
+    if loss_type == "sigmoid":
+        losses = -(1 - label_smoothing) * F.logsigmoid(h) - label_smoothing * F.logsigmoid(-h)
+    elif loss_type == "ipo":
+        losses = (h / beta - 1 / (2 * beta)) ** 2  # regress the log-ratio gap onto 1 / (2 beta)
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - h)
+    else:
+        raise ValueError(f"unknown loss_type {loss_type!r}; valid: {', '.join(LOSS_TYPES)}")
+    return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
+
+
+def pair_logprobs(model, batch, average=False):
+    """Sequence logprobs of a data.collate_pairs batch (rows [:B] chosen, [B:] rejected): the sum over
+    response tokens of log pi(y_t | x, y_<t), or their mean with average=True (for ipo).
+    Returns (chosen (B,), rejected (B,)) float32; differentiable through model."""
+    mask = batch["response_mask"]  # (2B, T)
+    logp = model.logprobs(batch["idx"], batch["attention_mask"], mask).sum(1)  # (2B,): 0 off the response
+    if average:
+        logp = logp / mask.sum(1).clamp(min=1)
+    return logp.chunk(2)
+
+
+@torch.no_grad()
+def precompute_logprobs(model, pairs, rt, batch_size=32, average=False):
+    """pair_logprobs of every pair in `pairs` (list of data examples), without gradients, batch_size
+    sequences (batch_size // 2 pairs) per forward, pairs of similar length together (less padding). Used
+    once for the frozen reference. Returns (chosen (N,), rejected (N,)) float32 on rt.device, in the order
+    of `pairs`."""
+    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i]["prompt"])
+                   + max(len(pairs[i]["chosen"]), len(pairs[i]["rejected"])))
+    chosen, rejected = torch.zeros(len(pairs), device=rt.device), torch.zeros(len(pairs), device=rt.device)
+    step = max(1, batch_size // 2)
+    for i in range(0, len(pairs), step):
+        ids = order[i:i + step]
+        batch = to_device(data.collate_pairs([pairs[j] for j in ids]), rt)
+        with rt.autocast():
+            chosen[ids], rejected[ids] = pair_logprobs(model, batch, average)
+    return chosen, rejected
+
+
+def to_device(batch, rt):
+    return {k: v.to(rt.device) for k, v in batch.items()}
+
+
+def reward_metrics(chosen_rewards, rejected_rewards):
+    """Implicit-reward accuracy P(r_hat_w > r_hat_l) (a tie counts one half) and mean margin r_hat_w - r_hat_l."""
+    diff = chosen_rewards - rejected_rewards  # (B,)
+    return {"accuracy": ((diff > 0).float() + 0.5 * (diff == 0).float()).mean().item(),
+            "margin": diff.mean().item()}
+
+
+@torch.no_grad()
+def evaluate_pairs(policy, pairs, ref_chosen, ref_rejected, cfg, rt):
+    """Mean loss, implicit-reward accuracy and margin of `policy` on `pairs` (reference logprobs given)."""
+    policy.eval()
+    pc, pr = precompute_logprobs(policy, pairs, rt, cfg.eval_batch_size, cfg.loss_type == "ipo")
+    losses, cr, rr = dpo_loss(pc, pr, ref_chosen, ref_rejected, cfg.beta, cfg.loss_type, cfg.label_smoothing)
+    return {"loss": losses.mean().item(), **reward_metrics(cr, rr)}
+
+
+# ----------------------------------------------------------------------------- training
+def main(argv=None):
+    cfg = common.parse_config(config, argv, cuda_overrides=cuda_config)
+    if cfg.loss_type not in LOSS_TYPES:
+        raise common.ConfigError(f"--loss_type={cfg.loss_type}: expected one of {', '.join(LOSS_TYPES)}")
+    rt = common.setup_runtime(cfg)
+    sft_path = os.path.join(cfg.out_dir, "sft.pt")
+    ckpt = load_checkpoint(sft_path, hint="run `python sft.py` first")
+    ckpt["model_args"]["dropout"] = 0.0  # pi(.) is then deterministic and equals pi_ref at the start
+    if cfg.block_size > ckpt["model_args"]["block_size"]:
+        raise ValueError(f"--block_size={cfg.block_size} exceeds the block_size "
+                         f"{ckpt['model_args']['block_size']} of {sft_path}")
+    splits = data.load_hh_rlhf(cfg.data_dir or None, block_size=cfg.block_size,
+                               max_prompt_len=cfg.max_prompt_len, verbose=rt.master)
+    train = subset(splits["train"], cfg.train_pairs, cfg.seed)[rt.rank::rt.world_size]  # a shard per rank
+    test = subset(splits["test"], cfg.eval_pairs, cfg.seed)
+    if len(train) < cfg.batch_size:
+        raise ValueError(f"{len(train)} train pairs per process, fewer than --batch_size={cfg.batch_size}")
+    average = cfg.loss_type == "ipo"  # IPO uses per-token mean logprobs (section 4 of DESIGN.md)
+
+    # the frozen reference: its logprobs of every pair once, then free it
+    t0 = time.time()
+    reference = model_from_checkpoint(ckpt).to(rt.device).eval()
+    ref_train = precompute_logprobs(reference, train, rt, cfg.eval_batch_size, average)  # (N,), (N,)
+    ref_test = precompute_logprobs(reference, test, rt, cfg.eval_batch_size, average) if rt.master else None
+    del reference
+    gc.collect()
+    if rt.master:
+        print(f"reference logprobs of {len(train)} train and {len(test)} test pairs in {time.time() - t0:.0f}s")
+
+    policy = model_from_checkpoint(ckpt).to(rt.device)
+    if cfg.compile:  # compile the blocks in place: DPO calls policy.logprobs, not policy.forward
+        for block in policy.transformer.h:
+            block.compile(dynamic=True)
+    optimizer = common.configure_optimizer(policy, cfg.lr, cfg.weight_decay)
+    logger = common.Logger(cfg.out_dir, "dpo", master=rt.master)
+    gen = torch.Generator().manual_seed(cfg.seed + rt.rank)
+    sampler = shuffled_batches(len(train), cfg.batch_size, gen)
+    pbar = tqdm(range(cfg.max_iters), desc="dpo", disable=not rt.master)
+    window = []  # per-step metrics since the last log line
+    for it in pbar:
+        policy.train()
+        lr = common.lr_at(it, cfg.max_iters, cfg.lr, cfg.warmup_iters)
+        common.set_lr(optimizer, lr)
+        sums = {}
+        for _ in range(cfg.grad_accum):
+            ids = next(sampler)
+            batch = to_device(data.collate_pairs([train[i] for i in ids]), rt)
+            with rt.autocast():
+                policy_chosen, policy_rejected = pair_logprobs(policy, batch, average)  # (B,) x2
+            losses, chosen_rewards, rejected_rewards = dpo_loss(
+                policy_chosen, policy_rejected, ref_train[0][ids], ref_train[1][ids], cfg.beta, cfg.loss_type,
+                cfg.label_smoothing)
+            (losses.mean() / cfg.grad_accum).backward()
+            step = {"loss": losses.mean().item(), **reward_metrics(chosen_rewards, rejected_rewards),
+                    "rewards_chosen": chosen_rewards.mean().item(), "rewards_rejected": rejected_rewards.mean().item(),
+                    "logps_chosen": policy_chosen.mean().item(), "logps_rejected": policy_rejected.mean().item()}
+            sums = {k: sums.get(k, 0.0) + v / cfg.grad_accum for k, v in step.items()}
+        common.all_reduce_grads(policy, rt)
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        window.append({k: common.all_reduce_mean(v, rt) for k, v in sums.items()})
+        if (it + 1) % cfg.log_interval == 0 or it + 1 == cfg.max_iters:  # the mean over the last steps
+            metrics = {k: sum(w[k] for w in window) / len(window) for k in window[0]}
+            logger.log(it, lr=lr, **metrics)
+            pbar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['accuracy']:.2f}",
+                             margin=f"{metrics['margin']:.3f}")
+            window = []
+        if rt.master and cfg.eval_interval > 0 and (it + 1) % cfg.eval_interval == 0 and it + 1 < cfg.max_iters:
+            logger.log(it, **{f"test_{k}": v for k, v in evaluate_pairs(policy, test, *ref_test, cfg, rt).items()})
+
+    report = {}
+    if rt.master:
+        save_checkpoint(os.path.join(cfg.out_dir, "dpo.pt"), policy, cfg)
+        report = make_report(policy, test, ref_test, splits["test"][:cfg.eval_prompts], logger, cfg, rt)
+    common.cleanup(rt)
+    return report
+
+
+def subset(examples, n, seed):
+    """A fixed random subset of n examples (all of them if n is 0), the same on every DDP rank."""
+    perm = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed))
+    return [examples[i] for i in perm[:n or len(examples)].tolist()]
+
+
+def shuffled_batches(n, batch_size, gen):
+    """Endless lists of batch_size indices in [0, n): a fresh shuffle each epoch, no partial batches."""
+    while True:
+        perm = torch.randperm(n, generator=gen).tolist()
+        for i in range(0, n - batch_size + 1, batch_size):
+            yield perm[i:i + batch_size]
+
+
+def make_report(policy, test, ref_test, prompts, logger, cfg, rt):
+    """Print and return the report: the training curve's ends, implicit-reward accuracy / margin on the
+    `test` pairs, then (if out/rm.pt exists) the sample evaluation shared with PPO on `prompts` (the first
+    eval_prompts of `test`, as evaluate.py takes them) and the frontier chart."""
+    final = evaluate_pairs(policy, test, *ref_test, cfg, rt)
+    logger.log(cfg.max_iters - 1, **{f"test_{k}": v for k, v in final.items()})
+    logger.plot()
+    train_rows = [r for r in logger.rows if "accuracy" in r]
+    n = max(1, len(train_rows) // 10)  # first / last 10% of the log lines
+    mean = lambda rows, k: sum(r[k] for r in rows) / len(rows)
+    report = {"loss_first": mean(train_rows[:n], "loss"), "loss_last": mean(train_rows[-n:], "loss"),
+              "train_accuracy_last": mean(train_rows[-n:], "accuracy"),
+              "test_accuracy_before": 0.5, "test_margin_before": 0.0,  # pi = pi_ref: every r_hat is 0 (a tie)
+              "test_accuracy": final["accuracy"], "test_margin": final["margin"], "test_loss": final["loss"]}
+    print(f"\nDPO ({cfg.loss_type}, beta {cfg.beta}): train loss {report['loss_first']:.4f} -> "
+          f"{report['loss_last']:.4f} (first / last {n * cfg.log_interval} steps), train batch accuracy "
+          f"{report['train_accuracy_last']:.3f} (last {n * cfg.log_interval} steps)")
+    print(f"test pairs ({len(test)}): implicit-reward accuracy 0.500 -> {final['accuracy']:.3f}, "
+          f"margin 0.000 -> {final['margin']:.4f}, loss {final['loss']:.4f}")
+
+    rm_path = os.path.join(cfg.out_dir, "rm.pt")
+    if not os.path.exists(rm_path):
+        print(f"no {rm_path}: the sample evaluation (reward-model score, KL, win rate, frontier chart) needs "
+              "`python reward.py`; skipped (DPO itself does not need a reward model)")
+        return report
+    sft_path = os.path.join(cfg.out_dir, "sft.pt")
+    reference = model_from_checkpoint(load_checkpoint(sft_path)).to(rt.device).eval()
+    reward_model = model_from_checkpoint(load_checkpoint(rm_path), scalar_head=True).to(rt.device).eval()
+    policy.eval()
+    kw = dict(batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+              seed=cfg.seed)  # the same prompts, batches and random numbers for both policies (and in ppo.py)
+    results = {name: evaluate.sample_and_score(model, reference, reward_model, prompts, rt, **kw)
+               for name, model in (("sft", reference), ("dpo", policy))}
+    summaries = {name: evaluate.summarize(r) for name, r in results.items()}
+    report.update({f"{name}_{k}": v for name, s in summaries.items() for k, v in s.items()})
+    report["win_rate"] = evaluate.win_rate(results["dpo"]["scores"], results["sft"]["scores"])
+    if not os.path.exists(os.path.join(cfg.out_dir, "eval_sft.json")):  # shared with PPO's chart
+        evaluate.save_point(cfg.out_dir, "sft", summaries["sft"])
+    evaluate.save_point(cfg.out_dir, "dpo", summaries["dpo"])
+    print(f"samples on {len(prompts)} test prompts (reward model {rm_path}; KL to the reference, nats per answer):")
+    for stage in evaluate.STAGES:  # every point of the chart, e.g. PPO's from its own run
+        path = os.path.join(cfg.out_dir, f"eval_{stage}.json")
+        if os.path.exists(path):
+            p = json.load(open(path))
+            print(f"  {stage:4s} score {p['score']:+.3f}  KL {p['kl']:.3f}  length {p['length']:.1f}  "
+                  f"EOS {p['eos_rate']:.2f}" + ("  (this run)" if stage == "dpo" else ""))
+    print(f"win rate of DPO over SFT under the reward model: {report['win_rate']:.3f}")
+    print(f"sample answer (DPO): {data.get_tokenizer().decode(results['dpo']['responses'][0])!r}")
+    print("wrote", evaluate.plot_frontier(cfg.out_dir))
+    return report
+
+
+if __name__ == "__main__":
+    main()

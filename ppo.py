@@ -1,0 +1,413 @@
+"""
+Step 3 of InstructGPT (Ouyang et al. 2022, section 3.5): optimise the SFT policy against the reward model
+with PPO (Schulman et al. 2017), a per-token KL penalty to the frozen SFT reference (Ziegler et al. 2019)
+and, optionally, pretraining gradients ("PPO-ptx", InstructGPT eq. 2).
+
+    python ppo.py                                  # CPU preset; runs sft.py / reward.py first if out/ lacks them
+    python ppo.py --beta=0.1 --adaptive_kl=True    # any config key as --key=value
+    torchrun --nproc_per_node=2 ppo.py             # DDP: each rank rolls out its own prompts, gradients averaged
+
+Models: policy pi_theta and reference pi_ref <- out/sft.pt (pi_ref frozen); reward model r <- out/rm.pt (frozen);
+value model (critic) V <- out/rm.pt (trained). All four stay in eval mode (no dropout), so the logprobs of the
+rollout and of the update come from one and the same function.
+
+One iteration (DESIGN.md section 4), one screen each in main():
+  1. rollout  y ~ pi_old(.|x) with the KV cache for `batch_size` train prompts; record log pi_old(y_t),
+              log pi_ref(y_t) and V_t for every response token, every logprob at the sampling temperature
+  2. score    s = r(x, y) at the last real response token (its EOS). A response cut off at max_new_tokens without
+              EOS gets s - missing_eos_penalty: the penalty is ADDED to its score (it does not replace it)
+  3. rewards  r_t = -beta * kl_t, plus s on the last response token                  (InstructGPT eq. 2)
+  4. GAE      A_t and returns_t = A_t + V_t, then A whitened over the batch's response tokens (under DDP, over
+              each rank's own batch)
+  5. update   ppo_epochs x shuffled minibatches: clipped policy loss (+ ptx loss), clipped value loss,
+              gradient clipping; separate AdamW optimisers for the policy and the critic
+  6. beta     fixed (default) or the adaptive controller                    (Ziegler et al. 2019, section 2.2)
+
+Layout: sequences = cat([prompt (B, P) left-padded, response (B, R)], 1); everything per token is the (B, R)
+response slice [:, P:] with response_mask (1 up to and including the first EOS, 0 after it).
+Value convention: V_t = the critic's scalar at sequence position P + t - 1, i.e. at the token BEFORE response
+token t: the state s_t in which the policy chose y_t (for t = 0 that is the last prompt token). V after the
+last response token is 0 (the episode has ended).
+
+Flags (each switches one implementation detail off, so a reader can see what it does):
+  whiten_advantages=False   raw GAE advantages (their scale then follows the reward's scale)
+  clip_value_loss=False     plain 0.5 * (V - returns)^2 instead of the clipped max form
+  ptx_coef=0                plain PPO: no pretraining-text loss
+  kl_estimator=k3           Schulman's k3 for the per-token penalty instead of k1 (never negative per token)
+  adaptive_kl=True          beta follows the controller towards target_kl instead of staying fixed
+  missing_eos_penalty=0     no penalty for a response that never emits EOS
+  grad_clip=0               no gradient clipping
+  decay_lr=False            constant learning rates instead of cosine decay to 10%
+
+Logged each iteration (out/ppo_log.jsonl, out/ppo.png; score, kl and beta also in the tqdm postfix).
+Rollout figures are means over the batch's sequences; update figures are means over every minibatch step:
+  score            reward-model score s of the rollout's responses (before the missing-EOS penalty)
+  kl               KL(pi || pi_ref) per sequence: sum over response tokens of kl_t (kl_estimator), in nats
+  objective        what PPO maximises, the RLHF objective: sum_t r_t = s (with penalty) - beta * kl
+  beta             the KL coefficient used for this iteration's rewards
+  entropy          entropy of pi_old per response token (nats); a collapse to ~0 means the policy stopped exploring
+  policy_loss      clipped surrogate loss (PPO eq. 7, negated); ptx_loss: -ptx_coef * mean log pi(text)
+  value_loss       clipped value loss 0.5 * max((V - G)^2, (V_clip - G)^2)
+  policy_clipfrac  fraction of response tokens where the clipped ratio is the active side (no gradient there)
+  value_clipfrac   the same for the value loss
+  approx_kl        KL(pi_old || pi_new) per token, k3 estimate on the rollout's tokens: how far an update moved
+  explained_var    1 - Var(returns - V_old) / Var(returns) over response tokens: 1 = the critic predicts the
+                   returns, <= 0 = no better than a constant
+  length, eos_rate mean response length (tokens, EOS included) and the fraction of responses that end in EOS
+  lr               policy learning rate of this iteration (the critic's follows the same schedule)
+  rollout_s, update_s  seconds spent in steps 1-4 and in step 5
+  sample_<i>       every sample_every iterations: the policy's answer to fixed test prompt i (text, printed)
+"""
+import importlib
+import os
+import time
+from collections import defaultdict
+
+import torch
+from tqdm import tqdm
+
+import common
+import data
+import evaluate
+from model import last_token_index, load_checkpoint, model_from_checkpoint, save_checkpoint
+
+# ----------------------------------------------------------------------------- config
+config = dict(                # CPU preset: every key can be overridden with --key=value
+    out_dir="out",            # reads sft.pt and rm.pt, writes ppo.pt, ppo_log.jsonl, ppo.png, eval_*.json, frontier.png
+    data_dir="",              # HH-RLHF folder; "" = $RLHF_DATA_DIR, else download
+    device="auto", dtype="auto",
+    compile=False,            # torch.compile the policy's training forward (helps on CUDA, not on CPU)
+    seed=1337,
+    block_size=256, max_prompt_len=128,  # data settings: the same values in every stage
+    # rollout
+    iterations=30,            # PPO iterations (rollout + update each)
+    batch_size=32,            # prompts per rollout (per DDP rank)
+    max_new_tokens=48,        # response length cap; prompt + response must fit the model's block_size
+    temperature=1.0,          # sampling temperature; every logprob (old, new, reference) uses the same one
+    # reward
+    beta=0.05,                # KL coefficient (initial value when adaptive_kl)
+    kl_estimator="k1",        # per-token KL estimate in the reward: k1 = log pi - log pi_ref, or k3
+    adaptive_kl=False,        # adapt beta towards target_kl (Ziegler et al. 2019, section 2.2)
+    target_kl=6.0,            # adaptive_kl: target KL per sequence, nats
+    kl_horizon=10000,         # adaptive_kl: horizon in samples
+    missing_eos_penalty=1.0,  # subtracted from the score of a response without EOS (0 = off)
+    # PPO update
+    ppo_epochs=4,             # passes over each rollout batch
+    minibatch_size=16,        # sequences per gradient step
+    lr=3e-5,                  # policy AdamW learning rate
+    critic_lr=1e-4,           # critic AdamW learning rate
+    weight_decay=0.0,
+    decay_lr=True,            # cosine decay of both learning rates to 10% over the iterations
+    grad_clip=1.0,            # max gradient norm, policy and critic each (0 = off)
+    cliprange=0.2,            # PPO ratio clip epsilon
+    cliprange_value=0.2,      # value clip around V_old
+    clip_value_loss=True,     # False: unclipped 0.5 * (V - returns)^2
+    gamma=1.0,                # discount
+    lam=0.95,                 # GAE lambda
+    whiten_advantages=True,   # advantages to mean 0, std 1 over the batch's response tokens
+    # PPO-ptx
+    ptx_coef=0.5,             # weight of the pretraining loss (0 = plain PPO)
+    ptx_batch_size=4,         # pretraining windows per gradient step
+    ptx_block_size=64,        # tokens per pretraining window
+    # logging and report
+    sample_every=10,          # print and log the answers to a few fixed test prompts every N iterations
+    n_sample_prompts=2,       # how many
+    eval_prompts=128,         # test prompts answered by SFT and PPO in the final report
+    eval_batch_size=32,
+)
+cuda_config = dict(           # CUDA preset (NOT tested: no GPU was available), for sft.py's CUDA preset (GPT-2 small)
+    compile=True, dtype="bfloat16", block_size=512, max_prompt_len=256, iterations=300, batch_size=128,
+    max_new_tokens=128, minibatch_size=32, lr=1e-5, critic_lr=5e-5, ptx_batch_size=8, ptx_block_size=512,
+    sample_every=25, eval_prompts=1024, eval_batch_size=128,
+)
+
+
+# ----------------------------------------------------------------------------- the math
+def masked_mean(x, mask):
+    """Mean of x over the entries where mask is 1: sum(x * mask) / sum(mask). x, mask (B, T) -> scalar."""
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def kl_estimate(logprobs, ref_logprobs, kind="k1"):
+    """Per-token estimate of KL(pi || pi_ref) from tokens sampled from pi.
+    logprobs, ref_logprobs (B, T) float: log pi(y_t), log pi_ref(y_t) of the sampled tokens. kind:
+      k1 = log pi - log pi_ref                                  (unbiased, can be negative per token)
+      k3 = (ratio - 1) - log ratio, ratio = pi_ref / pi          (unbiased, never negative, lower variance)
+    (Schulman, "Approximating KL divergence", 2020). Returns (B, T) in nats. Raises ValueError for another kind."""
+    if kind == "k1":
+        return logprobs - ref_logprobs  # k1 = log(pi / pi_ref)
+    if kind == "k3":
+        log_ratio = ref_logprobs - logprobs  # log(pi_ref / pi)
+        return log_ratio.exp() - 1 - log_ratio  # k3 = (ratio - 1) - log ratio
+    raise ValueError(f"kl_estimator {kind!r}: expected 'k1' or 'k3'")
+
+
+def per_token_rewards(scores, logprobs, ref_logprobs, mask, beta, kind="k1"):
+    """The per-token reward of RLHF (Ziegler et al. 2019; InstructGPT eq. 2):
+        r_t = -beta * kl_t  +  s * 1[t is the last real response token]
+    scores (B,) reward-model scores s; logprobs, ref_logprobs, mask (B, T) over the response tokens; mask is 1 up
+    to and including the EOS, so the score lands on the EOS when there is one and never on a pad. beta float;
+    kind the KL estimator (see kl_estimate). Returns rewards (B, T) float, 0 outside the mask."""
+    kl = kl_estimate(logprobs, ref_logprobs, kind)  # (B, T)
+    last = torch.zeros_like(mask).scatter_(1, last_token_index(mask)[:, None], 1.0) * mask  # (B, T) one-hot
+    return (-beta * kl + scores[:, None] * last) * mask  # r_t = -beta kl_t (+ s on the last token)
+
+
+def compute_gae(rewards, values, mask, gamma, lam):
+    """Generalised advantage estimation (Schulman et al. 2016, eqs. 11-16), as a backward loop over time:
+        delta_t = r_t + gamma * V_{t+1} - V_t           (V after the last real token is 0)
+        A_t     = delta_t + gamma * lam * A_{t+1}  =  sum_l (gamma lam)^l delta_{t+l}
+        returns_t = A_t + V_t
+    rewards, values, mask (B, T) float; mask is a prefix mask (1 on each row's first L_b tokens, 0 after).
+    Returns (advantages, returns), (B, T) each, 0 outside the mask."""
+    B, T = rewards.shape
+    advantages = torch.zeros_like(rewards)
+    next_advantage = torch.zeros_like(rewards[:, 0])  # (B,) A_{t+1}
+    for t in reversed(range(T)):
+        next_value = values[:, t + 1] * mask[:, t + 1] if t + 1 < T else torch.zeros_like(next_advantage)  # V_{t+1}
+        delta = rewards[:, t] + gamma * next_value - values[:, t]  # delta_t = r_t + gamma V_{t+1} - V_t
+        next_advantage = (delta + gamma * lam * next_advantage) * mask[:, t]  # A_t = delta_t + gamma lam A_{t+1}
+        advantages[:, t] = next_advantage
+    returns = (advantages + values) * mask  # returns_t = A_t + V_t
+    return advantages, returns
+
+
+def whiten(x, mask, shift_mean=True):
+    """Masked whitening: (x - mean) / std with the mean and (population) std over the entries where mask is 1,
+    so entries outside the mask do not affect it. shift_mean=False adds the mean back (rescale only).
+    x, mask (B, T) -> (B, T), 0 outside the mask."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    out = (x - mean) * torch.rsqrt(var + 1e-8)  # mean 0, std 1
+    if not shift_mean:
+        out = out + mean
+    return out * mask
+
+
+def policy_loss(logprobs, old_logprobs, advantages, mask, cliprange):
+    """PPO's clipped surrogate (Schulman et al. 2017, eq. 7), negated to be minimised, token-level mean:
+        rho_t = exp(log pi_theta(y_t) - log pi_old(y_t))
+        L = - mean_t min(rho_t A_t, clip(rho_t, 1 - cliprange, 1 + cliprange) A_t)
+    logprobs (B, T) (with grad), old_logprobs, advantages, mask (B, T). Returns (loss, clipfrac): clipfrac is the
+    fraction of masked tokens where the clipped term is the smaller one, i.e. where no gradient flows."""
+    ratio = torch.exp(logprobs - old_logprobs)  # rho_t = pi_theta / pi_old
+    unclipped = ratio * advantages
+    clipped = torch.clamp(ratio, 1 - cliprange, 1 + cliprange) * advantages
+    loss = -masked_mean(torch.min(unclipped, clipped), mask)  # -L^CLIP, PPO eq. 7
+    clipfrac = masked_mean((clipped < unclipped).float(), mask)
+    return loss, clipfrac
+
+
+def value_loss(values, old_values, returns, mask, cliprange_value):
+    """Clipped value loss (Schulman et al. 2017's baselines code; DESIGN.md section 4), token-level mean:
+        V_clip = V_old + clip(V - V_old, -cliprange_value, cliprange_value)
+        L = 0.5 * mean_t max((V_t - returns_t)^2, (V_clip_t - returns_t)^2)
+    values (B, T) (with grad), old_values, returns, mask (B, T); cliprange_value = inf gives the plain
+    0.5 * (V - returns)^2. Returns (loss, clipfrac): the fraction of masked tokens where the clipped term is larger."""
+    clipped_values = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
+    unclipped_loss = (values - returns) ** 2
+    clipped_loss = (clipped_values - returns) ** 2
+    loss = 0.5 * masked_mean(torch.max(unclipped_loss, clipped_loss), mask)  # 0.5 max((V-G)^2, (V_clip-G)^2)
+    clipfrac = masked_mean((clipped_loss > unclipped_loss).float(), mask)
+    return loss, clipfrac
+
+
+class AdaptiveKLController:
+    """Adaptive KL coefficient (Ziegler et al. 2019, section 2.2):
+        e = clip(KL / target - 1, -0.2, 0.2);   beta <- beta * (1 + e * n_steps / horizon)
+    KL is the current KL per sequence (nats), n_steps the number of samples since the last update."""
+
+    def __init__(self, init_kl_coef, target, horizon):
+        self.value, self.target, self.horizon = init_kl_coef, target, horizon
+
+    def update(self, current_kl, n_steps):
+        error = min(max(current_kl / self.target - 1, -0.2), 0.2)  # e = clip(KL / target - 1, -0.2, 0.2)
+        self.value *= 1 + error * n_steps / self.horizon  # beta <- beta (1 + e n / horizon)
+        return self.value
+
+
+def explained_variance(values, returns, mask):
+    """1 - Var(returns - values) / Var(returns) over the masked tokens (cleanrl's diagnostic of the critic)."""
+    var = lambda x: masked_mean((x - masked_mean(x, mask)) ** 2, mask)
+    return 1 - var(returns - values) / var(returns).clamp(min=1e-8)
+
+
+# ----------------------------------------------------------------------------- training
+def make_missing_checkpoints(cfg):
+    """`python ppo.py` on a fresh machine: run sft.py and/or reward.py (their own defaults) for whichever of
+    out/sft.pt, out/rm.pt is missing, passing on the settings the stages must share."""
+    shared = {k: getattr(cfg, k) for k in ("out_dir", "data_dir", "device", "dtype", "seed", "block_size",
+                                            "max_prompt_len")}
+    for stage, name in (("sft", "sft.pt"), ("reward", "rm.pt")):
+        path = os.path.join(cfg.out_dir, name)
+        if not os.path.exists(path):
+            print(f"{path} is missing: running `python {stage}.py` (its default settings) first")
+            module = importlib.import_module(stage)  # imported here only: ppo.py uses none of their math
+            module.main([f"--{k}={v}" for k, v in shared.items() if k in module.config])
+
+
+def main(argv=None):
+    cfg = common.parse_config(config, argv, cuda_overrides=cuda_config)
+    if cfg.kl_estimator not in ("k1", "k3"):
+        raise common.ConfigError(f"--kl_estimator={cfg.kl_estimator}: expected k1 or k3")
+    make_missing_checkpoints(cfg)
+    rt = common.setup_runtime(cfg)
+    t0 = time.time()
+
+    # models: policy + frozen reference from sft.pt, frozen reward model + trained critic from rm.pt
+    sft_ckpt = load_checkpoint(os.path.join(cfg.out_dir, "sft.pt"), hint="run `python sft.py` first")
+    rm_ckpt = load_checkpoint(os.path.join(cfg.out_dir, "rm.pt"), hint="run `python reward.py` first")
+    load = lambda ckpt, head: model_from_checkpoint(ckpt, scalar_head=head).to(rt.device).eval()
+    policy, critic = load(sft_ckpt, False), load(rm_ckpt, True)
+    reference, reward_model = load(sft_ckpt, False).requires_grad_(False), load(rm_ckpt, True).requires_grad_(False)
+    if cfg.max_prompt_len + cfg.max_new_tokens > policy.config.block_size:
+        raise ValueError(f"max_prompt_len {cfg.max_prompt_len} + max_new_tokens {cfg.max_new_tokens} exceeds the "
+                         f"block_size {policy.config.block_size} of {cfg.out_dir}/sft.pt")
+    train_logprobs = torch.compile(policy.logprobs, dynamic=True) if cfg.compile else policy.logprobs
+    opt_policy = common.configure_optimizer(policy, cfg.lr, cfg.weight_decay)
+    opt_critic = common.configure_optimizer(critic, cfg.critic_lr, cfg.weight_decay)
+    kl_ctl = AdaptiveKLController(cfg.beta, cfg.target_kl, cfg.kl_horizon) if cfg.adaptive_kl else None
+    cliprange_value = cfg.cliprange_value if cfg.clip_value_loss else float("inf")
+
+    # data: prompts from train, pretraining text for ptx, fixed test prompts to watch
+    splits = data.load_hh_rlhf(cfg.data_dir or None, block_size=cfg.block_size, max_prompt_len=cfg.max_prompt_len,
+                               verbose=rt.master)
+    train, test = splits["train"], splits["test"]
+    text = data.pretraining_tokens(train) if cfg.ptx_coef > 0 else None
+    watch = sorted(test, key=lambda e: len(e["prompt"]))[:cfg.n_sample_prompts]  # the shortest, as in sft.py
+    tok = data.get_tokenizer()
+    for i, e in enumerate(watch if rt.master else []):
+        print(f"fixed test prompt {i}: {tok.decode(e['prompt'])!r}")
+    watch = data.collate_prompts(watch)
+    gen = torch.Generator().manual_seed(cfg.seed + rt.rank)  # prompts, minibatch order, text windows
+    sampler = torch.Generator(device=rt.device).manual_seed(cfg.seed + rt.rank)  # the rollout's sampler
+    logger = common.Logger(cfg.out_dir, "ppo", rt.master)
+    dev, temp = rt.device, cfg.temperature
+
+    pbar = tqdm(range(cfg.iterations), desc="ppo", disable=not rt.master)
+    for it in pbar:
+        beta = kl_ctl.value if kl_ctl else cfg.beta
+        lr_scale = common.lr_at(it, cfg.iterations, 1.0, 0) if cfg.decay_lr else 1.0
+        common.set_lr(opt_policy, cfg.lr * lr_scale)
+        common.set_lr(opt_critic, cfg.critic_lr * lr_scale)
+
+        # ------------------------------------------------------------------- 1. rollout (no gradients)
+        t_rollout = time.time()
+        chosen = torch.randperm(len(train), generator=gen)[:cfg.batch_size].tolist()
+        prompts = data.collate_prompts([train[i] for i in chosen])
+        prompt_idx, prompt_mask = prompts["idx"].to(dev), prompts["attention_mask"].to(dev)  # (B, P) left-padded
+        B, P = prompt_idx.shape
+        with torch.no_grad(), rt.autocast():
+            response, mask = policy.generate(prompt_idx, prompt_mask, cfg.max_new_tokens, temperature=temp,
+                                             generator=sampler)  # (B, R) tokens, (B, R) response_mask
+            idx = torch.cat([prompt_idx, response], 1)  # (B, P+R)
+            attn = torch.cat([prompt_mask, mask], 1)  # (B, P+R)
+            target = torch.cat([torch.zeros_like(prompt_mask), mask], 1)  # (B, P+R) 1 on response tokens
+            old_logprobs, entropy = policy.logprobs(idx, attn, target, temp, return_entropy=True)  # (B, P+R) x2
+            ref_logprobs = reference.logprobs(idx, attn, target, temp)  # (B, P+R)
+            old_values = critic.scalar(idx, attn)[:, P - 1:-1] * mask  # (B, R) V_t read at the token before y_t
+            scores = reward_model.score(idx, attn)  # (B,) r(x, y) at the last real token
+        old_logprobs, ref_logprobs, entropy = old_logprobs[:, P:], ref_logprobs[:, P:], entropy[:, P:]  # (B, R)
+
+        # ------------------------------------------------------------------- 2-4. score, rewards, advantages
+        lengths = mask.sum(1)  # (B,)
+        has_eos = (response.gather(1, lengths.long()[:, None] - 1)[:, 0] == data.EOT).float()  # (B,)
+        penalised = scores - cfg.missing_eos_penalty * (1 - has_eos)  # s - penalty when there is no EOS
+        rewards = per_token_rewards(penalised, old_logprobs, ref_logprobs, mask, beta, cfg.kl_estimator)  # (B, R)
+        advantages, returns = compute_gae(rewards, old_values, mask, cfg.gamma, cfg.lam)  # (B, R) x2
+        if cfg.whiten_advantages:
+            advantages = whiten(advantages, mask)
+
+        # ------------------------------------------------------------------- 5. PPO epochs over minibatches
+        t_update = time.time()
+        stats = defaultdict(list)
+        for epoch in range(cfg.ppo_epochs):
+            for mb in torch.randperm(B, generator=gen).to(dev).split(cfg.minibatch_size):
+                m = mask[mb]  # (b, R)
+                with rt.autocast():
+                    logprobs = train_logprobs(idx[mb], attn[mb], target[mb], temp)[:, P:]  # (b, R)
+                    pg_loss, pg_clipfrac = policy_loss(logprobs, old_logprobs[mb], advantages[mb], m, cfg.cliprange)
+                    ptx_loss = torch.zeros((), device=dev)
+                    if cfg.ptx_coef > 0:  # PPO-ptx (InstructGPT eq. 2): gamma E_pretrain[log pi(x)], as a loss
+                        tb = data.sample_text_batch(text, cfg.ptx_batch_size, cfg.ptx_block_size, gen)
+                        tb = {k: v.to(dev) for k, v in tb.items()}
+                        text_logprobs = policy.logprobs(tb["idx"], tb["attention_mask"], tb["loss_mask"])  # (b, T)
+                        ptx_loss = -cfg.ptx_coef * masked_mean(text_logprobs, tb["loss_mask"])
+                opt_policy.zero_grad(set_to_none=True)
+                (pg_loss + ptx_loss).backward()
+                common.all_reduce_grads(policy, rt)
+                if cfg.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
+                opt_policy.step()
+
+                with rt.autocast():
+                    values = critic.scalar(idx[mb], attn[mb])[:, P - 1:-1]  # (b, R) V_t, same convention
+                    vf_loss, vf_clipfrac = value_loss(values, old_values[mb], returns[mb], m, cliprange_value)
+                opt_critic.zero_grad(set_to_none=True)
+                vf_loss.backward()
+                common.all_reduce_grads(critic, rt)
+                if cfg.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(critic.parameters(), cfg.grad_clip)
+                opt_critic.step()
+
+                approx_kl = masked_mean(kl_estimate(old_logprobs[mb], logprobs.detach(), "k3"), m)  # KL(old || new)
+                for k, v in dict(policy_loss=pg_loss, ptx_loss=ptx_loss, value_loss=vf_loss, approx_kl=approx_kl,
+                                 policy_clipfrac=pg_clipfrac, value_clipfrac=vf_clipfrac).items():
+                    stats[k].append(v.item())
+
+        # ------------------------------------------------------------------- 6. beta, logging
+        kl = (kl_estimate(old_logprobs, ref_logprobs, cfg.kl_estimator) * mask).sum(1)  # (B,) KL per sequence
+        metrics = dict(score=scores.mean(), kl=kl.mean(), objective=rewards.sum(1).mean(), beta=beta,
+                       entropy=masked_mean(entropy, mask), explained_var=explained_variance(old_values, returns, mask),
+                       length=lengths.mean(), eos_rate=has_eos.mean(), lr=cfg.lr * lr_scale,
+                       rollout_s=t_update - t_rollout, update_s=time.time() - t_update,
+                       **{k: sum(v) / len(v) for k, v in stats.items()})
+        metrics = {k: common.all_reduce_mean(v, rt) for k, v in metrics.items()}  # means over the ranks
+        if kl_ctl:
+            kl_ctl.update(metrics["kl"], B * rt.world_size)
+        pbar.set_postfix(score=f"{metrics['score']:.3f}", kl=f"{metrics['kl']:.2f}", beta=f"{beta:.3f}")
+        if rt.master and (it % cfg.sample_every == 0 or it == cfg.iterations - 1):
+            for i, answer in enumerate(sample_answers(policy, watch, cfg, rt, tok)):
+                metrics[f"sample_{i}"] = answer
+                tqdm.write(f"[iter {it}] sample {i}: {answer!r}")
+        logger.log(it, **metrics)
+    logger.plot()
+
+    # ----------------------------------------------------------------------- report (master only)
+    report = {}
+    if rt.master:
+        save_checkpoint(os.path.join(cfg.out_dir, "ppo.pt"), policy, cfg, beta=kl_ctl.value if kl_ctl else cfg.beta)
+        t_train = time.time() - t0
+        prompts = test[:cfg.eval_prompts]
+        run = lambda pi: evaluate.sample_and_score(pi, reference, reward_model, prompts, rt, cfg.eval_batch_size,
+                                                   cfg.max_new_tokens, temp, seed=cfg.seed)  # same prompts, same seed
+        results = {"sft": run(reference), "ppo": run(policy)}
+        report = {stage: evaluate.summarize(r) for stage, r in results.items()}
+        for stage, summary in report.items():
+            evaluate.save_point(cfg.out_dir, stage, summary)
+        evaluate.plot_frontier(cfg.out_dir)
+        report.update(win_rate=evaluate.win_rate(results["ppo"]["scores"], results["sft"]["scores"]),
+                      train_seconds=t_train, seconds=time.time() - t0, n_prompts=len(prompts))
+        print(f"\nPPO report on {len(prompts)} test prompts (same prompts and seed for both policies):")
+        for stage in ("sft", "ppo"):
+            print(f"  {stage}: " + "  ".join(f"{k} {v:.3f}" for k, v in report[stage].items()))
+        print(f"  RM score SFT {report['sft']['score']:.3f} -> PPO {report['ppo']['score']:.3f} at KL "
+              f"{report['ppo']['kl']:.2f} nats; win rate of PPO over SFT {report['win_rate']:.3f}")
+        print(f"  PPO took {report['seconds']:.0f} s ({t_train:.0f} s training); wrote {cfg.out_dir}/ppo.pt, "
+              f"ppo_log.jsonl, ppo.png, frontier.png")
+    common.cleanup(rt)
+    return report
+
+
+@torch.no_grad()
+def sample_answers(policy, prompts, cfg, rt, tok):
+    """Decoded answers of the policy to the fixed prompts (a fixed seed, so iterations are comparable)."""
+    g = torch.Generator(device=rt.device).manual_seed(cfg.seed)
+    with rt.autocast():
+        tokens, mask = policy.generate(prompts["idx"].to(rt.device), prompts["attention_mask"].to(rt.device),
+                                       cfg.max_new_tokens, temperature=cfg.temperature, generator=g)
+    return [tok.decode(t[:int(n)].tolist()) for t, n in zip(tokens.cpu(), mask.sum(1).cpu())]
+
+
+if __name__ == "__main__":
+    main()

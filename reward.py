@@ -1,0 +1,262 @@
+"""
+Step 2 of InstructGPT (Ouyang et al. 2022, section 3.5): a reward model r_theta(x, y) trained on human
+comparisons, here the (chosen, rejected) pairs of HH-RLHF.
+
+The model is the SFT GPT (out/sft.pt) with a fresh scalar head; the reward of a dialogue x + y is the
+head's output at its LAST real token (GPT.score). The loss is Bradley-Terry (InstructGPT eq. 1):
+
+    loss(theta) = - 1 / C(K,2) * E_{(x, y_w, y_l)} [ log sigmoid( r_theta(x, y_w) - r_theta(x, y_l) ) ]
+
+where y_w is the preferred response. With K ranked responses per prompt all C(K,2) pairs of a prompt go in
+one batch and each response is forwarded once (ranking_loss); HH-RLHF has K = 2, so a batch of B pairs
+is ONE forward of 2B rows (data.collate_pairs: rows [:B] chosen, [B:] rejected) and bt_loss.
+After training, the head's bias is shifted so that the mean reward of the `train` chosen responses is 0
+(InstructGPT's normalisation, "so that the labeler demonstrations achieve a mean score of 0"); the shift
+is folded into scalar_head.bias, so every user of rm.pt gets normalised rewards, and is also stored as
+ckpt["reward_bias"].
+
+    python reward.py                       # CPU preset; needs out/sft.pt (python sft.py)
+    python reward.py --max_iters=500       # any config key, --key=value
+    torchrun --nproc_per_node=2 reward.py  # DDP (gloo on CPU, nccl on CUDA)
+
+Writes out/rm.pt, out/rm_log.jsonl, out/rm.png and prints a report: test pairwise accuracy, mean margin
+and loss before and after training, the "longer response wins" floor on the same pairs (DESIGN.md section
+6), and a few test pairs with their scores.
+"""
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import common
+import data
+from model import load_checkpoint, model_from_checkpoint, save_checkpoint
+
+# ----------------------------------------------------------------------------- config
+config = dict(               # CPU preset: every key can be overridden with --key=value
+    out_dir="out",           # reads sft.pt; writes rm.pt, rm_log.jsonl, rm.png
+    data_dir="",             # HH-RLHF folder; "" = $RLHF_DATA_DIR, else download
+    device="auto", dtype="auto", compile=False, seed=1337,
+    sft_ckpt="",             # the trunk to start from; "" = <out_dir>/sft.pt
+    block_size=256, max_prompt_len=128,  # data settings: use the same values in every stage
+    max_iters=250,           # optimiser steps (250 x 16 pairs ~ one epoch of the 4,175 train pairs here)
+    batch_size=16,           # pairs per micro-batch (a forward of 2 x batch_size rows)
+    grad_accum=1,            # micro-batches per optimiser step (per DDP rank)
+    lr=3e-4,                 # peak learning rate (warmup, then cosine to 10%)
+    train_embeddings=False,  # train the token embedding table too (6.4M of the 7.3M parameters here)
+    weight_decay=0.1, grad_clip=1.0,
+    warmup_frac=0.1,         # linear warmup over this fraction of max_iters
+    eval_interval=125,       # evaluate on `test` every this many steps (and at the start and the end)
+    eval_pairs=0,            # test pairs per evaluation, a fixed random subset (0 = all)
+    eval_batch_size=32,      # pairs per evaluation batch
+    norm_examples=1024,      # train chosen responses (fixed random subset) setting the normalisation (0 = all)
+    n_show=4,                # test pairs printed with their scores in the report
+)
+cuda_config = dict(          # CUDA preset (one GPU; NOT tested here: no GPU was available)
+    compile=True, block_size=512, max_prompt_len=256,  # must match sft.py's CUDA preset
+    max_iters=1000, batch_size=32, lr=1e-5, eval_interval=250, eval_batch_size=64, norm_examples=0,
+)
+
+
+# ----------------------------------------------------------------------------- the math
+def bt_loss(chosen_rewards, rejected_rewards):
+    """Bradley-Terry loss, InstructGPT eq. 1 with K = 2:  L = - mean_b log sigmoid(r_w[b] - r_l[b]).
+    chosen_rewards, rejected_rewards: (B,) float rewards of the preferred / other response of each pair.
+    Returns a scalar. Computed with F.logsigmoid, stable for any difference (never log(sigmoid())), so a
+    difference of -1e4 gives a loss of 1e4, not inf. Its gradient raises r_w and lowers r_l."""
+    return -F.logsigmoid(chosen_rewards - rejected_rewards).mean()
+
+
+def ranking_loss(rewards):
+    """K-wise comparison loss, InstructGPT section 3.5 / eq. 1:
+        L = - 1 / C(K,2) * sum_{i < j} log sigmoid(r_i - r_j), averaged over the prompts,
+    for rewards (P, K) of K responses per prompt ORDERED BEST FIRST (response i is preferred to j when
+    i < j). Every response is scored once by the caller; all C(K,2) pairs of a prompt are formed here.
+    Returns a scalar: the mean of bt_loss over all P * C(K,2) pairs (K = 2 is bt_loss).
+    Raises ValueError unless rewards is 2-D with K >= 2."""
+    if rewards.dim() != 2 or rewards.shape[1] < 2:
+        raise ValueError(f"ranking_loss wants rewards (P, K) with K >= 2, got shape {tuple(rewards.shape)}")
+    K = rewards.shape[1]
+    i, j = torch.triu_indices(K, K, offset=1, device=rewards.device)  # (C(K,2),) each: all pairs i < j
+    return bt_loss(rewards[:, i].flatten(), rewards[:, j].flatten())  # (P * C(K,2),) pairs
+
+
+def pair_rewards(score, batch):
+    """Rewards of a data.collate_pairs batch: ONE forward of its 2B rows -> (chosen (B,), rejected (B,))."""
+    r = score(batch["idx"], batch["attention_mask"])  # (2B,) head at each row's last real token
+    B = r.shape[0] // 2
+    return r[:B], r[B:]
+
+
+def accumulate_gradients(score, micro_batches, rt):
+    """Forward + backward of one optimiser step over its micro-batches (already on rt.device). Each
+    micro-batch's mean bt_loss over its n_i pairs is scaled by n_i / N, N = the pairs of the whole step on
+    all DDP ranks (times world_size, because all_reduce_grads then averages the ranks): the gradient is
+    that of one mean over every pair of the step, so 1 micro-batch of 8 == 8 micro-batches of 1.
+    Returns (loss, accuracy) of the step on this rank, floats."""
+    counts = [b["idx"].shape[0] // 2 for b in micro_batches]
+    total = common.all_reduce_mean(sum(counts), rt) * rt.world_size  # N
+    loss_sum, correct = 0.0, 0.0
+    for b, n in zip(micro_batches, counts):
+        with rt.autocast():
+            chosen, rejected = pair_rewards(score, b)
+        loss = bt_loss(chosen.float(), rejected.float())
+        (loss * n / total * rt.world_size).backward()
+        loss_sum, correct = loss_sum + loss.item() * n, correct + (chosen > rejected).sum().item()
+    return loss_sum / sum(counts), correct / sum(counts)
+
+
+def pair_metrics(chosen, rejected):
+    """Pairwise accuracy P(r_w > r_l) (a tie counts 1/2), mean margin r_w - r_l, and bt_loss of (N,) rewards."""
+    acc = ((chosen > rejected).float() + 0.5 * (chosen == rejected).float()).mean().item()
+    return dict(accuracy=acc, margin=(chosen - rejected).mean().item(), loss=bt_loss(chosen, rejected).item())
+
+
+# ----------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def score_pairs(model, examples, rt, batch_size):
+    """Rewards of every pair of examples -> (chosen (N,), rejected (N,)) float32 on the CPU."""
+    model.eval()
+    out = [], []
+    for i in range(0, len(examples), batch_size):
+        batch = {k: v.to(rt.device) for k, v in data.collate_pairs(examples[i:i + batch_size]).items()}
+        with rt.autocast():
+            c, r = pair_rewards(model.score, batch)
+        out[0].append(c.float().cpu())
+        out[1].append(r.float().cpu())
+    model.train()
+    return torch.cat(out[0]), torch.cat(out[1])
+
+
+@torch.no_grad()
+def mean_chosen_reward(model, examples, rt, batch_size):
+    """Mean reward of prompt + chosen over the examples (the normalisation target of InstructGPT)."""
+    model.eval()
+    total = 0.0
+    for i in range(0, len(examples), batch_size):
+        batch = data.collate_sft(examples[i:i + batch_size])
+        with rt.autocast():
+            r = model.score(batch["idx"].to(rt.device), batch["attention_mask"].to(rt.device))  # (B,)
+        total += r.float().sum().item()
+    model.train()
+    return total / len(examples)
+
+
+def longer_wins(examples):
+    """The floor of DESIGN.md section 6: accuracy of "the longer response (in tokens) wins", tie = 1/2."""
+    c = torch.tensor([len(e["chosen"]) for e in examples], dtype=torch.float32)
+    r = torch.tensor([len(e["rejected"]) for e in examples], dtype=torch.float32)
+    return pair_metrics(c, r)["accuracy"]
+
+
+def show_pairs(examples, chosen, rejected, n):
+    enc = data.get_tokenizer()
+    clip = lambda t, k: (t if len(t) <= k else t[:k] + "...").replace("\n", " ").replace("<|endoftext|>", "")
+    for e, c, r in list(zip(examples, chosen.tolist(), rejected.tolist()))[:n]:
+        print(f"  PROMPT   ...{clip(enc.decode(e['prompt'])[-110:], 110)}")
+        print(f"    chosen   {c:+7.3f}  {clip(enc.decode(e['chosen']), 100)}")
+        print(f"    rejected {r:+7.3f}  {clip(enc.decode(e['rejected']), 100)}")
+
+
+# ----------------------------------------------------------------------------- training
+def subset(examples, n):
+    """A fixed random subset of n examples (all if n is 0 or too large); the lists hold helpful-base first."""
+    if not 0 < n < len(examples):
+        return examples
+    return [examples[i] for i in torch.randperm(len(examples), generator=torch.Generator().manual_seed(0))[:n]]
+
+
+def main(argv=None):
+    cfg = common.parse_config(config, argv, cuda_overrides=cuda_config)
+    rt = common.setup_runtime(cfg)
+    t_start = time.time()
+    sft_path = cfg.sft_ckpt or os.path.join(cfg.out_dir, "sft.pt")
+    ckpt = load_checkpoint(sft_path, hint="run `python sft.py` first (it writes out/sft.pt)")
+    if cfg.block_size > ckpt["model_args"]["block_size"]:
+        raise ValueError(f"--block_size={cfg.block_size} exceeds the block_size "
+                         f"{ckpt['model_args']['block_size']} of {sft_path}")
+    torch.manual_seed(cfg.seed)  # the same fresh head on every DDP rank
+    model = model_from_checkpoint(ckpt, scalar_head=True).to(rt.device).train()  # SFT trunk + fresh head
+    model.transformer.wte.weight.requires_grad_(cfg.train_embeddings)  # frozen: left out of the optimiser
+    del ckpt
+    score = torch.compile(model.score) if cfg.compile else model.score
+    splits = data.load_hh_rlhf(cfg.data_dir or None, block_size=cfg.block_size,
+                               max_prompt_len=cfg.max_prompt_len, verbose=rt.master)
+    train, test = splits["train"], splits["test"]
+    test_eval = subset(test, cfg.eval_pairs)
+    optimizer = common.configure_optimizer(model, cfg.lr, cfg.weight_decay)
+    gen = torch.Generator().manual_seed(cfg.seed + rt.rank)  # each rank samples its own batches
+    logger = common.Logger(cfg.out_dir, "rm", master=rt.master)
+    if rt.master:
+        print(f"reward model: {sft_path} trunk + fresh scalar head, {model.num_params() / 1e6:.2f}M parameters; "
+              f"{len(train)} train / {len(test)} test pairs")
+
+    def run_eval(step):
+        c, r = score_pairs(model, test_eval, rt, cfg.eval_batch_size)
+        m = pair_metrics(c, r)
+        print(f"\nstep {step}: test accuracy {m['accuracy']:.3f}, margin {m['margin']:+.3f}, loss {m['loss']:.4f}")
+        logger.log(step, **{f"test_{k}": v for k, v in m.items()})
+        return m, c, r
+
+    before = run_eval(0)[0] if rt.master else None
+    losses = []
+    warmup = max(1, int(cfg.warmup_frac * cfg.max_iters))
+    bar = tqdm(range(cfg.max_iters), disable=not rt.master, desc="reward", dynamic_ncols=True)
+    for step in bar:
+        lr = common.lr_at(step, cfg.max_iters, cfg.lr, warmup)
+        common.set_lr(optimizer, lr)
+        micro = [data.collate_pairs([train[i] for i in torch.randint(len(train), (cfg.batch_size,),
+                                                                     generator=gen)]) for _ in range(cfg.grad_accum)]
+        micro = [{k: v.to(rt.device) for k, v in b.items()} for b in micro]
+        loss, acc = accumulate_gradients(score, micro, rt)
+        common.all_reduce_grads(model, rt)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss)
+        bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.2f}")
+        logger.log(step, loss=loss, accuracy=acc, lr=lr, grad_norm=grad_norm)
+        periodic = cfg.eval_interval > 0 and (step + 1) % cfg.eval_interval == 0
+        if rt.master and periodic and step + 1 < cfg.max_iters:
+            run_eval(step + 1)
+    bar.close()
+
+    report = {}
+    if rt.master:
+        after, c, r = run_eval(cfg.max_iters)
+        # InstructGPT normalisation: shift the head's bias so the train chosen responses have mean reward 0
+        norm = subset(train, cfg.norm_examples)
+        mean = mean_chosen_reward(model, norm, rt, cfg.eval_batch_size)
+        with torch.no_grad():
+            model.scalar_head.bias -= mean
+        c, r = c - mean, r - mean  # the same rewards, normalised (accuracy and margin do not change)
+        logger.plot()
+        save_checkpoint(os.path.join(cfg.out_dir, "rm.pt"), model, vars(cfg), reward_bias=-mean)
+        floor = longer_wins(test_eval)
+        report = dict(**{f"{k}_before": v for k, v in before.items()},
+                      **{f"{k}_after": v for k, v in after.items()}, longer_wins=floor, reward_bias=-mean)
+        if losses:
+            report.update(train_loss_first=sum(losses[:10]) / len(losses[:10]),
+                          train_loss_last=sum(losses[-10:]) / len(losses[-10:]))
+        pairs = cfg.batch_size * cfg.grad_accum * rt.world_size
+        print(f"\n=== reward model report ({cfg.max_iters} steps x {pairs} pairs, {time.time() - t_start:.0f} s) ===")
+        if losses:
+            print(f"  train loss {report['train_loss_first']:.4f} -> {report['train_loss_last']:.4f} "
+                  "(mean of the first 10 steps -> of the last 10)")
+        print(f"  test pairs: {len(test_eval)}")
+        for k in ("accuracy", "margin", "loss"):
+            print(f"  test {k:8s} {before[k]:+.4f} -> {after[k]:+.4f}")
+        print(f"  floor 'the longer response wins' on the same pairs: {floor:.3f} (shorter wins {1 - floor:.3f})")
+        print(f"  normalisation: mean reward of {len(norm)} train chosen responses was {mean:+.4f}; "
+              f"scalar_head.bias shifted by {-mean:+.4f} (ckpt['reward_bias'])")
+        print("  test pairs (normalised rewards):")
+        show_pairs(test_eval, c, r, cfg.n_show)
+        print(f"  wrote {cfg.out_dir}/rm.pt, rm_log.jsonl, rm.png")
+    common.cleanup(rt)
+    return report
+
+
+if __name__ == "__main__":
+    main()

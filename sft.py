@@ -1,0 +1,314 @@
+"""
+Step 1 of InstructGPT (Ouyang et al. 2022, section 3.5): supervised fine-tuning (SFT) of a language model
+on demonstrations, here the `chosen` responses of HH-RLHF.
+
+    L_SFT = - sum_t mask_t log pi(y_t | x, y_<t) / sum_t mask_t          (DESIGN.md section 4, "SFT")
+
+with mask_t = 1 on the response tokens (their EOT included) and 0 on the prompt and the padding, so the
+model learns to answer, not to write questions.
+
+InstructGPT starts from a pretrained GPT-3. No pretrained GPT can be downloaded on the machines this was
+written on, so there are two starts:
+  --init_from=scratch (the CPU preset): a small GPT first PRETRAINS on the pretraining text (every
+      dialogue of `train`, chosen and rejected, as one EOT-separated stream; the same loss with mask = 1 on
+      every token) for `pretrain_iters` steps, then fine-tunes on prompt -> chosen for `sft_iters` steps;
+  --init_from=gpt2 (or gpt2-medium ..., or a local model.safetensors / folder): OpenAI GPT-2 weights,
+      the pretraining phase is skipped;
+  --init_from=resume: continue the run saved in out/sft.pt (weights, optimiser, step) up to
+      n_pretrain + sft_iters steps (raise --sft_iters to train longer).
+Each phase has its own warmup + cosine learning-rate schedule; AdamW (beta2 = 0.95), gradient clipping
+and gradient accumulation as in nanoGPT. Logits are computed only at target positions (the output layer
+over 50k tokens is the main cost on a CPU; DESIGN.md section 6).
+
+    python sft.py                                  # CPU preset (a few minutes on 2 cores)
+    python sft.py --sft_iters=400 --lr=3e-4        # any config key, --key=value
+    python sft.py --init_from=gpt2 --lr=3e-5       # from GPT-2 weights (downloaded once when online)
+    torchrun --nproc_per_node=2 sft.py             # DDP (gloo on CPU, nccl on CUDA)
+
+Writes out/sft.pt (model.save_checkpoint), out/sft_log.jsonl and out/sft.png, and prints a report: test
+response loss and perplexity before and after, and greedy / sampled answers to fixed test prompts.
+"""
+import math
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import common
+import data
+from model import GPT, GPTConfig, load_checkpoint, model_from_checkpoint, save_checkpoint
+
+# ----------------------------------------------------------------------------- config
+config = dict(               # CPU preset: every key can be overridden with --key=value
+    out_dir="out",           # writes sft.pt, sft_log.jsonl, sft.png
+    data_dir="",             # HH-RLHF folder; "" = $RLHF_DATA_DIR, else download
+    device="auto", dtype="auto", compile=False, seed=1337,
+    init_from="scratch",     # "scratch" | "gpt2" | "gpt2-medium" ... | a local GPT-2 file/folder | "resume"
+    n_layer=4, n_head=4, n_embd=128, dropout=0.0,  # model shape (from scratch only)
+    block_size=256, max_prompt_len=128,  # data settings: use the same values in every stage
+    # phase 1, pretraining (from scratch only): every token of the train dialogues is a target
+    pretrain_iters=100,      # optimiser steps (0 skips the phase)
+    pretrain_batch_size=4,   # windows of block_size tokens per micro-batch
+    pretrain_lr=3e-3,        # peak learning rate of the phase
+    # phase 2, SFT: prompt -> chosen response, the prompt masked out
+    sft_iters=200,           # optimiser steps
+    batch_size=8,            # (prompt, chosen) examples per micro-batch
+    lr=1e-3,                 # peak learning rate of the phase (from GPT-2 weights use ~3e-5)
+    grad_accum=1,            # micro-batches per optimiser step (per DDP rank)
+    weight_decay=0.1, grad_clip=1.0,  # AdamW decoupled weight decay on matrices; max gradient norm
+    warmup_frac=0.1,         # linear warmup over this fraction of each phase, then cosine to 10%
+    eval_interval=100,       # evaluate on `test` every this many steps (also at the start, the end of
+                             # pretraining and the end; 0 = only those)
+    eval_examples=128,       # test examples per evaluation, a fixed random subset (0 = all)
+    eval_batch_size=32,
+    n_answers=2,             # fixed test prompts answered at each evaluation (greedy and sampled)
+    max_new_tokens=48,       # length of those answers
+    temperature=0.8,         # temperature of the sampled answer
+)
+cuda_config = dict(          # CUDA preset (one GPU, well under an hour; NOT tested here: no GPU was available)
+    compile=True, n_layer=12, n_head=12, n_embd=768, dropout=0.1,  # GPT-2-small shape, from scratch
+    block_size=512, max_prompt_len=256,
+    pretrain_iters=4000, pretrain_batch_size=32, pretrain_lr=6e-4,  # ~65M tokens
+    sft_iters=2000, batch_size=32, lr=1e-4,
+    eval_interval=500, eval_examples=0, eval_batch_size=64, n_answers=3, max_new_tokens=96,
+)
+
+# bf16 dense peak FLOP/s for MFU, matched against torch.cuda.get_device_name() (first match wins)
+PEAK_FLOPS = [("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12)]
+
+
+# ----------------------------------------------------------------------------- the math
+def sft_loss(logits, targets, mask):
+    """Masked next-token loss, DESIGN.md section 4 (InstructGPT section 3.5, SFT):
+        L = - sum_t mask_t log softmax(logits_t)[targets_t] / sum_t mask_t
+    Args:
+        logits: (..., V) float, ALREADY ALIGNED with the targets: logits[..., i, :] is the distribution
+            that predicts targets[..., i] (for a (B, T) batch pass logits[:, :-1], idx[:, 1:] and
+            loss_mask[:, 1:]). Any leading shape works, so a training loop may pass only the rows it
+            needs, e.g. (N, V) logits of the N target positions with mask = ones(N): computing the full
+            (B, T, V) logits is the main CPU cost (DESIGN.md section 6).
+        targets: (...) long token ids; read only where mask is 1 (pads may be any id).
+        mask: (...) 0/1 (any dtype): 1 on the tokens that count (response tokens), 0 on prompt / padding.
+    Returns: scalar float32 tensor, nats per target token (0 if the mask is all zero).
+    Positions with mask 0 get exactly zero gradient.
+    """
+    mask = mask.float()
+    targets = torch.where(mask.bool(), targets, 0)  # a pad id may lie outside the vocabulary
+    nll = F.cross_entropy(logits.float().flatten(0, -2), targets.flatten(), reduction="none")  # -log pi, (N,)
+    return (nll * mask.flatten()).sum() / mask.sum().clamp(min=1)
+
+
+def target_loss(model, batch, trunk=None):
+    """sft_loss of a collated batch (idx, attention_mask, loss_mask (B, T)), logits only at the targets.
+    trunk: model.hidden_states or a compiled version of it. Returns (loss, number of targets)."""
+    trunk = trunk or model.hidden_states
+    idx, mask = batch["idx"], batch["loss_mask"][:, 1:]            # mask[:, t-1]: token t is a target
+    h = trunk(idx, batch["attention_mask"])[:, :-1]                 # (B, T-1, C): h[:, t-1] predicts token t
+    sel = mask.bool()                                               # (B, T-1)
+    logits = model.lm_logits(h[sel])                                # (N, V) only the N target positions
+    return sft_loss(logits, idx[:, 1:][sel], mask[sel]), mask.sum()
+
+
+def accumulate_gradients(model, micro_batches, rt, trunk=None):
+    """Forward + backward of one optimiser step over its micro-batches (already on rt.device).
+    Each micro-batch's loss (a mean over its n_i target tokens) is scaled by n_i / N, N = the step's target
+    tokens over all micro-batches and all DDP ranks (times world_size, because all_reduce_grads then
+    averages the ranks). The gradient is thus that of ONE token-level mean over the whole step: 1
+    micro-batch of 8 examples and 8 micro-batches of 1 give the same gradient. Returns the step's loss on this
+    rank (float, nats per target token)."""
+    counts = [b["loss_mask"][:, 1:].sum() for b in micro_batches]
+    total = common.all_reduce_mean(sum(counts), rt) * rt.world_size  # N, target tokens of the whole step
+    step_loss = 0.0
+    for b, n in zip(micro_batches, counts):
+        with rt.autocast():
+            loss, _ = target_loss(model, b, trunk)
+        (loss * n / total * rt.world_size).backward()
+        step_loss += loss.item() * n.item()
+    return step_loss / max(sum(counts).item(), 1)  # this rank's token-level mean, for display
+
+
+def flops_per_step(model, n_tokens, n_targets, T):
+    """Training FLOPs (forward + backward) of a step, PaLM appendix B / nanoGPT estimate_mfu: 6 FLOPs per
+    weight per token plus 12 L T C per token for attention. The tied output layer (C x V weights) only
+    runs on the n_targets positions whose logits are computed; the other weights on every token."""
+    c = model.config
+    n_out = c.n_embd * c.vocab_size                                  # lm_head = wte, tied
+    n_body = model.num_params() - n_out - c.block_size * c.n_embd    # position table: a lookup, no FLOPs
+    n_body -= model.scalar_head.weight.numel() if model.scalar_head is not None else 0
+    return 6 * n_body * n_tokens + 12 * c.n_layer * T * c.n_embd * n_tokens + 6 * n_out * n_targets
+
+
+def peak_flops(rt):
+    """(peak FLOP/s, device name) for bf16 on a known GPU, (None, name) otherwise."""
+    if rt.device_type != "cuda":
+        return None, "cpu"
+    name = torch.cuda.get_device_name()
+    return next((p for key, p in PEAK_FLOPS if key in name), None), name
+
+
+# ----------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def evaluate(model, examples, rt, batch_size):
+    """Response loss on examples (prompt -> chosen): nats per response token over all of them (a
+    token-level mean), and the perplexity exp(loss)."""
+    model.eval()
+    nll, count = 0.0, 0.0
+    for i in range(0, len(examples), batch_size):
+        batch = {k: v.to(rt.device) for k, v in data.collate_sft(examples[i:i + batch_size]).items()}
+        with rt.autocast():
+            loss, n = target_loss(model, batch)
+        nll, count = nll + loss.item() * n.item(), count + n.item()
+    model.train()
+    loss = nll / max(count, 1)
+    return loss, math.exp(min(loss, 50))
+
+
+@torch.no_grad()
+def answers(model, prompts, rt, max_new_tokens, temperature, seed=0):
+    """Greedy and sampled answers to the prompts (examples): list of dict(prompt, greedy, sampled) text."""
+    model.eval()
+    enc = data.get_tokenizer()
+    batch = {k: v.to(rt.device) for k, v in data.collate_prompts(prompts).items()}
+    gen = torch.Generator(device=rt.device).manual_seed(seed)
+    out = [dict(prompt=enc.decode(p["prompt"])) for p in prompts]
+    for name, temp in (("greedy", 0.0), ("sampled", temperature)):
+        with rt.autocast():
+            tokens, mask = model.generate(batch["idx"], batch["attention_mask"], max_new_tokens,
+                                          temperature=temp, generator=gen)  # (B, R) x2
+        for o, t, n in zip(out, tokens.tolist(), mask.sum(1).long().tolist()):
+            o[name] = enc.decode([x for x in t[:n] if x != data.EOT])
+    model.train()
+    return out
+
+
+def print_answers(items):
+    for a in items:
+        print(f"  PROMPT ...{a['prompt'][-150:]!r}\n    greedy:  {a['greedy']!r}\n    sampled: {a['sampled']!r}")
+
+
+# ----------------------------------------------------------------------------- training
+def build_model(cfg, rt):
+    """The model, the optimiser state to restore (or None), the step to start at, the pretraining length."""
+    torch.manual_seed(cfg.seed)  # the same initial weights on every DDP rank
+    if cfg.init_from == "resume":
+        ckpt = load_checkpoint(os.path.join(cfg.out_dir, "sft.pt"), hint="run `python sft.py` first")
+        return model_from_checkpoint(ckpt), ckpt.get("optimizer"), ckpt.get("step", 0), ckpt.get("n_pretrain", 0)
+    if cfg.init_from == "scratch":
+        model = GPT(GPTConfig(block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                              n_embd=cfg.n_embd, dropout=cfg.dropout))
+        return model, None, 0, cfg.pretrain_iters
+    model = GPT.from_pretrained(cfg.init_from, block_size=cfg.block_size, dropout=cfg.dropout)
+    return model, None, 0, 0  # pretrained weights: no pretraining phase
+
+
+def main(argv=None):
+    cfg = common.parse_config(config, argv, cuda_overrides=cuda_config)
+    rt = common.setup_runtime(cfg)
+    t_start = time.time()
+    splits = data.load_hh_rlhf(cfg.data_dir or None, block_size=cfg.block_size,
+                               max_prompt_len=cfg.max_prompt_len, verbose=rt.master)
+    train, test = splits["train"], splits["test"]
+    order = torch.randperm(len(test), generator=torch.Generator().manual_seed(0))  # test: helpful-base first
+    test_eval = [test[i] for i in order[:cfg.eval_examples]] if cfg.eval_examples > 0 else test  # fixed subset
+    answer_prompts = sorted(test, key=lambda e: len(e["prompt"]))[:cfg.n_answers]  # the shortest: fixed
+    model, opt_state, step, n_pretrain = build_model(cfg, rt)
+    if model.config.block_size < cfg.block_size:
+        raise ValueError(f"--block_size={cfg.block_size} exceeds the model's block_size {model.config.block_size}")
+    model.to(rt.device).train()
+    trunk = torch.compile(model.hidden_states) if cfg.compile else model.hidden_states
+    optimizer = common.configure_optimizer(model, cfg.lr, cfg.weight_decay)
+    if opt_state is not None:
+        optimizer.load_state_dict(opt_state)
+    total_steps = n_pretrain + cfg.sft_iters
+    stream = data.pretraining_tokens(train) if step < n_pretrain else None  # phase 1 text
+    gen = torch.Generator().manual_seed(cfg.seed + rt.rank)  # each rank samples its own batches
+    peak, device_name = peak_flops(rt)
+    logger = common.Logger(cfg.out_dir, "sft", master=rt.master)
+    if rt.master:
+        print(f"GPT {model.num_params() / 1e6:.2f}M parameters ({cfg.init_from}); {n_pretrain} pretraining + "
+              f"{cfg.sft_iters} SFT steps; {len(train)} train / {len(test)} test examples")
+
+    def run_eval(step):
+        loss, ppl = evaluate(model, test_eval, rt, cfg.eval_batch_size)
+        ans = answers(model, answer_prompts, rt, cfg.max_new_tokens, cfg.temperature, seed=cfg.seed)
+        print(f"\nstep {step}: test response loss {loss:.4f}, perplexity {ppl:.1f}")
+        print_answers(ans)
+        logger.log(step, test_loss=loss, test_ppl=ppl,
+                   **{f"answer{i}_{k}": a[k] for i, a in enumerate(ans) for k in ("greedy", "sampled")})
+        return loss, ppl, ans
+
+    before = run_eval(step) if rt.master else None
+    tokens_seen, flops, train_time, losses = 0, 0.0, 0.0, {"pretrain": [], "sft": []}
+    first_step = step
+    bar = tqdm(range(step, total_steps), disable=not rt.master, desc="sft", dynamic_ncols=True)
+    for step in bar:
+        phase = "pretrain" if step < n_pretrain else "sft"
+        start, length = (0, n_pretrain) if phase == "pretrain" else (n_pretrain, cfg.sft_iters)
+        peak_lr = cfg.pretrain_lr if phase == "pretrain" else cfg.lr
+        lr = common.lr_at(step - start, length, peak_lr, max(1, int(cfg.warmup_frac * length)))
+        common.set_lr(optimizer, lr)
+        t0 = time.time()
+        if phase == "pretrain":  # random windows of the text stream, every token a target
+            micro = [data.sample_text_batch(stream, cfg.pretrain_batch_size, cfg.block_size, gen)
+                     for _ in range(cfg.grad_accum)]
+        else:  # random (prompt, chosen) examples, the prompt masked out
+            micro = [data.collate_sft([train[i] for i in torch.randint(len(train), (cfg.batch_size,),
+                                                                       generator=gen)]) for _ in range(cfg.grad_accum)]
+        micro = [{k: v.to(rt.device) for k, v in b.items()} for b in micro]
+        loss = accumulate_gradients(model, micro, rt, trunk)
+        common.all_reduce_grads(model, rt)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if rt.device_type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.time() - t0
+        n_tok = sum(b["attention_mask"].sum().item() for b in micro) * rt.world_size  # real tokens, all ranks
+        if step > first_step:  # the first step (warm-up, compilation) is not timed
+            tokens_seen, train_time = tokens_seen + n_tok, train_time + dt
+            flops += rt.world_size * sum(flops_per_step(model, b["attention_mask"].sum().item(),
+                                                        b["loss_mask"][:, 1:].sum().item(), b["idx"].shape[1])
+                                         for b in micro)
+        losses[phase].append(loss)
+        bar.set_postfix(phase=phase, loss=f"{loss:.3f}", tok_s=f"{n_tok / dt:.0f}")
+        logger.log(step, **{f"{phase}_loss": loss}, lr=lr, grad_norm=grad_norm, tokens_per_s=n_tok / dt)
+        periodic = cfg.eval_interval > 0 and (step + 1) % cfg.eval_interval == 0
+        if rt.master and (periodic or step + 1 == n_pretrain) and step + 1 < total_steps:  # + the phase boundary
+            run_eval(step + 1)
+    bar.close()
+
+    report = {}
+    if rt.master:
+        after = run_eval(total_steps)
+        logger.plot()
+        save_checkpoint(os.path.join(cfg.out_dir, "sft.pt"), model, vars(cfg), step=total_steps,
+                        n_pretrain=n_pretrain, optimizer=optimizer.state_dict())
+        tok_s = tokens_seen / max(train_time, 1e-9)
+        achieved = flops / max(train_time, 1e-9)
+        mfu = achieved / peak if peak else None
+        report = dict(test_loss_before=before[0], test_ppl_before=before[1], test_loss_after=after[0],
+                      test_ppl_after=after[1], answers=after[2], tokens_per_s=tok_s, flops_per_s=achieved,
+                      mfu=mfu, **{f"{p}_loss_{w}": sum(x) / len(x) for p, v in losses.items() if v
+                                  for w, x in (("first", v[:5]), ("last", v[-5:]))})
+        print(f"\n=== SFT report ({cfg.init_from}, {n_pretrain} pretraining + {cfg.sft_iters} SFT steps, "
+              f"{time.time() - t_start:.0f} s) ===")
+        for p, v in losses.items():
+            if v:
+                print(f"  {p} train loss: {report[f'{p}_loss_first']:.3f} -> {report[f'{p}_loss_last']:.3f} "
+                      "(mean of the first 5 steps -> of the last 5)")
+        print(f"  test response loss {before[0]:.4f} -> {after[0]:.4f} nats/token "
+              f"(perplexity {before[1]:.1f} -> {after[1]:.1f}) on {len(test_eval)} test examples")
+        speed = f"  {tok_s:.0f} tokens/s, {achieved / 1e9:.1f} GFLOP/s achieved on {device_name}"
+        print(speed + (f", MFU {100 * mfu:.1f}% of {peak / 1e12:.0f} TFLOP/s bf16 peak" if peak
+                       else " (peak unknown, no MFU)"))
+        print("  answers to fixed test prompts:")
+        print_answers(after[2])
+        print(f"  wrote {cfg.out_dir}/sft.pt, sft_log.jsonl, sft.png")
+    common.cleanup(rt)
+    return report
+
+
+if __name__ == "__main__":
+    main()

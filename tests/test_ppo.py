@@ -1,0 +1,316 @@
+"""ppo.py against independent definitions: the per-token reward by hand, the KL estimators on a categorical with
+a known KL, GAE against the explicit double sum, whitening, the clipped losses against elementwise loops (and
+where their gradient vanishes), the adaptive KL controller's closed form, a one-step bandit whose KL-regularised
+optimum is known in closed form, and tiny end-to-end runs of main() (with and without checkpoints)."""
+import json
+import math
+import os
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+
+import ppo
+from model import GPT, GPTConfig, save_checkpoint
+
+EOT = 50256
+
+
+def prefix_mask(lengths, T):
+    """(B, T) float mask with the first lengths[b] entries of row b set to 1."""
+    return (torch.arange(T)[None] < torch.tensor(lengths)[:, None]).float()
+
+
+# ----------------------------------------------------------------------------- rewards and KL
+@pytest.mark.parametrize("kind", ["k1", "k3"])
+def test_per_token_rewards_by_hand(kind):
+    g = torch.Generator().manual_seed(0)
+    # three responses, with pads (id 7) after the EOS; row 1 is cut off without EOS; row 2 is one EOS token
+    tokens = torch.tensor([[11, 12, EOT, 7, 7], [13, 14, 15, 16, 17], [EOT, 7, 7, 7, 7]])
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]).float()
+    logprobs = -torch.rand(3, 5, generator=g) * 3  # values in the pad positions too: they must not count
+    ref_logprobs = -torch.rand(3, 5, generator=g) * 3
+    scores, beta = torch.tensor([2.0, -1.0, 0.5]), 0.1
+    rewards = ppo.per_token_rewards(scores, logprobs, ref_logprobs, mask, beta, kind)
+    want = torch.zeros(3, 5)
+    for b in range(3):
+        n = int(mask[b].sum())
+        for t in range(n):
+            lp, ref = logprobs[b, t].item(), ref_logprobs[b, t].item()
+            kl = lp - ref if kind == "k1" else math.exp(ref - lp) - 1 - (ref - lp)
+            want[b, t] = -beta * kl
+        want[b, n - 1] += scores[b]  # the last real token
+    assert torch.allclose(rewards, want, atol=1e-6)
+    assert torch.all(rewards[mask == 0] == 0)
+    for b in (0, 2):  # the score sits on the EOS
+        eos = (tokens[b] == EOT).nonzero()[0, 0]
+        no_kl = ppo.per_token_rewards(scores, logprobs, ref_logprobs, mask, 0.0, kind)
+        assert no_kl[b, eos] == scores[b] and no_kl[b].abs().sum() == abs(scores[b])
+
+
+def test_kl_estimators_on_a_known_categorical():
+    g = torch.Generator().manual_seed(0)
+    p = torch.softmax(torch.randn(10, generator=g), 0)
+    q = torch.softmax(torch.randn(10, generator=g), 0)
+    true_kl = (p * (p / q).log()).sum().item()  # KL(p || q)
+    x = torch.multinomial(p, 200_000, replacement=True, generator=g)
+    logp, logq = p.log()[x][None], q.log()[x][None]  # (1, N)
+    for kind in ("k1", "k3"):
+        est = ppo.kl_estimate(logp, logq, kind)
+        stderr = est.std().item() / math.sqrt(est.numel())
+        assert abs(est.mean().item() - true_kl) < 4 * stderr + 1e-3, kind
+    k3 = ppo.kl_estimate(torch.randn(1000) * 5, torch.randn(1000) * 5, "k3")
+    assert torch.all(k3 >= 0) and torch.all(ppo.kl_estimate(logp, logq, "k3") >= 0)
+    with pytest.raises(ValueError, match="k2"):
+        ppo.kl_estimate(logp, logq, "k2")
+
+
+# ----------------------------------------------------------------------------- GAE and whitening
+def gae_double_sum(rewards, values, lengths, gamma, lam):
+    """A_t = sum_l (gamma lam)^l delta_{t+l}, delta_k = r_k + gamma V_{k+1} - V_k, V_L = 0, explicitly."""
+    B, T = rewards.shape
+    A = torch.zeros(B, T, dtype=torch.float64)
+    for b in range(B):
+        L = lengths[b]
+        v = lambda k: values[b, k].item() if k < L else 0.0
+        delta = [rewards[b, k].item() + gamma * v(k + 1) - v(k) for k in range(L)]
+        for t in range(L):
+            A[b, t] = sum((gamma * lam) ** l * delta[t + l] for l in range(L - t))
+    return A
+
+
+def test_gae_equals_the_double_sum():
+    g = torch.Generator().manual_seed(1)
+    lengths, T = [7, 3, 1, 5], 7
+    mask = prefix_mask(lengths, T)
+    rewards, values = torch.randn(4, T, generator=g), torch.randn(4, T, generator=g)  # garbage beyond the mask
+    for gamma, lam in [(1.0, 0.95), (0.9, 0.8), (0.99, 1.0)]:
+        adv, ret = ppo.compute_gae(rewards, values, mask, gamma, lam)
+        want = gae_double_sum(rewards, values, lengths, gamma, lam).float()
+        assert torch.allclose(adv, want, atol=1e-5)
+        assert torch.allclose(ret, (want + values) * mask, atol=1e-5)
+    # lam = 0: A_t = delta_t
+    adv, _ = ppo.compute_gae(rewards, values, mask, 0.9, 0.0)
+    next_v = torch.cat([values[:, 1:] * mask[:, 1:], torch.zeros(4, 1)], 1)
+    assert torch.allclose(adv, (rewards + 0.9 * next_v - values) * mask, atol=1e-6)
+    # gamma = lam = 1: A_t = reward-to-go - V_t
+    adv, ret = ppo.compute_gae(rewards, values, mask, 1.0, 1.0)
+    to_go = torch.stack([(rewards * mask)[:, t:].sum(1) for t in range(T)], 1)
+    assert torch.allclose(adv, (to_go - values) * mask, atol=1e-5)
+    assert torch.allclose(ret, to_go * mask, atol=1e-5)
+
+
+def test_whiten_uses_the_masked_entries_only():
+    g = torch.Generator().manual_seed(2)
+    mask = prefix_mask([6, 2, 4], 6)
+    x = torch.randn(3, 6, generator=g) * 3 + 5
+    sel = x[mask.bool()]
+    w = ppo.whiten(x, mask)
+    assert abs(w[mask.bool()].mean().item()) < 1e-5
+    assert abs(w[mask.bool()].std(unbiased=False).item() - 1) < 1e-4
+    assert torch.allclose(w[mask.bool()], (sel - sel.mean()) / sel.std(unbiased=False), atol=1e-4)
+    x2 = x.clone()
+    x2[mask == 0] = 1e6  # entries outside the mask change nothing
+    assert torch.allclose(ppo.whiten(x2, mask)[mask.bool()], w[mask.bool()])
+    keep = ppo.whiten(x, mask, shift_mean=False)[mask.bool()]
+    assert abs(keep.mean().item() - sel.mean().item()) < 1e-4 and abs(keep.std(unbiased=False).item() - 1) < 1e-4
+
+
+# ----------------------------------------------------------------------------- the clipped losses
+def test_policy_loss_equals_the_textbook_min_form():
+    g = torch.Generator().manual_seed(3)
+    mask = prefix_mask([5, 2, 4], 5)
+    old = -torch.rand(3, 5, generator=g) * 2
+    logprobs = old + torch.randn(3, 5, generator=g) * 0.4  # many ratios outside [0.8, 1.2]
+    adv = torch.randn(3, 5, generator=g)
+    eps = 0.2
+    loss, clipfrac = ppo.policy_loss(logprobs, old, adv, mask, eps)
+    terms, n_clipped = [], 0
+    for b in range(3):
+        for t in range(5):
+            if mask[b, t]:
+                r, a = math.exp(logprobs[b, t] - old[b, t]), adv[b, t].item()
+                surr1, surr2 = r * a, min(max(r, 1 - eps), 1 + eps) * a
+                terms.append(min(surr1, surr2))
+                n_clipped += surr2 < surr1
+    assert abs(loss.item() + sum(terms) / len(terms)) < 1e-5
+    assert abs(clipfrac.item() - n_clipped / len(terms)) < 1e-6 and 0 < n_clipped < len(terms)
+
+
+def test_policy_loss_gradient_vanishes_on_the_clipped_side():
+    old = torch.zeros(1, 4)
+    logprobs = torch.log(torch.tensor([[1.5, 1.5, 0.5, 1.1]])).requires_grad_()  # ratios
+    adv = torch.tensor([[1.0, -1.0, -1.0, 1.0]])
+    loss, clipfrac = ppo.policy_loss(logprobs, old, adv, torch.ones(1, 4), 0.2)
+    loss.backward()
+    grad = logprobs.grad[0]
+    # ratio 1.5 with A > 0 and ratio 0.5 with A < 0: the clipped side wins, no gradient
+    assert grad[0] == 0 and grad[2] == 0
+    # ratio 1.5 with A < 0 (pessimistic unclipped side) and ratio 1.1 inside the range: d/dlogp = -A r / N
+    assert torch.isclose(grad[1], torch.tensor(1.5 / 4)) and torch.isclose(grad[3], torch.tensor(-1.1 / 4))
+    assert clipfrac.item() == 0.5
+
+
+def test_value_loss_equals_the_textbook_max_form():
+    g = torch.Generator().manual_seed(4)
+    mask = prefix_mask([4, 1, 3], 4)
+    old, ret = torch.randn(3, 4, generator=g), torch.randn(3, 4, generator=g)
+    values = (old + torch.randn(3, 4, generator=g) * 0.5).requires_grad_()
+    c = 0.2
+    loss, clipfrac = ppo.value_loss(values, old, ret, mask, c)
+    terms, n_clipped, active = [], 0, torch.zeros(3, 4)
+    for b in range(3):
+        for t in range(4):
+            if mask[b, t]:
+                v, vo, G = values[b, t].item(), old[b, t].item(), ret[b, t].item()
+                vc = vo + min(max(v - vo, -c), c)
+                terms.append(max((v - G) ** 2, (vc - G) ** 2))
+                n_clipped += (vc - G) ** 2 > (v - G) ** 2
+                active[b, t] = (vc - G) ** 2 > (v - G) ** 2
+    assert abs(loss.item() - 0.5 * sum(terms) / len(terms)) < 1e-5
+    assert abs(clipfrac.item() - n_clipped / len(terms)) < 1e-6 and 0 < n_clipped < len(terms)
+    loss.backward()
+    assert torch.all(values.grad[active.bool()] == 0)  # the clipped side carries no gradient
+    free = (mask.bool() & ~active.bool())
+    assert torch.allclose(values.grad[free], ((values - ret) / len(terms))[free].detach(), atol=1e-6)
+    plain, frac = ppo.value_loss(values, old, ret, mask, float("inf"))  # clipping off
+    assert abs(plain.item() - 0.5 * ((values - ret)[mask.bool()] ** 2).mean().item()) < 1e-5 and frac == 0
+
+
+def test_adaptive_kl_controller():
+    ctl = ppo.AdaptiveKLController(0.1, target=6.0, horizon=10000)
+    ctl.update(7.0, 256)
+    assert math.isclose(ctl.value, 0.1 * (1 + (7 / 6 - 1) * 256 / 10000))
+    ctl = ppo.AdaptiveKLController(0.1, 6.0, 10000)
+    ctl.update(100.0, 500)  # far above target: error clipped at +0.2
+    assert math.isclose(ctl.value, 0.1 * (1 + 0.2 * 500 / 10000))
+    ctl.update(0.0, 500)  # far below: -0.2
+    assert math.isclose(ctl.value, 0.1 * (1 + 0.2 * 0.05) * (1 - 0.2 * 0.05))
+
+
+# ----------------------------------------------------------------------------- a bandit with a known optimum
+def test_ppo_on_a_bandit_reaches_the_kl_regularised_optimum():
+    """One-token episodes over 8 actions: max_pi E[r(a)] - beta KL(pi || pi_ref) has the closed-form optimum
+    pi* ∝ pi_ref exp(r / beta) (e.g. Rafailov et al. 2023, eq. 4). PPO built from ppo.py's functions (per-token
+    KL reward, GAE with a zero critic, whitening, the clipped loss) must approach it."""
+    g = torch.Generator().manual_seed(5)
+    V, beta, B = 8, 0.5, 256
+    r = torch.rand(V, generator=g)
+    ref_logp = torch.log_softmax(torch.randn(V, generator=g), 0)
+    target = torch.log_softmax(ref_logp + r / beta, 0)  # log pi*
+    logits = ref_logp.clone().requires_grad_()  # pi starts at pi_ref
+    kl_to_opt = lambda: (lambda lp: (lp.exp() * (lp - target)).sum().item())(torch.log_softmax(logits, 0))
+    start = kl_to_opt()
+    opt = torch.optim.Adam([logits], lr=0.05)
+    mask = torch.ones(B, 1)
+    for _ in range(100):
+        with torch.no_grad():
+            old_logp = torch.log_softmax(logits, 0)
+            a = torch.multinomial(old_logp.exp(), B, replacement=True, generator=g)  # (B,)
+            rewards = ppo.per_token_rewards(r[a], old_logp[a][:, None], ref_logp[a][:, None], mask, beta, "k1")
+            adv, _ = ppo.compute_gae(rewards, torch.zeros(B, 1), mask, 1.0, 0.95)
+            adv = ppo.whiten(adv, mask)
+        for _ in range(4):  # ppo epochs, full batch
+            loss, _ = ppo.policy_loss(torch.log_softmax(logits, 0)[a][:, None], old_logp[a][:, None], adv, mask, 0.2)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    assert start > 0.05 and kl_to_opt() < 0.2 * start, (start, kl_to_opt())
+
+
+# ----------------------------------------------------------------------------- end to end
+def write_tiny_checkpoints(out_dir, seed=0):
+    """A tiny random SFT model whose answers use mostly 16 tokens (their embedding rows scaled up, so they dominate
+    the tied output layer), and a reward model whose score is a known function of the response's last token:
+    its trunk is the SFT model's with the positions and the blocks' outputs zeroed, so the final hidden state is
+    LayerNorm(wte[last token]) and the score a random linear function of it (of order 1 among the 16 tokens).
+    PPO has to learn which of the 16 tokens to end on."""
+    torch.manual_seed(seed)
+    settings = dict(block_size=128, max_prompt_len=64)
+    sft = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=128))
+    with torch.no_grad():
+        sft.transformer.wte.weight[1000:1016] *= 50
+    rm = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=128, scalar_head=True))
+    rm.load_state_dict(sft.state_dict(), strict=False)
+    with torch.no_grad():
+        for name, p in rm.named_parameters():
+            if "wpe" in name or "c_proj" in name:
+                p.zero_()
+        torch.nn.init.normal_(rm.scalar_head.weight, std=0.3)
+    save_checkpoint(os.path.join(out_dir, "sft.pt"), sft, settings)
+    save_checkpoint(os.path.join(out_dir, "rm.pt"), rm, settings)
+
+
+TINY = ["--device=cpu", "--dtype=float32", "--block_size=128", "--max_prompt_len=64", "--max_new_tokens=12",
+        "--batch_size=16", "--minibatch_size=8", "--ppo_epochs=2", "--ptx_batch_size=2", "--ptx_block_size=32",
+        "--eval_prompts=32", "--eval_batch_size=32", "--sample_every=100"]
+
+
+@pytest.mark.slow
+def test_tiny_ppo_run_raises_the_score(hh_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the data cache goes to tmp_path/data/cache
+    out = str(tmp_path / "out")
+    write_tiny_checkpoints(out)
+    report = ppo.main(TINY + [f"--data_dir={hh_dir}", f"--out_dir={out}", "--iterations=15", "--lr=1e-3",
+                              "--critic_lr=1e-3", "--beta=0.01"])
+    for f in ("ppo.pt", "ppo_log.jsonl", "ppo.png", "eval_sft.json", "eval_ppo.json", "frontier.png"):
+        assert os.path.exists(os.path.join(out, f)), f
+    rows = [json.loads(line) for line in open(os.path.join(out, "ppo_log.jsonl"))]
+    assert len(rows) == 15 and {"score", "kl", "beta", "entropy", "approx_kl", "explained_var"} <= set(rows[0])
+    scores = [row["score"] for row in rows]
+    first, last = sum(scores[:4]) / 4, sum(scores[-4:]) / 4
+    assert last > first + 1.0, scores
+    assert report["ppo"]["score"] > report["sft"]["score"] + 0.5 and report["win_rate"] > 0.7, report
+    assert report["ppo"]["kl"] > report["sft"]["kl"]  # moved away from the reference (whose KL to itself is 0)
+
+
+def test_missing_checkpoints_run_the_earlier_stages(hh_dir, tmp_path, monkeypatch):
+    """With no sft.pt / rm.pt, main() runs sft.main and reward.main (stand-ins here) with the shared settings."""
+    monkeypatch.chdir(tmp_path)
+    out = str(tmp_path / "out")
+    calls = []
+    shared = dict(out_dir="", data_dir="", device="", dtype="", seed=0, block_size=0, max_prompt_len=0)
+
+    def fake(name):
+        def main(argv):
+            calls.append((name, sorted(argv)))
+            if name == "reward":  # reward.py runs after sft.py: both files are there by now
+                assert os.path.exists(os.path.join(out, "sft.pt"))
+                write_tiny_checkpoints(out)
+            else:
+                write_tiny_checkpoints(out)
+                os.remove(os.path.join(out, "rm.pt"))
+            return {}
+        return types.SimpleNamespace(main=main, config=dict(shared, lr=0.0))
+
+    monkeypatch.setitem(sys.modules, "sft", fake("sft"))
+    monkeypatch.setitem(sys.modules, "reward", fake("reward"))
+    ppo.main(TINY + [f"--data_dir={hh_dir}", f"--out_dir={out}", "--iterations=1", "--seed=7", "--eval_prompts=4"])
+    want = sorted([f"--out_dir={out}", f"--data_dir={hh_dir}", "--device=cpu", "--dtype=float32", "--seed=7",
+                   "--block_size=128", "--max_prompt_len=64"])
+    assert calls == [("sft", want), ("reward", want)]
+    assert os.path.exists(os.path.join(out, "ppo.pt"))
+
+
+def test_bad_kl_estimator_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="kl_estimator"):
+        ppo.main(["--device=cpu", f"--out_dir={tmp_path}", "--kl_estimator=k2"])
+
+
+@pytest.mark.slow
+def test_torchrun_two_cpu_processes(hh_dir, tmp_path):
+    """Each rank rolls out its own prompts and the gradients are averaged; the run must finish (no rank waits on
+    a collective the other never calls) and the master must write the checkpoint and the report files."""
+    out = str(tmp_path / "out")
+    write_tiny_checkpoints(out)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+           os.path.join(os.path.dirname(ppo.__file__), "ppo.py"), *TINY, f"--data_dir={hh_dir}", f"--out_dir={out}",
+           "--iterations=2", "--batch_size=4", "--minibatch_size=2", "--eval_prompts=4", "--sample_every=1"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=tmp_path, env=env)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    rows = [json.loads(line) for line in open(os.path.join(out, "ppo_log.jsonl"))]
+    assert [r["step"] for r in rows] == [0, 1] and "sample_0" in rows[0]
+    assert os.path.exists(os.path.join(out, "ppo.pt")) and "win rate of PPO over SFT" in res.stdout

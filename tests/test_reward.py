@@ -1,0 +1,168 @@
+"""reward.py against independent definitions: Bradley-Terry against -log(sigmoid()) in float64 and its
+closed-form gradient, stability at +-1e4, the K-wise loss against pairs enumerated by itertools, the reward
+read at each row's last real token, gradient accumulation (1 x 8 == 8 x 1), the length floor, the missing
+checkpoint error and a tiny end-to-end run (accuracy rises, rewards normalised)."""
+import itertools
+import json
+import math
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import data
+import reward
+from common import setup_runtime
+from model import GPT, GPTConfig, load_checkpoint, model_from_checkpoint, save_checkpoint
+
+RT = setup_runtime(SimpleNamespace(device="cpu", dtype="float32", seed=0))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: one thread. On a busy 2-core machine every small op of a 2-thread pool waits for the
+    other core; one thread made the tiny end-to-end run about 5x faster there."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_gpt(seed=0, **kw):
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(block_size=64, n_layer=1, n_head=2, n_embd=32, **kw))
+
+
+def fixture_pairs(hh_dir, split="train"):
+    return data.load_hh_rlhf(hh_dir, block_size=64, max_prompt_len=32, cache_dir=None, verbose=False)[split]
+
+
+# ----------------------------------------------------------------------------- the losses
+def test_bt_loss_equals_minus_log_sigmoid_in_float64():
+    g = torch.Generator().manual_seed(0)
+    c, r = torch.randn(50, generator=g) * 4, torch.randn(50, generator=g) * 4
+    expected = -torch.log(torch.sigmoid(c.double() - r.double())).mean().item()
+    assert reward.bt_loss(c, r).item() == pytest.approx(expected, rel=1e-6)
+    assert reward.bt_loss(torch.tensor([0.0]), torch.tensor([0.0])).item() == pytest.approx(math.log(2))
+
+
+@pytest.mark.parametrize("diff", [1e4, -1e4])
+def test_bt_loss_is_finite_for_huge_differences(diff):
+    c = torch.tensor([diff], requires_grad=True)
+    r = torch.tensor([0.0], requires_grad=True)
+    loss = reward.bt_loss(c, r)
+    loss.backward()
+    # -log sigmoid(d) = log(1 + e^-d): 0 for d = 1e4, d itself for d = -1e4 (e^-1e4 underflows)
+    assert loss.item() == pytest.approx(max(0.0, -diff), abs=1e-3)
+    assert torch.isfinite(c.grad).all() and torch.isfinite(r.grad).all()
+    assert c.grad.item() == pytest.approx(-1.0 if diff < 0 else 0.0, abs=1e-6)  # -sigmoid(-d)
+
+
+def test_bt_gradient_raises_chosen_and_lowers_rejected():
+    g = torch.Generator().manual_seed(1)
+    c = (torch.randn(8, generator=g)).requires_grad_(True)
+    r = (torch.randn(8, generator=g)).requires_grad_(True)
+    reward.bt_loss(c, r).backward()
+    assert (c.grad < 0).all() and (r.grad > 0).all()  # gradient descent raises r_w and lowers r_l
+    expected = -torch.sigmoid(-(c.detach() - r.detach())) / 8  # d/dr_w of -mean log sigmoid(r_w - r_l)
+    torch.testing.assert_close(c.grad, expected)
+    torch.testing.assert_close(r.grad, -expected)
+
+
+@pytest.mark.parametrize("K", [2, 3, 4])
+def test_ranking_loss_is_the_mean_over_enumerated_pairs(K):
+    g = torch.Generator().manual_seed(K)
+    P = 5
+    rewards = torch.randn(P, K, generator=g, dtype=torch.float64) * 2  # ordered best first
+    losses = [reward.bt_loss(rewards[p, i:i + 1], rewards[p, j:j + 1])
+              for p in range(P) for i, j in itertools.combinations(range(K), 2)]
+    assert len(losses) == P * math.comb(K, 2)
+    assert reward.ranking_loss(rewards).item() == pytest.approx(torch.stack(losses).mean().item(), rel=1e-12)
+    if K == 2:
+        pairwise = reward.bt_loss(rewards[:, 0], rewards[:, 1])
+        assert reward.ranking_loss(rewards).item() == pytest.approx(pairwise.item())
+
+
+def test_ranking_loss_rejects_a_single_response():
+    with pytest.raises(ValueError, match="K >= 2"):
+        reward.ranking_loss(torch.zeros(3, 1))
+
+
+def test_longer_wins_floor_by_hand():
+    ex = [dict(chosen=[1, 2, 3], rejected=[1]), dict(chosen=[1], rejected=[1, 2]),
+          dict(chosen=[1, 2], rejected=[3, 4])]  # longer wins, shorter wins, a tie
+    assert reward.longer_wins(ex) == pytest.approx((1 + 0 + 0.5) / 3)
+
+
+# ----------------------------------------------------------------------------- the model side
+def test_pair_rewards_read_each_row_alone_at_its_last_token(hh_dir):
+    pairs = fixture_pairs(hh_dir)[:4]
+    model = tiny_gpt(scalar_head=True).eval()
+    chosen, rejected = reward.pair_rewards(model.score, data.collate_pairs(pairs, pad_id=999))
+    for i, p in enumerate(pairs):
+        for resp, got in ((p["chosen"], chosen[i]), (p["rejected"], rejected[i])):
+            alone = model.scalar(torch.tensor([p["prompt"] + resp]))[0, -1]  # no padding at all
+            assert got.item() == pytest.approx(alone.item(), abs=1e-5)
+
+
+def test_gradient_accumulation_one_by_eight_equals_eight_by_one(hh_dir):
+    pairs = fixture_pairs(hh_dir)[:8]
+    model = tiny_gpt(scalar_head=True)
+
+    def grads(micro):
+        model.zero_grad()
+        loss, acc = reward.accumulate_gradients(model.score, micro, RT)
+        return loss, acc, {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+    l1, a1, g1 = grads([data.collate_pairs(pairs)])
+    l8, a8, g8 = grads([data.collate_pairs([p]) for p in pairs])
+    assert l1 == pytest.approx(l8, rel=1e-5) and a1 == a8
+    assert g1.keys() == g8.keys() and "scalar_head.weight" in g1
+    for k in g1:
+        torch.testing.assert_close(g1[k], g8[k], rtol=1e-4, atol=1e-7)
+    c = torch.stack([model.scalar(torch.tensor([p["prompt"] + p["chosen"]]))[0, -1] for p in pairs])
+    r = torch.stack([model.scalar(torch.tensor([p["prompt"] + p["rejected"]]))[0, -1] for p in pairs])
+    expected = -torch.log(torch.sigmoid(c.double() - r.double())).mean().item()  # independent definition
+    assert l1 == pytest.approx(expected, rel=1e-5)
+
+
+# ----------------------------------------------------------------------------- end to end
+TINY = dict(device="cpu", block_size=64, max_prompt_len=32, max_iters=30, batch_size=8, lr=3e-3,
+            eval_interval=10, eval_batch_size=16, norm_examples=0, n_show=2)
+
+
+def args(**over):
+    return [f"--{k}={v}" for k, v in {**TINY, **over}.items()]
+
+
+def test_missing_sft_checkpoint_says_what_to_run(tmp_path, hh_dir):
+    with pytest.raises(FileNotFoundError, match=r"sft\.pt.*python sft\.py"):
+        reward.main(args(out_dir=str(tmp_path), data_dir=hh_dir))
+
+
+@pytest.mark.slow
+def test_tiny_end_to_end(tmp_path, hh_dir, monkeypatch, capsys):
+    """The fixture's chosen responses are long and polite, the rejected ones "No.": accuracy must rise."""
+    monkeypatch.chdir(tmp_path)
+    out = str(tmp_path / "out")
+    save_checkpoint(os.path.join(out, "sft.pt"), tiny_gpt(), dict(block_size=64, max_prompt_len=32))
+    report = reward.main(args(out_dir=out, data_dir=hh_dir))
+    assert report["train_loss_last"] < report["train_loss_first"]
+    assert report["accuracy_after"] > max(0.9, report["accuracy_before"])
+    assert report["margin_after"] > report["margin_before"] and report["loss_after"] < report["loss_before"]
+    assert report["longer_wins"] == 1.0  # every chosen response is longer than "No."
+    text = capsys.readouterr().out
+    assert "longer response wins" in text and "chosen" in text and "rejected" in text
+    rows = [json.loads(line) for line in open(os.path.join(out, "rm_log.jsonl"))]
+    assert sum("loss" in r for r in rows) == 30
+    assert [r["step"] for r in rows if "test_accuracy" in r] == [0, 10, 20, 30]
+    assert os.path.getsize(os.path.join(out, "rm.png")) > 0
+    # normalisation: the mean reward of the train chosen responses is 0, each scored alone and unpadded
+    ckpt = load_checkpoint(os.path.join(out, "rm.pt"))
+    rm = model_from_checkpoint(ckpt).eval()
+    train = fixture_pairs(hh_dir)
+    with torch.no_grad():
+        rewards = [rm.scalar(torch.tensor([p["prompt"] + p["chosen"]]))[0, -1].item() for p in train]
+    assert sum(rewards) / len(rewards) == pytest.approx(0.0, abs=1e-4)
+    assert ckpt["reward_bias"] == pytest.approx(report["reward_bias"]) and ckpt["reward_bias"] != 0
