@@ -152,6 +152,8 @@ def evaluate_pairs(policy, pairs, ref_chosen, ref_rejected, cfg, rt):
 
 # ----------------------------------------------------------------------------- training
 def main(argv=None):
+    """Train the DPO policy from out/sft.pt on `train` pairs; write out/dpo.pt; return the report (dict)."""
+    t_start = time.time()
     cfg = common.parse_config(config, argv, cuda_overrides=cuda_config)
     if cfg.loss_type not in LOSS_TYPES:
         raise common.ConfigError(f"--loss_type={cfg.loss_type}: expected one of {', '.join(LOSS_TYPES)}")
@@ -194,7 +196,7 @@ def main(argv=None):
         policy.train()
         lr = common.lr_at(it, cfg.max_iters, cfg.lr, cfg.warmup_iters)
         common.set_lr(optimizer, lr)
-        sums = {}
+        step_means = {}  # metrics of this step, averaged over its micro-batches
         for _ in range(cfg.grad_accum):
             ids = next(sampler)
             batch = to_device(data.collate_pairs([train[i] for i in ids]), rt)
@@ -204,16 +206,16 @@ def main(argv=None):
                 policy_chosen, policy_rejected, ref_train[0][ids], ref_train[1][ids], cfg.beta, cfg.loss_type,
                 cfg.label_smoothing)
             (losses.mean() / cfg.grad_accum).backward()
-            step = {"loss": losses.mean().item(), **reward_metrics(chosen_rewards, rejected_rewards),
+            micro = {"loss": losses.mean().item(), **reward_metrics(chosen_rewards, rejected_rewards),
                     "rewards_chosen": chosen_rewards.mean().item(), "rewards_rejected": rejected_rewards.mean().item(),
                     "logps_chosen": policy_chosen.mean().item(), "logps_rejected": policy_rejected.mean().item()}
-            sums = {k: sums.get(k, 0.0) + v / cfg.grad_accum for k, v in step.items()}
+            step_means = {k: step_means.get(k, 0.0) + v / cfg.grad_accum for k, v in micro.items()}
         common.all_reduce_grads(policy, rt)
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        window.append({k: common.all_reduce_mean(v, rt) for k, v in sums.items()})
+        window.append({k: common.all_reduce_mean(v, rt) for k, v in step_means.items()})
         if (it + 1) % cfg.log_interval == 0 or it + 1 == cfg.max_iters:  # the mean over the last steps
             metrics = {k: sum(w[k] for w in window) / len(window) for k in window[0]}
             logger.log(it, lr=lr, **metrics)
@@ -227,6 +229,8 @@ def main(argv=None):
     if rt.master:
         save_checkpoint(os.path.join(cfg.out_dir, "dpo.pt"), policy, cfg)
         report = make_report(policy, test, ref_test, splits["test"][:cfg.eval_prompts], logger, cfg, rt)
+        report["seconds"] = time.time() - t_start
+        print(f"dpo.py took {report['seconds']:.0f}s")
     common.cleanup(rt)
     return report
 

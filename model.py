@@ -229,7 +229,10 @@ class GPT(nn.Module):
         -sum_v p_v log p_v (B, T) of each of those distributions."""
         h = self.hidden_states(idx, attention_mask)[:, :-1]  # (B, T-1, C): h[:, t-1] predicts token t
         sel = target_mask[:, 1:].bool()  # (B, T-1)
-        logp = F.log_softmax(self.lm_logits(h[sel]) / temperature, dim=-1)  # (N, V)
+        logits = self.lm_logits(h[sel])  # (N, V)
+        if temperature != 1.0:  # skip a pass over (N, V) when it changes nothing
+            logits = logits / temperature
+        logp = F.log_softmax(logits, dim=-1)  # (N, V)
         lp = logp.gather(-1, idx[:, 1:][sel][:, None]).squeeze(-1)  # (N,)
         full = F.pad(sel, (1, 0))  # (B, T): back on token positions
         out = lp.new_zeros(idx.shape).masked_scatter(full, lp)  # (B, T)

@@ -22,6 +22,14 @@ ckpt["reward_bias"].
 Writes out/rm.pt, out/rm_log.jsonl, out/rm.png and prints a report: test pairwise accuracy, mean margin
 and loss before and after training, the "longer response wins" floor on the same pairs (DESIGN.md section
 6), and a few test pairs with their scores.
+
+What to expect: with the CPU preset (7.3M parameters, 4,175 train pairs) the TEST accuracy stays at chance
+(about 0.50 +- 0.023 on the 467 test pairs, where "longer wins" scores 0.484). The train loss falls because
+the model memorises the pairs it is trained on (in a 250-step run: accuracy 0.82 on train pairs it had
+seen, 0.51 on train pairs it had not), not because it learns a preference that transfers; even a
+bag-of-words logistic regression fitted to the same train pairs reaches only 0.544 on test. Where the
+signal is plain it learns at once (tests/test_reward.py: polite answers against "No."). Beating the floor
+on HH-RLHF takes more data and a stronger trunk: the CUDA preset on the full train files.
 """
 import os
 import time
@@ -41,22 +49,22 @@ config = dict(               # CPU preset: every key can be overridden with --ke
     device="auto", dtype="auto", compile=False, seed=1337,
     sft_ckpt="",             # the trunk to start from; "" = <out_dir>/sft.pt
     block_size=256, max_prompt_len=128,  # data settings: use the same values in every stage
-    max_iters=250,           # optimiser steps (250 x 16 pairs ~ one epoch of the 4,175 train pairs here)
+    max_iters=150,           # optimiser steps (150 x 16 pairs ~ 0.6 epoch of the 4,175 train pairs here)
     batch_size=16,           # pairs per micro-batch (a forward of 2 x batch_size rows)
     grad_accum=1,            # micro-batches per optimiser step (per DDP rank)
-    lr=3e-4,                 # peak learning rate (warmup, then cosine to 10%)
-    train_embeddings=False,  # train the token embedding table too (6.4M of the 7.3M parameters here)
+    lr=1e-3,                 # peak learning rate (warmup, then cosine to 10%)
     weight_decay=0.1, grad_clip=1.0,
     warmup_frac=0.1,         # linear warmup over this fraction of max_iters
-    eval_interval=125,       # evaluate on `test` every this many steps (and at the start and the end)
+    eval_interval=75,        # evaluate on `test` every this many steps (and at the start and the end)
     eval_pairs=0,            # test pairs per evaluation, a fixed random subset (0 = all)
     eval_batch_size=32,      # pairs per evaluation batch
-    norm_examples=1024,      # train chosen responses (fixed random subset) setting the normalisation (0 = all)
+    norm_examples=512,       # train chosen responses (fixed random subset) setting the normalisation (0 = all)
     n_show=4,                # test pairs printed with their scores in the report
 )
 cuda_config = dict(          # CUDA preset (one GPU; NOT tested here: no GPU was available)
     compile=True, block_size=512, max_prompt_len=256,  # must match sft.py's CUDA preset
-    max_iters=1000, batch_size=32, lr=1e-5, eval_interval=250, eval_batch_size=64, norm_examples=0,
+    max_iters=1500, batch_size=32, lr=2e-5,  # 48k pairs: ~half an epoch of the full helpful + harmless train
+    eval_interval=250, eval_batch_size=64, norm_examples=0,
 )
 
 
@@ -118,6 +126,7 @@ def pair_metrics(chosen, rejected):
 @torch.no_grad()
 def score_pairs(model, examples, rt, batch_size):
     """Rewards of every pair of examples -> (chosen (N,), rejected (N,)) float32 on the CPU."""
+    was_training = model.training
     model.eval()
     out = [], []
     for i in range(0, len(examples), batch_size):
@@ -126,13 +135,14 @@ def score_pairs(model, examples, rt, batch_size):
             c, r = pair_rewards(model.score, batch)
         out[0].append(c.float().cpu())
         out[1].append(r.float().cpu())
-    model.train()
+    model.train(was_training)
     return torch.cat(out[0]), torch.cat(out[1])
 
 
 @torch.no_grad()
 def mean_chosen_reward(model, examples, rt, batch_size):
     """Mean reward of prompt + chosen over the examples (the normalisation target of InstructGPT)."""
+    was_training = model.training
     model.eval()
     total = 0.0
     for i in range(0, len(examples), batch_size):
@@ -140,7 +150,7 @@ def mean_chosen_reward(model, examples, rt, batch_size):
         with rt.autocast():
             r = model.score(batch["idx"].to(rt.device), batch["attention_mask"].to(rt.device))  # (B,)
         total += r.float().sum().item()
-    model.train()
+    model.train(was_training)
     return total / len(examples)
 
 
@@ -153,11 +163,12 @@ def longer_wins(examples):
 
 def show_pairs(examples, chosen, rejected, n):
     enc = data.get_tokenizer()
-    clip = lambda t, k: (t if len(t) <= k else t[:k] + "...").replace("\n", " ").replace("<|endoftext|>", "")
+    text = lambda toks: enc.decode([t for t in toks if t != data.EOT]).replace("\n", " ")
+    clip = lambda t, k: t if len(t) <= k else t[:k] + "..."
     for e, c, r in list(zip(examples, chosen.tolist(), rejected.tolist()))[:n]:
-        print(f"  PROMPT   ...{clip(enc.decode(e['prompt'])[-110:], 110)}")
-        print(f"    chosen   {c:+7.3f}  {clip(enc.decode(e['chosen']), 100)}")
-        print(f"    rejected {r:+7.3f}  {clip(enc.decode(e['rejected']), 100)}")
+        print(f"  PROMPT   ...{text(e['prompt'])[-110:]}")
+        print(f"    chosen   {c:+7.3f}  {clip(text(e['chosen']), 100)}")
+        print(f"    rejected {r:+7.3f}  {clip(text(e['rejected']), 100)}")
 
 
 # ----------------------------------------------------------------------------- training
@@ -179,7 +190,6 @@ def main(argv=None):
                          f"{ckpt['model_args']['block_size']} of {sft_path}")
     torch.manual_seed(cfg.seed)  # the same fresh head on every DDP rank
     model = model_from_checkpoint(ckpt, scalar_head=True).to(rt.device).train()  # SFT trunk + fresh head
-    model.transformer.wte.weight.requires_grad_(cfg.train_embeddings)  # frozen: left out of the optimiser
     del ckpt
     score = torch.compile(model.score) if cfg.compile else model.score
     splits = data.load_hh_rlhf(cfg.data_dir or None, block_size=cfg.block_size,

@@ -32,7 +32,7 @@ SUBSETS = ("helpful-base", "harmless-base")
 ASSISTANT = "\n\nAssistant:"
 URL = "https://huggingface.co/datasets/Anthropic/hh-rlhf/resolve/main/{subset}/{split}.jsonl.gz"
 DEFAULT_DATA_DIR = Path(__file__).resolve().parent / "hh-rlhf"  # download target (git-ignored)
-CACHE_VERSION = 1  # bump when the tokenised format or the rules change
+CACHE_VERSION = 2  # bump when the tokenised format or the rules change
 SKIP_REASONS = ("prompt_mismatch", "empty_response", "identical")
 
 
@@ -180,6 +180,8 @@ def read_pairs(data_dir=None, subsets=SUBSETS, test_fraction=0.1, verbose=True):
             summary["skipped_per_file"][name] = skipped
             for r in SKIP_REASONS:
                 summary["skipped"][r] += skipped[r]
+    for side in splits:  # mix the subsets in a fixed order, so that any prefix (test[:128]) holds both
+        splits[side].sort(key=lambda ex: hashlib.sha1((ex["prompt"] + ex["chosen"]).encode("utf-8")).digest())
     summary["sizes"] = {k: len(v) for k, v in splits.items()}
     if verbose:
         print_summary(summary)

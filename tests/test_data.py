@@ -64,11 +64,11 @@ def test_split_dialogue():
 def test_read_pairs_split_and_skips(quirks_dir):
     splits, summary = data.read_pairs(quirks_dir, test_fraction=0.0, verbose=False)  # everything -> train
     assert splits["test"] == []
-    assert splits["train"] == [
+    assert sorted(splits["train"], key=str) == sorted([  # the order is a fixed shuffle, see read_pairs
         dict(prompt=MULTI, chosen=" It is 4.", rejected=" It is 5."),
         dict(prompt=LOCK, chosen=" I can't help with that.", rejected=" Use a pin."),
         dict(prompt="\n\nHuman: F\n\nAssistant:", chosen=" As an Assistant: no.", rejected=" Sure."),
-    ]
+    ], key=str)
     assert summary["files"] == {"helpful-base/test.jsonl.gz": 4, "harmless-base/test.jsonl.gz": 3}
     assert summary["skipped"] == {"prompt_mismatch": 1, "empty_response": 2, "identical": 1}
     assert summary["skipped_per_file"]["harmless-base/test.jsonl.gz"] == \

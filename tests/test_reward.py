@@ -1,7 +1,7 @@
 """reward.py against independent definitions: Bradley-Terry against -log(sigmoid()) in float64 and its
 closed-form gradient, stability at +-1e4, the K-wise loss against pairs enumerated by itertools, the reward
-read at each row's last real token, gradient accumulation (1 x 8 == 8 x 1), the length floor, the missing
-checkpoint error and a tiny end-to-end run (accuracy rises, rewards normalised)."""
+read at each row's last real token, gradient accumulation (1 x 8 == 8 x 1 == 3 + 5), the length floor,
+the missing checkpoint error and a tiny end-to-end run (accuracy rises, rewards normalised)."""
 import itertools
 import json
 import math
@@ -107,6 +107,8 @@ def test_pair_rewards_read_each_row_alone_at_its_last_token(hh_dir):
 
 
 def test_gradient_accumulation_one_by_eight_equals_eight_by_one(hh_dir):
+    """The step's loss is one mean over its pairs: 1 x 8, 8 x 1 and 3 + 5 pairs give the same gradient (a
+    plain mean of the micro-batch means would weight 3 + 5 wrongly)."""
     pairs = fixture_pairs(hh_dir)[:8]
     model = tiny_gpt(scalar_head=True)
 
@@ -117,10 +119,12 @@ def test_gradient_accumulation_one_by_eight_equals_eight_by_one(hh_dir):
 
     l1, a1, g1 = grads([data.collate_pairs(pairs)])
     l8, a8, g8 = grads([data.collate_pairs([p]) for p in pairs])
-    assert l1 == pytest.approx(l8, rel=1e-5) and a1 == a8
-    assert g1.keys() == g8.keys() and "scalar_head.weight" in g1
+    l35, a35, g35 = grads([data.collate_pairs(pairs[:3]), data.collate_pairs(pairs[3:])])  # unequal sizes
+    assert l1 == pytest.approx(l8, rel=1e-5) == pytest.approx(l35, rel=1e-5) and a1 == a8 == a35
+    assert g1.keys() == g8.keys() == g35.keys() and "scalar_head.weight" in g1
     for k in g1:
         torch.testing.assert_close(g1[k], g8[k], rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(g1[k], g35[k], rtol=1e-4, atol=1e-7)
     c = torch.stack([model.scalar(torch.tensor([p["prompt"] + p["chosen"]]))[0, -1] for p in pairs])
     r = torch.stack([model.scalar(torch.tensor([p["prompt"] + p["rejected"]]))[0, -1] for p in pairs])
     expected = -torch.log(torch.sigmoid(c.double() - r.double())).mean().item()  # independent definition
