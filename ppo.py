@@ -29,13 +29,16 @@ Value convention: V_t = the critic's scalar at sequence position P + t - 1, i.e.
 token t: the state s_t in which the policy chose y_t (for t = 0 that is the last prompt token). V after the
 last response token is 0 (the episode has ended).
 
-Flags (each switches one implementation detail off, so a reader can see what it does):
+Flags (each switches one implementation detail on or off, so a reader can see what it does):
   whiten_advantages=False   raw GAE advantages (their scale then follows the reward's scale)
   clip_value_loss=False     plain 0.5 * (V - returns)^2 instead of the clipped max form
   ptx_coef=0                plain PPO: no pretraining-text loss
   kl_estimator=k3           Schulman's k3 for the per-token penalty instead of k1 (never negative per token)
   adaptive_kl=True          beta follows the controller towards target_kl instead of staying fixed
-  missing_eos_penalty=0     no penalty for a response that never emits EOS
+  missing_eos_penalty=1.0   penalise a response cut off at max_new_tokens without EOS: its score becomes s - 1.0 (the
+                            penalty is added to the score, it does not replace it). Off (0) in the CPU preset: its
+                            small reward model prefers long answers, and with the penalty PPO learns to stop early
+                            instead and the score falls; switch it on to see that trade-off
   grad_clip=0               no gradient clipping
   decay_lr=False            constant learning rates instead of cosine decay to 10%
 
@@ -90,12 +93,12 @@ config = dict(                # CPU preset: every key can be overridden with --k
     adaptive_kl=False,        # adapt beta towards target_kl (Ziegler et al. 2019, section 2.2)
     target_kl=6.0,            # adaptive_kl: target KL per sequence, nats
     kl_horizon=10000,         # adaptive_kl: horizon in samples
-    missing_eos_penalty=1.0,  # subtracted from the score of a response without EOS (0 = off)
+    missing_eos_penalty=0.0,  # subtracted from the score of a response without EOS (0 = off; see the docstring)
     # PPO update
-    ppo_epochs=4,             # passes over each rollout batch
+    ppo_epochs=2,             # passes over each rollout batch
     minibatch_size=16,        # sequences per gradient step
-    lr=3e-5,                  # policy AdamW learning rate
-    critic_lr=1e-4,           # critic AdamW learning rate
+    lr=5e-4,                  # policy AdamW learning rate (a tiny model from scratch takes a large one)
+    critic_lr=3e-4,           # critic AdamW learning rate
     weight_decay=0.0,
     decay_lr=True,            # cosine decay of both learning rates to 10% over the iterations
     grad_clip=1.0,            # max gradient norm, policy and critic each (0 = off)
@@ -112,7 +115,7 @@ config = dict(                # CPU preset: every key can be overridden with --k
     # logging and report
     sample_every=10,          # print and log the answers to a few fixed test prompts every N iterations
     n_sample_prompts=2,       # how many
-    eval_prompts=128,         # test prompts answered by SFT and PPO in the final report
+    eval_prompts=256,         # test prompts answered by SFT and PPO in the final report
     eval_batch_size=32,
 )
 cuda_config = dict(           # CUDA preset (NOT tested: no GPU was available), for sft.py's CUDA preset (GPT-2 small)
@@ -321,14 +324,14 @@ def main(argv=None):
         # ------------------------------------------------------------------- 5. PPO epochs over minibatches
         t_update = time.time()
         stats = defaultdict(list)
-        for epoch in range(cfg.ppo_epochs):
+        for _ in range(cfg.ppo_epochs):
             for mb in torch.randperm(B, generator=gen).to(dev).split(cfg.minibatch_size):
                 m = mask[mb]  # (b, R)
                 with rt.autocast():
                     logprobs = train_logprobs(idx[mb], attn[mb], target[mb], temp)[:, P:]  # (b, R)
                     pg_loss, pg_clipfrac = policy_loss(logprobs, old_logprobs[mb], advantages[mb], m, cfg.cliprange)
                     ptx_loss = torch.zeros((), device=dev)
-                    if cfg.ptx_coef > 0:  # PPO-ptx (InstructGPT eq. 2): gamma E_pretrain[log pi(x)], as a loss
+                    if cfg.ptx_coef > 0:  # PPO-ptx, InstructGPT eq. 2: + gamma E_pretrain[log pi(x)] (gamma = ptx_coef)
                         tb = data.sample_text_batch(text, cfg.ptx_batch_size, cfg.ptx_block_size, gen)
                         tb = {k: v.to(dev) for k, v in tb.items()}
                         text_logprobs = policy.logprobs(tb["idx"], tb["attention_mask"], tb["loss_mask"])  # (b, T)
@@ -395,6 +398,8 @@ def main(argv=None):
               f"{report['ppo']['kl']:.2f} nats; win rate of PPO over SFT {report['win_rate']:.3f}")
         print(f"  PPO took {report['seconds']:.0f} s ({t_train:.0f} s training); wrote {cfg.out_dir}/ppo.pt, "
               f"ppo_log.jsonl, ppo.png, frontier.png")
+    if rt.ddp:
+        torch.distributed.barrier()  # the other ranks wait for the master's report, then all leave together
     common.cleanup(rt)
     return report
 

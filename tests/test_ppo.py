@@ -5,6 +5,7 @@ optimum is known in closed form, and tiny end-to-end runs of main() (with and wi
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
 import types
@@ -294,6 +295,25 @@ def test_missing_checkpoints_run_the_earlier_stages(hh_dir, tmp_path, monkeypatc
     assert os.path.exists(os.path.join(out, "ppo.pt"))
 
 
+def test_every_flag_switched_at_once(hh_dir, tmp_path, monkeypatch):
+    """The flags flipped from their defaults in one tiny run: each shows where it should."""
+    monkeypatch.chdir(tmp_path)
+    out = str(tmp_path / "out")
+    write_tiny_checkpoints(out)
+    ppo.main(TINY + [f"--data_dir={hh_dir}", f"--out_dir={out}", "--iterations=3", "--eval_prompts=4",
+                     "--whiten_advantages=False", "--clip_value_loss=False", "--ptx_coef=0", "--kl_estimator=k3",
+                     "--adaptive_kl=True", "--target_kl=100", "--kl_horizon=16", "--missing_eos_penalty=1",
+                     "--grad_clip=0", "--decay_lr=False", "--beta=0.1"])
+    rows = [json.loads(line) for line in open(os.path.join(out, "ppo_log.jsonl"))]
+    assert all(r["ptx_loss"] == 0 and r["value_clipfrac"] == 0 and r["lr"] == rows[0]["lr"] for r in rows)
+    # KL far below target: beta shrinks by the clipped factor (1 - 0.2 * 16 / 16) each iteration
+    assert [round(r["beta"], 6) for r in rows] == [0.1, 0.08, 0.064]
+    assert all(r["kl"] >= 0 for r in rows)  # k3 is never negative
+    # no EOS in these tiny answers: every response is penalised, objective = score - 1 - beta * kl
+    assert all(r["eos_rate"] == 0 for r in rows)
+    assert all(abs(r["objective"] - (r["score"] - 1 - r["beta"] * r["kl"])) < 1e-4 for r in rows)
+
+
 def test_bad_kl_estimator_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="kl_estimator"):
         ppo.main(["--device=cpu", f"--out_dir={tmp_path}", "--kl_estimator=k2"])
@@ -305,7 +325,10 @@ def test_torchrun_two_cpu_processes(hh_dir, tmp_path):
     a collective the other never calls) and the master must write the checkpoint and the report files."""
     out = str(tmp_path / "out")
     write_tiny_checkpoints(out)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+    with socket.socket() as s:  # a free port, so that parallel test runs do not collide
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
            os.path.join(os.path.dirname(ppo.__file__), "ppo.py"), *TINY, f"--data_dir={hh_dir}", f"--out_dir={out}",
            "--iterations=2", "--batch_size=4", "--minibatch_size=2", "--eval_prompts=4", "--sample_every=1"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
