@@ -14,8 +14,10 @@ rollout and of the update come from one and the same function.
 One iteration (DESIGN.md section 4), one screen each in main():
   1. rollout  y ~ pi_old(.|x) with the KV cache for `batch_size` train prompts; record log pi_old(y_t),
               log pi_ref(y_t) and V_t for every response token, every logprob at the sampling temperature
-  2. score    s = r(x, y) at the last real response token (its EOS). A response cut off at max_new_tokens without
-              EOS gets s - missing_eos_penalty: the penalty is ADDED to its score (it does not replace it)
+  2. score    s = r(x, y) at the last real response token (its EOS), divided by the std of the scores of the first
+              rollout (the SFT policy's answers), as Ziegler et al. 2019 normalise their reward model, so that beta
+              means the same for any reward model. A response cut off at max_new_tokens without EOS gets
+              s - missing_eos_penalty: the penalty is ADDED to its score (it does not replace it)
   3. rewards  r_t = -beta * kl_t, plus s on the last response token                  (InstructGPT eq. 2)
   4. GAE      A_t and returns_t = A_t + V_t, then A whitened over the batch's response tokens (under DDP, over
               each rank's own batch)
@@ -30,15 +32,18 @@ token t: the state s_t in which the policy chose y_t (for t = 0 that is the last
 last response token is 0 (the episode has ended).
 
 Flags (each switches one implementation detail on or off, so a reader can see what it does):
+  normalize_scores=False    raw reward-model scores: beta then trades nats against whatever scale the RM happens to have
   whiten_advantages=False   raw GAE advantages (their scale then follows the reward's scale)
   clip_value_loss=False     plain 0.5 * (V - returns)^2 instead of the clipped max form
   ptx_coef=0                plain PPO: no pretraining-text loss
   kl_estimator=k3           Schulman's k3 for the per-token penalty instead of k1 (never negative per token)
   adaptive_kl=True          beta follows the controller towards target_kl instead of staying fixed
   missing_eos_penalty=1.0   penalise a response cut off at max_new_tokens without EOS: its score becomes s - 1.0 (the
-                            penalty is added to the score, it does not replace it). Off (0) in the CPU preset: its
-                            small reward model prefers long answers, and with the penalty PPO learns to stop early
-                            instead and the score falls; switch it on to see that trade-off
+                            penalty is added to the score, it does not replace it). Off (0) in the CPU preset, which
+                            lets you watch reward hacking: the small reward model, trained on finished answers only,
+                            scores an answer cut off mid-sentence higher than one that ends in EOS, so PPO learns to
+                            stop emitting EOS (eos_rate falls, length rises to max_new_tokens). With the penalty on,
+                            PPO learns to finish its answers instead, and that reward model's score does not rise
   grad_clip=0               no gradient clipping
   decay_lr=False            constant learning rates instead of cosine decay to 10%
 
@@ -46,7 +51,7 @@ Logged each iteration (out/ppo_log.jsonl, out/ppo.png; score, kl and beta also i
 Rollout figures are means over the batch's sequences; update figures are means over every minibatch step:
   score            reward-model score s of the rollout's responses (before the missing-EOS penalty)
   kl               KL(pi || pi_ref) per sequence: sum over response tokens of kl_t (kl_estimator), in nats
-  objective        what PPO maximises, the RLHF objective: sum_t r_t = s (with penalty) - beta * kl
+  objective        what PPO maximises, the RLHF objective: sum_t r_t = s (normalised, with penalty) - beta * kl
   beta             the KL coefficient used for this iteration's rewards
   entropy          entropy of pi_old per response token (nats); a collapse to ~0 means the policy stopped exploring
   policy_loss      clipped surrogate loss (PPO eq. 7, negated); ptx_loss: -ptx_coef * mean log pi(text)
@@ -93,7 +98,8 @@ config = dict(                # CPU preset: every key can be overridden with --k
     adaptive_kl=False,        # adapt beta towards target_kl (Ziegler et al. 2019, section 2.2)
     target_kl=6.0,            # adaptive_kl: target KL per sequence, nats
     kl_horizon=10000,         # adaptive_kl: horizon in samples
-    missing_eos_penalty=0.0,  # subtracted from the score of a response without EOS (0 = off; see the docstring)
+    normalize_scores=True,    # divide the scores by their std on the first rollout (the SFT policy's samples)
+    missing_eos_penalty=0.0,  # subtracted from the (normalised) score of a response without EOS (0 = off; see above)
     # PPO update
     ppo_epochs=2,             # passes over each rollout batch
     minibatch_size=16,        # sequences per gradient step
@@ -115,7 +121,7 @@ config = dict(                # CPU preset: every key can be overridden with --k
     # logging and report
     sample_every=10,          # print and log the answers to a few fixed test prompts every N iterations
     n_sample_prompts=2,       # how many
-    eval_prompts=256,         # test prompts answered by SFT and PPO in the final report
+    eval_prompts=512,         # test prompts answered by SFT and PPO in the final report (first N)
     eval_batch_size=32,
 )
 cuda_config = dict(           # CUDA preset (NOT tested: no GPU was available), for sft.py's CUDA preset (GPT-2 small)
@@ -286,6 +292,7 @@ def main(argv=None):
     sampler = torch.Generator(device=rt.device).manual_seed(cfg.seed + rt.rank)  # the rollout's sampler
     logger = common.Logger(cfg.out_dir, "ppo", rt.master)
     dev, temp = rt.device, cfg.temperature
+    score_scale = None  # std of the scores of the SFT policy's answers, from the first rollout
 
     pbar = tqdm(range(cfg.iterations), desc="ppo", disable=not rt.master)
     for it in pbar:
@@ -315,7 +322,11 @@ def main(argv=None):
         # ------------------------------------------------------------------- 2-4. score, rewards, advantages
         lengths = mask.sum(1)  # (B,)
         has_eos = (response.gather(1, lengths.long()[:, None] - 1)[:, 0] == data.EOT).float()  # (B,)
-        penalised = scores - cfg.missing_eos_penalty * (1 - has_eos)  # s - penalty when there is no EOS
+        if score_scale is None:  # Ziegler et al. 2019: reward model normalised to std 1 on the initial policy's samples
+            score_scale = max(common.all_reduce_mean(scores.std(), rt), 1e-6) if cfg.normalize_scores else 1.0
+            if rt.master:
+                tqdm.write(f"std of the SFT policy's scores {score_scale:.4f}: the rewards use s / {score_scale:.4f}")
+        penalised = scores / score_scale - cfg.missing_eos_penalty * (1 - has_eos)  # s - penalty when there is no EOS
         rewards = per_token_rewards(penalised, old_logprobs, ref_logprobs, mask, beta, cfg.kl_estimator)  # (B, R)
         advantages, returns = compute_gae(rewards, old_values, mask, cfg.gamma, cfg.lam)  # (B, R) x2
         if cfg.whiten_advantages:
@@ -379,7 +390,8 @@ def main(argv=None):
     # ----------------------------------------------------------------------- report (master only)
     report = {}
     if rt.master:
-        save_checkpoint(os.path.join(cfg.out_dir, "ppo.pt"), policy, cfg, beta=kl_ctl.value if kl_ctl else cfg.beta)
+        save_checkpoint(os.path.join(cfg.out_dir, "ppo.pt"), policy, cfg, beta=kl_ctl.value if kl_ctl else cfg.beta,
+                        score_scale=score_scale)
         t_train = time.time() - t0
         prompts = test[:cfg.eval_prompts]
         run = lambda pi: evaluate.sample_and_score(pi, reference, reward_model, prompts, rt, cfg.eval_batch_size,
@@ -390,7 +402,7 @@ def main(argv=None):
             evaluate.save_point(cfg.out_dir, stage, summary)
         evaluate.plot_frontier(cfg.out_dir)
         report.update(win_rate=evaluate.win_rate(results["ppo"]["scores"], results["sft"]["scores"]),
-                      train_seconds=t_train, seconds=time.time() - t0, n_prompts=len(prompts))
+                      score_scale=score_scale, train_seconds=t_train, seconds=time.time() - t0, n_prompts=len(prompts))
         print(f"\nPPO report on {len(prompts)} test prompts (same prompts and seed for both policies):")
         for stage in ("sft", "ppo"):
             print(f"  {stage}: " + "  ".join(f"{k} {v:.3f}" for k, v in report[stage].items()))
