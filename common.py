@@ -192,6 +192,7 @@ def all_reduce_mean(x, rt):
 def cleanup(rt):
     """Leave the DDP process group, if any."""
     if rt.ddp and dist.is_initialized():
+        dist.barrier()  # let the master finish its report before any rank tears the group down
         dist.destroy_process_group()
 
 
