@@ -15,14 +15,7 @@ import dpo
 from model import GPT, GPTConfig, save_checkpoint
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The tiny problems here run as fast on one thread, and up to 10x faster when other processes share the
-    cores (two threads then spin waiting for each other on every small op)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 RT = SimpleNamespace(device="cpu", autocast=lambda: torch.autocast("cpu", enabled=False))

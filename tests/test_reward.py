@@ -19,14 +19,7 @@ from model import GPT, GPTConfig, load_checkpoint, model_from_checkpoint, save_c
 RT = setup_runtime(SimpleNamespace(device="cpu", dtype="float32", seed=0))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread. On a busy 2-core machine every small op of a 2-thread pool waits for the
-    other core; one thread made the tiny end-to-end run about 5x faster there."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 def tiny_gpt(seed=0, **kw):
