@@ -23,8 +23,27 @@ import torch
 import torch.distributed as dist
 
 
+# ----------------------------------------------------------------------------- errors
+class UserError(Exception):
+    """A mistake a user can make and fix: an unknown or ill-typed flag, data that is missing or malformed,
+    a checkpoint that is missing, damaged or of another stage, lengths that do not fit, a device that is not
+    there, a run that diverged. `cli` prints it as ONE line `error: ...` on stderr and exits with status 2;
+    every other exception is a bug and keeps its traceback. The message names the file, line, flag or step
+    at fault and says what to do."""
+
+
+def cli(main):
+    """Run a stage's main() as a command: a UserError becomes `error: <message>` on stderr and exit status 2."""
+    import sys
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
 # ----------------------------------------------------------------------------- config
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A command-line override that names an unknown key or has a value of the wrong type."""
 
 
