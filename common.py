@@ -1,12 +1,15 @@
 """
-What every stage script needs and none of them owns: command-line config overrides, device / dtype /
-compile / DDP setup, the optimiser and learning-rate schedule, and the logger. No RLHF math lives here.
+What every stage script needs and none of them owns: the settings every stage shares, command-line config
+overrides, one-line errors, device / dtype / DDP setup, the optimiser step (DDP averaging, clipping, the
+non-finite guard) and learning-rate schedule, checkpoint / resume state, and the logger. No RLHF math here.
 
-A stage script declares its defaults as a dict at the top of the file (the CPU preset) plus a dict of
-overrides for a CUDA GPU, then calls
+A stage script declares its defaults as a dict at the top of the file (the CPU preset, starting from
+SHARED) plus a dict of overrides for a CUDA GPU, then calls
 
     cfg = parse_config(config, argv, cuda_overrides=cuda_config)   # python sft.py --lr=3e-4 --device=cpu
     rt = setup_runtime(cfg)                                         # device, autocast, DDP rank
+
+and runs as `if __name__ == "__main__": common.cli(main)`, so that a user's mistake is one line.
 
 Multi-process training works as in nanoGPT: `torchrun --nproc_per_node=N sft.py` starts N processes;
 each one reads RANK / WORLD_SIZE from the environment, joins a process group (gloo on CPU, nccl on CUDA),
@@ -43,6 +46,28 @@ def cli(main):
 
 
 # ----------------------------------------------------------------------------- config
+# The settings every stage must agree on, declared once: each stage's config starts with **SHARED, and
+# ppo.py passes them on when it runs sft.py / reward.py for a missing checkpoint.
+SHARED = dict(
+    out_dir="out",           # checkpoints, logs and charts of every stage
+    data_dir="",             # the data folder; "" = $RLHF_DATA_DIR, else download into data/
+    device="auto",           # auto | cpu | cuda | cuda:N
+    dtype="auto",            # auto (bfloat16 on CUDA, float32 elsewhere) | float32 | bfloat16 | float16
+    compile=False,           # torch.compile the training forward (helps on CUDA, not on CPU)
+    seed=1337,
+    block_size=256,          # tokens of prompt + response the models see
+    max_prompt_len=128,      # prompts are cut to their last max_prompt_len tokens
+    max_new_tokens=48,       # answer length cap: PPO's rollouts and every evaluation
+    eval_prompts=256,        # the evaluation set: the first eval_prompts test prompts, for every policy
+    eval_seed=0,             # ... answered with this sampler seed, at temperature 1
+    eval_batch_size=32,      # sequences per no-grad forward in evaluations
+    checkpoint_every=100,    # steps between checkpoints (and one at the end); 0 = only at the end
+    resume=False,            # continue from <out_dir>/<stage>.pt up to the same final step
+)
+SHARED_CUDA = dict(compile=True, dtype="bfloat16", block_size=512, max_prompt_len=256, max_new_tokens=128,
+                   eval_prompts=1024, eval_batch_size=128, checkpoint_every=500)
+
+
 class ConfigError(UserError, ValueError):
     """A command-line override that names an unknown key or has a value of the wrong type."""
 
@@ -80,7 +105,8 @@ def parse_config(defaults, argv=None, cuda_overrides=None, verbose=True):
         and `dtype` from "auto" to "bfloat16" on CUDA, "float32" elsewhere.
     Raises:
         ConfigError: an argument not of the form --key=value, an unknown key (the message lists the valid
-            keys), or a value that does not parse as the default's type.
+            keys), a value that does not parse as the default's type, or a CUDA device on a machine
+            without one.
     """
     import sys
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -100,6 +126,12 @@ def parse_config(defaults, argv=None, cuda_overrides=None, verbose=True):
     device = overrides.get("device", cfg.get("device", "cpu"))
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device={device}: CUDA is not available here (torch {torch.__version__}, "
+                          f"{'built without CUDA' if torch.version.cuda is None else 'no GPU visible'}); "
+                          "pass --device=cpu, or --device=auto to pick what there is")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise ConfigError(f"--device={device}: expected auto, cpu, cuda or cuda:N")
     if device.startswith("cuda"):
         cfg.update(cuda_overrides or {})
     cfg.update(overrides)
@@ -141,11 +173,11 @@ def setup_runtime(cfg):
 
     Under torchrun (env RANK set) each process joins a group with the nccl backend on CUDA or gloo on
     CPU, takes cuda:LOCAL_RANK, and gets seed cfg.seed + rank (so ranks sample different data).
-    Raises ValueError for an unknown dtype.
+    Raises ConfigError for an unknown dtype.
     """
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if cfg.dtype not in dtypes:
-        raise ValueError(f"--dtype={cfg.dtype}: expected one of {', '.join(dtypes)}")
+        raise ConfigError(f"--dtype={cfg.dtype}: expected one of {', '.join(dtypes)}")
     ddp = "RANK" in os.environ
     rank, local_rank, world_size = 0, 0, 1
     device = cfg.device
@@ -181,11 +213,6 @@ def keep_freed_memory():
         pass
 
 
-def maybe_compile(model, cfg):
-    """torch.compile(model) when cfg.compile is true (worth it on CUDA; it does not help on CPU)."""
-    return torch.compile(model) if cfg.compile else model
-
-
 def all_reduce_grads(model, rt):
     """Average every parameter's .grad over the DDP ranks (no-op in a single process).
 
@@ -197,6 +224,18 @@ def all_reduce_grads(model, rt):
         if p.grad is not None:
             dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
             p.grad /= rt.world_size
+
+
+def global_std(x, rt):
+    """Sample standard deviation (n - 1) of a 1-D tensor over the union of every DDP rank's entries (not the
+    mean of the ranks' standard deviations): all-reduces n, sum x and sum x^2. Returns a float."""
+    x = x.detach().double().flatten()
+    stats = torch.stack([torch.tensor(float(x.numel()), dtype=torch.float64, device=x.device), x.sum(),
+                         (x * x).sum()])
+    if rt.ddp:
+        dist.all_reduce(stats, op=dist.ReduceOp.SUM)
+    n, total, total_sq = stats.tolist()
+    return (max(total_sq - total * total / n, 0.0) / max(n - 1, 1)) ** 0.5  # Var = (Sx2 - Sx^2 / n) / (n - 1)
 
 
 def all_reduce_mean(x, rt):
@@ -213,6 +252,31 @@ def cleanup(rt):
     if rt.ddp and dist.is_initialized():
         dist.barrier()  # let the master finish its report before any rank tears the group down
         dist.destroy_process_group()
+
+
+def to_device(batch, rt):
+    """A collated batch (dict of tensors) on rt.device."""
+    return {k: v.to(rt.device) for k, v in batch.items()}
+
+
+@contextlib.contextmanager
+def eval_mode(*models):
+    """Put the models in eval mode (no dropout) for the block, then restore each one's train/eval mode."""
+    was_training = [m.training for m in models]
+    for m in models:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, t in zip(models, was_training):
+            m.train(t)
+
+
+def subset(examples, n, seed=0):
+    """A fixed random subset of n examples (all of them, shuffled, if n is 0 or too large), the same on every
+    DDP rank and in every run for a given seed."""
+    perm = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [examples[i] for i in perm[:n if 0 < n < len(examples) else len(examples)]]
 
 
 # ----------------------------------------------------------------------------- optimisation
@@ -242,24 +306,136 @@ def set_lr(optimizer, lr):
         group["lr"] = lr
 
 
+class Diverged(UserError):
+    """A loss or gradient norm that is nan or inf: the stage stops before the step that would spoil its
+    weights, and the checkpoint on disk (the last good one) is left as it is."""
+
+
+def check_finite(step, **figures):
+    """Raise Diverged naming the step and the figure if any of figures (floats or 0-d tensors) is nan/inf."""
+    for name, value in figures.items():
+        value = float(value)
+        if not math.isfinite(value):
+            raise Diverged(f"training diverged at step {step}: {name} = {value}. Nothing was saved after the last "
+                           "checkpoint, which is left as it was; lower --lr (or raise --grad_clip / --beta) "
+                           "and run again (--resume=True continues from that checkpoint)")
+
+
+def optimizer_step(model, optimizer, grad_clip, rt, step):
+    """One optimiser step, the same in every stage: average the gradients over the DDP ranks, measure their
+    global norm (stop with Diverged if it is nan/inf, before the weights change), clip it to grad_clip
+    when grad_clip > 0 (0 = no clipping: the gradient is used as it is), step, zero the gradients.
+    Returns the gradient norm before clipping (float)."""
+    all_reduce_grads(model, rt)
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))  # inf: scale 1
+    check_finite(step, grad_norm=norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return norm.item()
+
+
+# ----------------------------------------------------------------------------- checkpoints and resume
+def checkpoint_due(step, cfg, final_step):
+    """True after `step` optimiser steps when a checkpoint is due: every cfg.checkpoint_every steps and at
+    the end."""
+    return step == final_step or (cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0)
+
+
+def rng_state(generators, rt):
+    """The RNG states a resumed run needs to draw the same random numbers: torch's global RNG (and CUDA's)
+    and each named torch.Generator of the stage (batch order, sampler), of every DDP rank (a collective:
+    every rank calls it). Returns a list with one dict per rank."""
+    state = {"torch": torch.get_rng_state(), **{name: g.get_state().cpu() for name, g in generators.items()}}
+    if rt.device_type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state()
+    states = [state]
+    if rt.ddp:
+        states = [None] * rt.world_size
+        dist.all_gather_object(states, state)
+    return states
+
+
+def set_rng_state(states, generators, rt):
+    """Restore this rank's part of what rng_state saved (generators: the same names, built on the same devices)."""
+    state = states[rt.rank]
+    torch.set_rng_state(state["torch"])
+    for name, g in generators.items():
+        g.set_state(state[name])
+    if "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save_training_state(path, stage, cfg, step, final_step, rt, models, optimizers, generators, **extra):
+    """Every DDP rank calls it; the master writes the stage's checkpoint (model.save_checkpoint: atomic, never
+    nan weights) with everything --resume needs: models["model"] is the model later stages load, any other
+    entry of `models` (e.g. PPO's critic) is stored under its name; the optimisers' states, the step
+    (optimiser steps done), finished (step >= final_step), every rank's RNG states and **extra (e.g. PPO's
+    beta and score scale)."""
+    from model import save_checkpoint
+    rng = rng_state(generators, rt)
+    if rt.master:
+        others = {name: m.state_dict() for name, m in models.items() if name != "model"}
+        save_checkpoint(path, models["model"], cfg, stage, step=step, finished=step >= final_step,
+                        optimizers={name: o.state_dict() for name, o in optimizers.items()}, rng=rng,
+                        **others, **extra)
+
+
+def restore_training_state(ckpt, rt, models, optimizers, generators):
+    """Load what save_training_state wrote into the same named models, optimisers and generators (this rank's
+    RNG states); returns the step to continue from. A run resumed with another number of DDP ranks raises
+    UserError."""
+    if len(ckpt["rng"]) != rt.world_size:
+        raise UserError(f"the checkpoint was written by {len(ckpt['rng'])} process(es); resume it with as many")
+    for name, m in models.items():
+        m.load_state_dict(ckpt[name])
+    for name, o in optimizers.items():
+        o.load_state_dict(ckpt["optimizers"][name])
+    set_rng_state(ckpt["rng"], generators, rt)
+    return ckpt["step"]
+
+
+def resume_checkpoint(cfg, path, stage, final_step):
+    """What --resume=True continues from: None for a fresh run (cfg.resume False); else the checkpoint dict
+    of `path` (model.load_checkpoint checks it). Its "step" says where to go on; a checkpoint already at
+    final_step means there is nothing to do: the stage prints so and returns. Raises UserError when there
+    is nothing to resume (no file, a damaged one, another stage's)."""
+    if not cfg.resume:
+        return None
+    from model import load_checkpoint
+    if not os.path.exists(path):
+        raise UserError(f"--resume=True: there is no {path} to resume from; run without --resume to start afresh")
+    ckpt = load_checkpoint(path, stage=stage)
+    if int(os.environ.get("RANK", 0)) == 0:
+        done = ckpt.get("step", 0) >= final_step
+        print(f"resuming {path} at step {ckpt.get('step', 0)} of {final_step}" +
+              (": already finished, nothing to do (raise the step count to train longer)" if done else ""))
+    return ckpt
+
+
 # ----------------------------------------------------------------------------- logging
 class Logger:
     """Append one JSON object per logged step to out/<stage>_log.jsonl and draw out/<stage>.png.
 
     `log(step, **metrics)` takes numbers (floats/ints) and strings (e.g. sampled text, kept in the jsonl,
     not plotted). `plot()` draws one small panel per numeric metric against the step. A non-master DDP
-    rank writes nothing. The jsonl is started afresh by each run.
+    rank writes nothing. A fresh run starts the jsonl afresh; a resumed run (start_step > 0) keeps the
+    rows of the steps before start_step and drops the rest (they are about to be redone).
     """
 
-    def __init__(self, out_dir, stage, master=True):
+    def __init__(self, out_dir, stage, master=True, start_step=0):
         self.master = master
         self.path = os.path.join(out_dir, f"{stage}_log.jsonl")
         self.png = os.path.join(out_dir, f"{stage}.png")
         self.stage = stage
         self.rows = []
+        if start_step > 0 and os.path.exists(self.path):
+            with open(self.path) as f:
+                self.rows = [row for row in map(json.loads, f) if row["step"] < start_step]
         if master:
             os.makedirs(out_dir, exist_ok=True)
-            open(self.path, "w").close()
+            with open(self.path, "w") as f:
+                f.writelines(json.dumps(row) + "\n" for row in self.rows)
 
     def log(self, step, **metrics):
         row = {"step": step}

@@ -18,13 +18,13 @@ The reference enters only through log pi_ref(y|x) of the pairs, which never chan
 before training, and the reference is freed. The training loss never samples; the report does, to put DPO
 on the same reward-versus-KL chart as PPO (evaluate.py): SFT and DPO answer the same `test` prompts with the
 same seed, the reward model out/rm.pt scores them (skipped if it is missing: DPO itself does not need it).
-Writes out/dpo.pt, out/dpo_log.jsonl, out/dpo.png, out/eval_dpo.json (and eval_sft.json if it is missing,
-so PPO and DPO share the SFT point) and out/frontier.png.
+Writes out/dpo.pt (every checkpoint_every steps and at the end; `--resume=True` continues a killed run),
+out/dpo_log.jsonl, out/dpo.png, out/eval_sft.json and out/eval_dpo.json (evaluated on the same prompts and seed
+as every point of the chart) and out/frontier.png.
 Simplifications: the policy's dropout is set to 0 (so pi = pi_ref exactly at the start, as TRL does);
 a subset of `train` (train_pairs) keeps the CPU preset to a few minutes.
 """
 import gc
-import json
 import os
 import time
 
@@ -35,14 +35,10 @@ from tqdm import tqdm
 import common
 import data
 import evaluate
-from model import load_checkpoint, model_from_checkpoint, save_checkpoint
+from model import load_checkpoint, model_from_checkpoint
 
 # ----------------------------------------------------------------------------- config
-config = dict(               # CPU preset: every key can be overridden with --key=value
-    out_dir="out",           # reads sft.pt (and rm.pt for the report); writes dpo.pt, logs, plots
-    data_dir="",             # HH-RLHF folder; "" = $RLHF_DATA_DIR, else download
-    device="auto", dtype="auto", compile=False, seed=1337,
-    block_size=256, max_prompt_len=128,   # data settings: the same values in every stage
+config = dict(common.SHARED, # out_dir, data_dir, device, block_size, eval_prompts, checkpoint_every, ... (common.py)
     loss_type="sigmoid",     # sigmoid (DPO) | ipo | hinge
     beta=0.1,                # DPO's beta: the weight of the KL constraint to the reference (higher = closer)
     label_smoothing=0.0,     # conservative DPO: assumed probability that a label is flipped (sigmoid only)
@@ -57,17 +53,11 @@ config = dict(               # CPU preset: every key can be overridden with --ke
     log_interval=5,          # log the mean of the train metrics over this many steps
     eval_pairs=256,          # test pairs for the implicit-reward accuracy (0 = all of `test`)
     eval_interval=25,        # every this many steps log test accuracy / margin (0 = only at the end)
-    eval_batch_size=32,      # sequences per no-grad forward: 16 pairs, or 32 prompts when sampling
-    # the sample evaluation: keep these equal to ppo.py's, so PPO and DPO share the SFT point of the chart
-    eval_prompts=128,        # the first eval_prompts `test` prompts, answered by SFT and DPO
-    max_new_tokens=48,       # answer length cap
-    temperature=1.0,         # sampling temperature (the KL is measured at the same temperature)
 )
-cuda_config = dict(          # the CUDA preset (untested here: no GPU was available when it was written)
-    compile=True, train_pairs=0, batch_size=32, grad_accum=2, warmup_iters=50,
+cuda_config = dict(common.SHARED_CUDA, train_pairs=0, batch_size=32, grad_accum=2, warmup_iters=50,
     max_iters=1000,          # 64k pairs: 0.4 epoch of the full HH-RLHF train split (15 of a test-only copy)
     lr=5e-6,                 # DPO recipes for ~100M-1B models use 1e-6 to 1e-5 (the paper: 1e-6 at 2.8B+)
-    eval_pairs=0, eval_interval=200, eval_batch_size=128, eval_prompts=1024, max_new_tokens=128,  # as ppo.py
+    eval_pairs=0, eval_interval=200,
 )
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 
@@ -124,30 +114,36 @@ def precompute_logprobs(model, pairs, rt, batch_size=32, average=False):
     step = max(1, batch_size // 2)
     for i in range(0, len(pairs), step):
         ids = order[i:i + step]
-        batch = to_device(data.collate_pairs([pairs[j] for j in ids]), rt)
+        batch = common.to_device(data.collate_pairs([pairs[j] for j in ids]), rt)
         with rt.autocast():
             chosen[ids], rejected[ids] = pair_logprobs(model, batch, average)
     return chosen, rejected
 
 
-def to_device(batch, rt):
-    return {k: v.to(rt.device) for k, v in batch.items()}
-
-
 def reward_metrics(chosen_rewards, rejected_rewards):
     """Implicit-reward accuracy P(r_hat_w > r_hat_l) (a tie counts one half) and mean margin r_hat_w - r_hat_l."""
-    diff = chosen_rewards - rejected_rewards  # (B,)
-    return {"accuracy": ((diff > 0).float() + 0.5 * (diff == 0).float()).mean().item(),
-            "margin": diff.mean().item()}
+    return {"accuracy": evaluate.win_rate(chosen_rewards, rejected_rewards),
+            "margin": (chosen_rewards - rejected_rewards).mean().item()}
 
 
 @torch.no_grad()
 def evaluate_pairs(policy, pairs, ref_chosen, ref_rejected, cfg, rt):
     """Mean loss, implicit-reward accuracy and margin of `policy` on `pairs` (reference logprobs given)."""
-    policy.eval()
-    pc, pr = precompute_logprobs(policy, pairs, rt, cfg.eval_batch_size, cfg.loss_type == "ipo")
+    with common.eval_mode(policy):
+        pc, pr = precompute_logprobs(policy, pairs, rt, cfg.eval_batch_size, cfg.loss_type == "ipo")
     losses, cr, rr = dpo_loss(pc, pr, ref_chosen, ref_rejected, cfg.beta, cfg.loss_type, cfg.label_smoothing)
     return {"loss": losses.mean().item(), **reward_metrics(cr, rr)}
+
+
+def batch_indices(step, micro, n, batch_size, grad_accum, seed):
+    """The pairs of micro-batch `micro` of optimiser step `step`: epochs of a fresh shuffle of range(n) (seeded by
+    seed and the epoch), cut into batches of batch_size (no partial batch). A function of the step, so a resumed
+    run draws the same batches."""
+    per_epoch = n // batch_size
+    k = step * grad_accum + micro  # the k-th micro-batch of the run
+    epoch, i = divmod(k, per_epoch)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch)).tolist()
+    return perm[i * batch_size:(i + 1) * batch_size]
 
 
 # ----------------------------------------------------------------------------- training
@@ -158,23 +154,27 @@ def main(argv=None):
     if cfg.loss_type not in LOSS_TYPES:
         raise common.ConfigError(f"--loss_type={cfg.loss_type}: expected one of {', '.join(LOSS_TYPES)}")
     rt = common.setup_runtime(cfg)
+    path = os.path.join(cfg.out_dir, "dpo.pt")
+    ckpt = common.resume_checkpoint(cfg, path, "dpo", cfg.max_iters)
+    if ckpt and ckpt["finished"]:
+        return common.cleanup(rt) or {}
     sft_path = os.path.join(cfg.out_dir, "sft.pt")
-    ckpt = load_checkpoint(sft_path, hint="run `python sft.py` first")
-    ckpt["model_args"]["dropout"] = 0.0  # pi(.) is then deterministic and equals pi_ref at the start
-    if cfg.block_size > ckpt["model_args"]["block_size"]:
-        raise ValueError(f"--block_size={cfg.block_size} exceeds the block_size "
-                         f"{ckpt['model_args']['block_size']} of {sft_path}")
+    sft_ckpt = load_checkpoint(sft_path, stage="sft")
+    sft_ckpt["model_args"]["dropout"] = 0.0  # pi(.) is then deterministic and equals pi_ref at the start
+    if cfg.block_size > sft_ckpt["model_args"]["block_size"]:
+        raise common.UserError(f"--block_size={cfg.block_size} exceeds the block_size "
+                               f"{sft_ckpt['model_args']['block_size']} of {sft_path}")
     splits = data.load_hh_rlhf(cfg.data_dir or None, block_size=cfg.block_size,
                                max_prompt_len=cfg.max_prompt_len, verbose=rt.master)
-    train = subset(splits["train"], cfg.train_pairs, cfg.seed)[rt.rank::rt.world_size]  # a shard per rank
-    test = subset(splits["test"], cfg.eval_pairs, cfg.seed)
+    train = common.subset(splits["train"], cfg.train_pairs, cfg.seed)[rt.rank::rt.world_size]  # a shard per rank
+    test = common.subset(splits["test"], cfg.eval_pairs, cfg.seed)
     if len(train) < cfg.batch_size:
-        raise ValueError(f"{len(train)} train pairs per process, fewer than --batch_size={cfg.batch_size}")
-    average = cfg.loss_type == "ipo"  # IPO uses per-token mean logprobs (section 4 of DESIGN.md)
+        raise common.UserError(f"{len(train)} train pairs per process, fewer than --batch_size={cfg.batch_size}")
+    average = cfg.loss_type == "ipo"  # IPO uses per-token mean logprobs
 
     # the frozen reference: its logprobs of every pair once, then free it
     t0 = time.time()
-    reference = model_from_checkpoint(ckpt).to(rt.device).eval()
+    reference = model_from_checkpoint(sft_ckpt).to(rt.device).eval()
     ref_train = precompute_logprobs(reference, train, rt, cfg.eval_batch_size, average)  # (N,), (N,)
     ref_test = precompute_logprobs(reference, test, rt, cfg.eval_batch_size, average) if rt.master else None
     del reference
@@ -182,39 +182,37 @@ def main(argv=None):
     if rt.master:
         print(f"reference logprobs of {len(train)} train and {len(test)} test pairs in {time.time() - t0:.0f}s")
 
-    policy = model_from_checkpoint(ckpt).to(rt.device)
+    policy = model_from_checkpoint(sft_ckpt).to(rt.device)
     if cfg.compile:  # compile the blocks in place: DPO calls policy.logprobs, not policy.forward
         for block in policy.transformer.h:
             block.compile(dynamic=True)
     optimizer = common.configure_optimizer(policy, cfg.lr, cfg.weight_decay)
-    logger = common.Logger(cfg.out_dir, "dpo", master=rt.master)
-    gen = torch.Generator().manual_seed(cfg.seed + rt.rank)
-    sampler = shuffled_batches(len(train), cfg.batch_size, gen)
-    pbar = tqdm(range(cfg.max_iters), desc="dpo", disable=not rt.master)
+    state = dict(models=dict(model=policy), optimizers=dict(model=optimizer), generators={})
+    start = common.restore_training_state(ckpt, rt, **state) if ckpt else 0
+    logger = common.Logger(cfg.out_dir, "dpo", master=rt.master, start_step=start)
+    pbar = tqdm(range(start, cfg.max_iters), desc="dpo", disable=not rt.master)
     window = []  # per-step metrics since the last log line
     for it in pbar:
         policy.train()
         lr = common.lr_at(it, cfg.max_iters, cfg.lr, cfg.warmup_iters)
         common.set_lr(optimizer, lr)
         step_means = {}  # metrics of this step, averaged over its micro-batches
-        for _ in range(cfg.grad_accum):
-            ids = next(sampler)
-            batch = to_device(data.collate_pairs([train[i] for i in ids]), rt)
+        for micro in range(cfg.grad_accum):
+            ids = batch_indices(it, micro, len(train), cfg.batch_size, cfg.grad_accum, cfg.seed + rt.rank)
+            batch = common.to_device(data.collate_pairs([train[i] for i in ids]), rt)
             with rt.autocast():
                 policy_chosen, policy_rejected = pair_logprobs(policy, batch, average)  # (B,) x2
             losses, chosen_rewards, rejected_rewards = dpo_loss(
                 policy_chosen, policy_rejected, ref_train[0][ids], ref_train[1][ids], cfg.beta, cfg.loss_type,
                 cfg.label_smoothing)
+            common.check_finite(it, loss=losses.mean())
             (losses.mean() / cfg.grad_accum).backward()
-            micro = {"loss": losses.mean().item(), **reward_metrics(chosen_rewards, rejected_rewards),
-                    "rewards_chosen": chosen_rewards.mean().item(), "rewards_rejected": rejected_rewards.mean().item(),
-                    "logps_chosen": policy_chosen.mean().item(), "logps_rejected": policy_rejected.mean().item()}
-            step_means = {k: step_means.get(k, 0.0) + v / cfg.grad_accum for k, v in micro.items()}
-        common.all_reduce_grads(policy, rt)
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+            step_stats = {"loss": losses.mean().item(), **reward_metrics(chosen_rewards, rejected_rewards),
+                          "rewards_chosen": chosen_rewards.mean().item(),
+                          "rewards_rejected": rejected_rewards.mean().item(),
+                          "logps_chosen": policy_chosen.mean().item(), "logps_rejected": policy_rejected.mean().item()}
+            step_means = {k: step_means.get(k, 0.0) + v / cfg.grad_accum for k, v in step_stats.items()}
+        common.optimizer_step(policy, optimizer, cfg.grad_clip, rt, it)
         window.append({k: common.all_reduce_mean(v, rt) for k, v in step_means.items()})
         if (it + 1) % cfg.log_interval == 0 or it + 1 == cfg.max_iters:  # the mean over the last steps
             metrics = {k: sum(w[k] for w in window) / len(window) for k in window[0]}
@@ -224,36 +222,23 @@ def main(argv=None):
             window = []
         if rt.master and cfg.eval_interval > 0 and (it + 1) % cfg.eval_interval == 0 and it + 1 < cfg.max_iters:
             logger.log(it, **{f"test_{k}": v for k, v in evaluate_pairs(policy, test, *ref_test, cfg, rt).items()})
+        if common.checkpoint_due(it + 1, cfg, cfg.max_iters):
+            common.save_training_state(path, "dpo", cfg, it + 1, cfg.max_iters, rt, **state)
 
     report = {}
     if rt.master:
-        save_checkpoint(os.path.join(cfg.out_dir, "dpo.pt"), policy, cfg)
-        report = make_report(policy, test, ref_test, splits["test"][:cfg.eval_prompts], logger, cfg, rt)
+        report = make_report(policy, test, ref_test, splits["test"], logger, cfg, rt)
         report["seconds"] = time.time() - t_start
         print(f"dpo.py took {report['seconds']:.0f}s")
     common.cleanup(rt)
     return report
 
 
-def subset(examples, n, seed):
-    """A fixed random subset of n examples (all of them if n is 0), the same on every DDP rank."""
-    perm = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed))
-    return [examples[i] for i in perm[:n or len(examples)].tolist()]
-
-
-def shuffled_batches(n, batch_size, gen):
-    """Endless lists of batch_size indices in [0, n): a fresh shuffle each epoch, no partial batches."""
-    while True:
-        perm = torch.randperm(n, generator=gen).tolist()
-        for i in range(0, n - batch_size + 1, batch_size):
-            yield perm[i:i + batch_size]
-
-
-def make_report(policy, test, ref_test, prompts, logger, cfg, rt):
-    """Print and return the report: the training curve's ends, implicit-reward accuracy / margin on the
-    `test` pairs, then (if out/rm.pt exists) the sample evaluation shared with PPO on `prompts` (the first
-    eval_prompts of `test`, as evaluate.py takes them) and the frontier chart."""
-    final = evaluate_pairs(policy, test, *ref_test, cfg, rt)
+def make_report(policy, test_pairs, ref_test, test, logger, cfg, rt):
+    """Print and return the report: the training curve's ends, implicit-reward accuracy / margin on the test
+    pairs, then (if out/rm.pt exists) evaluate.compare: SFT and DPO answer the evaluation prompts (the same set
+    and seed as every point of the chart), scored by the reward model."""
+    final = evaluate_pairs(policy, test_pairs, *ref_test, cfg, rt)
     logger.log(cfg.max_iters - 1, **{f"test_{k}": v for k, v in final.items()})
     logger.plot()
     train_rows = [r for r in logger.rows if "accuracy" in r]
@@ -266,40 +251,19 @@ def make_report(policy, test, ref_test, prompts, logger, cfg, rt):
     print(f"\nDPO ({cfg.loss_type}, beta {cfg.beta}): train loss {report['loss_first']:.4f} -> "
           f"{report['loss_last']:.4f} (first / last {n * cfg.log_interval} steps), train batch accuracy "
           f"{report['train_accuracy_last']:.3f} (last {n * cfg.log_interval} steps)")
-    print(f"test pairs ({len(test)}): implicit-reward accuracy 0.500 -> {final['accuracy']:.3f}, "
+    print(f"test pairs ({len(test_pairs)}): implicit-reward accuracy 0.500 -> {final['accuracy']:.3f}, "
           f"margin 0.000 -> {final['margin']:.4f}, loss {final['loss']:.4f}")
-
     rm_path = os.path.join(cfg.out_dir, "rm.pt")
     if not os.path.exists(rm_path):
         print(f"no {rm_path}: the sample evaluation (reward-model score, KL, win rate, frontier chart) needs "
               "`python reward.py`; skipped (DPO itself does not need a reward model)")
         return report
-    sft_path = os.path.join(cfg.out_dir, "sft.pt")
-    reference = model_from_checkpoint(load_checkpoint(sft_path)).to(rt.device).eval()
-    reward_model = model_from_checkpoint(load_checkpoint(rm_path), scalar_head=True).to(rt.device).eval()
-    policy.eval()
-    kw = dict(batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-              seed=cfg.seed)  # the same prompts, batches and random numbers for both policies (and in ppo.py)
-    results = {name: evaluate.sample_and_score(model, reference, reward_model, prompts, rt, **kw)
-               for name, model in (("sft", reference), ("dpo", policy))}
-    summaries = {name: evaluate.summarize(r) for name, r in results.items()}
-    report.update({f"{name}_{k}": v for name, s in summaries.items() for k, v in s.items()})
-    report["win_rate"] = evaluate.win_rate(results["dpo"]["scores"], results["sft"]["scores"])
-    if not os.path.exists(os.path.join(cfg.out_dir, "eval_sft.json")):  # shared with PPO's chart
-        evaluate.save_point(cfg.out_dir, "sft", summaries["sft"])
-    evaluate.save_point(cfg.out_dir, "dpo", summaries["dpo"])
-    print(f"samples on {len(prompts)} test prompts (reward model {rm_path}; KL to the reference, nats per answer):")
-    for stage in evaluate.STAGES:  # every point of the chart, e.g. PPO's from its own run
-        path = os.path.join(cfg.out_dir, f"eval_{stage}.json")
-        if os.path.exists(path):
-            p = json.load(open(path))
-            print(f"  {stage:4s} score {p['score']:+.3f}  KL {p['kl']:.3f}  length {p['length']:.1f}  "
-                  f"EOS {p['eos_rate']:.2f}" + ("  (this run)" if stage == "dpo" else ""))
-    print(f"win rate of DPO over SFT under the reward model: {report['win_rate']:.3f}")
-    print(f"sample answer (DPO): {data.get_tokenizer().decode(results['dpo']['responses'][0])!r}")
-    print("wrote", evaluate.plot_frontier(cfg.out_dir))
+    reference = model_from_checkpoint(load_checkpoint(os.path.join(cfg.out_dir, "sft.pt"), stage="sft"))
+    reward_model = model_from_checkpoint(load_checkpoint(rm_path, stage="rm"), scalar_head=True)
+    report.update(evaluate.compare("dpo", policy, reference.to(rt.device), reward_model.to(rt.device),
+                                   evaluate.eval_prompts(test, cfg), rt, cfg))
     return report
 
 
 if __name__ == "__main__":
-    main()
+    common.cli(main)

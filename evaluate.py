@@ -1,33 +1,72 @@
 """
-The evaluation that PPO, DPO and the frontier chart share: sample answers to `test` prompts, score them
-with the reward model, measure the KL to the reference, and compare two policies by win rate.
+The evaluation every report shares: answer the evaluation prompts, score the answers with the reward model,
+measure their KL to the reference, compare two policies by win rate, and draw the reward-versus-KL chart.
 
-    python evaluate.py                 # evaluate every checkpoint in out/ (sft, ppo, dpo), draw out/frontier.png
+    python evaluate.py                 # evaluate every policy checkpoint in out/ (sft, ppo, dpo), draw out/frontier.png
+
+The evaluation set is one for every point of the chart: the first `eval_prompts` test prompts, answered at
+temperature 1 with the sampler seeded by `eval_seed` (both in common.SHARED), so SFT, PPO and DPO are compared on
+the same prompts with the same random numbers. Each point is saved with these settings, and the chart draws only
+the points that share the newest point's settings.
 
 A policy's point on the chart is (KL(pi || pi_ref), mean reward-model score), as in the DPO paper's figure 2
-(Rafailov et al. 2023). KL is estimated on the samples themselves: sum over response tokens of
-log pi(y_t | x, y_<t) - log pi_ref(y_t | x, y_<t) (the k1 estimator), averaged over prompts. Each
-policy answers the same prompts with the same random seed, so two policies are compared on equal terms.
+(Rafailov et al. 2023). KL is estimated on the samples themselves: the sum over response tokens of
+log pi(y_t | x, y_<t) - log pi_ref(y_t | x, y_<t) (the k1 estimator), averaged over prompts.
 """
 import json
 import os
 
 import torch
 
+import common
 import data
 from model import load_checkpoint, model_from_checkpoint
 
 STAGES = ("sft", "ppo", "dpo")  # the policies the frontier chart knows, in pipeline order
+TEMPERATURE = 1.0  # evaluations sample the policy as it is
+
+
+def eval_prompts(test, cfg):
+    """The evaluation set: the first cfg.eval_prompts test examples (all if 0), in the data's fixed order."""
+    return test[:cfg.eval_prompts] if cfg.eval_prompts > 0 else test
+
+
+def eval_settings(prompts, cfg):
+    """What makes two evaluations comparable; saved with every point of the chart."""
+    return dict(n_prompts=len(prompts), seed=cfg.eval_seed, max_new_tokens=cfg.max_new_tokens, temperature=TEMPERATURE)
+
+
+@torch.no_grad()
+def generate_answers(policy, prompts, rt, max_new_tokens, temperature=TEMPERATURE, seed=0, batch_size=32):
+    """Answers of `policy` to `prompts` (examples with a "prompt" token list), batch_size at a time, the sampler
+    seeded once with `seed` (temperature 0 = greedy). Returns a list of N token lists, each answer through
+    its EOS (if it has one)."""
+    gen = torch.Generator(device=rt.device).manual_seed(seed)
+    out = []
+    with common.eval_mode(policy):
+        for i in range(0, len(prompts), batch_size):
+            batch = common.to_device(data.collate_prompts(prompts[i:i + batch_size]), rt)
+            with rt.autocast():
+                tokens, mask = policy.generate(batch["idx"], batch["attention_mask"], max_new_tokens,
+                                               temperature=temperature, generator=gen)  # (B, R) x2
+            for j, n in enumerate(mask.sum(1).long().tolist()):
+                out.append(tokens[j, :n].tolist())
+    return out
+
+
+def answers_text(policy, prompts, rt, max_new_tokens, temperature=TEMPERATURE, seed=0):
+    """Decoded answers (text without <|endoftext|>) of `policy` to `prompts`: what reports print."""
+    return [data.decode(t) for t in generate_answers(policy, prompts, rt, max_new_tokens, temperature, seed)]
 
 
 @torch.no_grad()
 def sample_and_score(policy, reference, reward_model, prompts, rt, batch_size=16, max_new_tokens=64,
-                     temperature=1.0, seed=0):
+                     temperature=TEMPERATURE, seed=0):
     """Answer each prompt once with `policy`; score the answer and measure its KL to `reference`.
 
     Args:
         policy, reference: GPT language models (same tokenizer); reward_model: GPT with a scalar head.
-        prompts: list of examples (dicts with a "prompt" token list), e.g. data `test` examples.
+        prompts: list of examples (dicts with a "prompt" token list), e.g. eval_prompts(test, cfg).
         rt: common.Runtime (device and autocast).
         max_new_tokens, temperature: sampling settings; logprobs use the same temperature.
         seed: seeds the sampler, so every policy sees the same random numbers.
@@ -38,65 +77,105 @@ def sample_and_score(policy, reference, reward_model, prompts, rt, batch_size=16
     """
     gen = torch.Generator(device=rt.device).manual_seed(seed)
     out = {"scores": [], "kl": [], "lengths": [], "eos": [], "responses": []}
-    for i in range(0, len(prompts), batch_size):
-        batch = data.collate_prompts(prompts[i:i + batch_size])
-        prompt_idx = batch["idx"].to(rt.device)                         # (B, P) left-padded
-        prompt_mask = batch["attention_mask"].to(rt.device)             # (B, P)
-        with rt.autocast():
-            tokens, response_mask = policy.generate(prompt_idx, prompt_mask, max_new_tokens,
-                                                    temperature=temperature, generator=gen)  # (B, R) x2
-        idx = torch.cat([prompt_idx, tokens], 1)                        # (B, P+R)
-        mask = torch.cat([prompt_mask, response_mask], 1)               # (B, P+R)
-        target = torch.cat([torch.zeros_like(prompt_mask), response_mask], 1)
-        with rt.autocast():
-            logp = policy.logprobs(idx, mask, target, temperature=temperature)
-            ref_logp = reference.logprobs(idx, mask, target, temperature=temperature)
-            scores = reward_model.score(idx, mask)                      # (B,)
-        out["scores"].append(scores.float().cpu())
-        out["kl"].append(((logp - ref_logp) * target).sum(1).float().cpu())  # k1, summed over the response
-        lengths = response_mask.sum(1).long()
-        out["lengths"].append(lengths.cpu())
-        last = tokens.gather(1, (lengths - 1).clamp(min=0)[:, None])[:, 0]
-        out["eos"].append(((last == data.EOT) & (lengths > 0)).float().cpu())
-        out["responses"] += [t[:n].tolist() for t, n in zip(tokens.cpu(), lengths.cpu())]
+    with common.eval_mode(policy, reference, reward_model):
+        for i in range(0, len(prompts), batch_size):
+            batch = common.to_device(data.collate_prompts(prompts[i:i + batch_size]), rt)
+            prompt_idx, prompt_mask = batch["idx"], batch["attention_mask"]  # (B, P) left-padded
+            with rt.autocast():
+                tokens, response_mask = policy.generate(prompt_idx, prompt_mask, max_new_tokens,
+                                                        temperature=temperature, generator=gen)  # (B, R) x2
+            idx = torch.cat([prompt_idx, tokens], 1)                        # (B, P+R)
+            mask = torch.cat([prompt_mask, response_mask], 1)               # (B, P+R)
+            target = torch.cat([torch.zeros_like(prompt_mask), response_mask], 1)
+            with rt.autocast():
+                logp = policy.logprobs(idx, mask, target, temperature=temperature)
+                ref_logp = reference.logprobs(idx, mask, target, temperature=temperature)
+                scores = reward_model.score(idx, mask)                      # (B,)
+            out["scores"].append(scores.float().cpu())
+            out["kl"].append(((logp - ref_logp) * target).sum(1).float().cpu())  # k1, summed over the response
+            lengths = response_mask.sum(1).long()
+            out["lengths"].append(lengths.cpu())
+            last = tokens.gather(1, (lengths - 1).clamp(min=0)[:, None])[:, 0]
+            out["eos"].append(((last == data.EOT) & (lengths > 0)).float().cpu())
+            out["responses"] += [t[:n].tolist() for t, n in zip(tokens.cpu(), lengths.cpu())]
     return {k: (v if k == "responses" else torch.cat(v)) for k, v in out.items()}
 
 
 def win_rate(scores_a, scores_b):
-    """P(a beats b) under the reward model on the same prompts: mean of 1[a > b] + 0.5 * 1[a == b]."""
+    """P(a beats b) over paired entries: mean of 1[a > b] + 0.5 * 1[a == b] (a tie counts one half).
+    scores_a, scores_b (N,) float. Also the pairwise accuracy of a reward model: a = chosen, b = rejected."""
     return ((scores_a > scores_b).float() + 0.5 * (scores_a == scores_b).float()).mean().item()
 
 
 def summarize(result):
-    """The figures a report prints for one policy: mean score, KL, length, EOS rate."""
-    return {"score": result["scores"].mean().item(), "kl": result["kl"].mean().item(),
-            "length": result["lengths"].float().mean().item(), "eos_rate": result["eos"].mean().item()}
+    """The figures a report prints for one policy: mean score (and its standard error over prompts), KL,
+    length, EOS rate."""
+    n = len(result["scores"])
+    return {"score": result["scores"].mean().item(),
+            "score_se": (result["scores"].std().item() / n ** 0.5) if n > 1 else 0.0,
+            "kl": result["kl"].mean().item(), "length": result["lengths"].float().mean().item(),
+            "eos_rate": result["eos"].mean().item()}
 
 
-def save_point(out_dir, stage, summary):
-    """Write out/eval_<stage>.json, the point the frontier chart draws for that policy."""
+def save_point(out_dir, stage, summary, settings):
+    """Write out/eval_<stage>.json, the point the frontier chart draws for that policy, with its eval settings."""
     with open(os.path.join(out_dir, f"eval_{stage}.json"), "w") as f:
-        json.dump(summary, f, indent=1)
+        json.dump(dict(summary, eval=settings), f, indent=1)
+
+
+def compare(name, policy, reference, reward_model, prompts, rt, cfg, n_show=3):
+    """The report of a trained policy against SFT (the reference), shared by ppo.py and dpo.py: both answer
+    the same `prompts` with the same sampler seed; print mean reward-model score, KL, length, EOS rate, the win
+    rate of `name` over SFT and a few answers side by side; write out/eval_sft.json, out/eval_<name>.json and
+    out/frontier.png. Returns {"sft": summary, name: summary, "win_rate": float, "n_prompts": int}."""
+    kw = dict(batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens, seed=cfg.eval_seed)
+    results = {"sft": sample_and_score(reference, reference, reward_model, prompts, rt, **kw),
+               name: sample_and_score(policy, reference, reward_model, prompts, rt, **kw)}
+    settings = eval_settings(prompts, cfg)
+    report = {stage: summarize(r) for stage, r in results.items()}
+    for stage, summary in report.items():
+        save_point(cfg.out_dir, stage, summary, settings)
+    report.update(win_rate=win_rate(results[name]["scores"], results["sft"]["scores"]), n_prompts=len(prompts))
+    print(f"\n{name.upper()} vs SFT on the first {len(prompts)} test prompts (sampler seed {cfg.eval_seed}, "
+          f"temperature {TEMPERATURE}, up to {cfg.max_new_tokens} tokens; the same for every point of the chart):")
+    for stage in ("sft", name):
+        s = report[stage]
+        print(f"  {stage:4s} RM score {s['score']:+.3f} +- {s['score_se']:.3f}  KL {s['kl']:6.2f} nats  "
+              f"length {s['length']:5.1f}  EOS rate {s['eos_rate']:.2f}")
+    print(f"  win rate of {name.upper()} over SFT under the reward model: {report['win_rate']:.3f} (ties count 1/2)")
+    for i in range(min(n_show, len(prompts))):
+        print(f"  PROMPT ...{data.decode(prompts[i]['prompt'])[-100:]!r}")
+        for stage in ("sft", name):
+            print(f"    {stage:4s} {data.decode(results[stage]['responses'][i])[:150]!r}")
+    print("  wrote", plot_frontier(cfg.out_dir))
+    return report
 
 
 def plot_frontier(out_dir):
-    """Draw out/frontier.png: reward-model score against KL(pi || pi_ref), one point per evaluated policy
-    (the out/eval_<stage>.json files written by the PPO and DPO reports). Returns the png path."""
+    """Draw out/frontier.png: reward-model score (+- standard error) against KL(pi || pi_ref), one point per
+    out/eval_<stage>.json whose eval settings match those of the newest such file (older points of another
+    evaluation set are left out and named). Returns the png path."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    paths = [os.path.join(out_dir, f"eval_{s}.json") for s in STAGES]
+    paths = sorted((p for p in paths if os.path.exists(p)), key=os.path.getmtime)
+    points = {p: json.load(open(p)) for p in paths}
+    settings = points[paths[-1]].get("eval") if paths else None
     fig, ax = plt.subplots(figsize=(5, 4))
-    for stage in STAGES:
-        path = os.path.join(out_dir, f"eval_{stage}.json")
-        if os.path.exists(path):
-            p = json.load(open(path))
-            ax.scatter([p["kl"]], [p["score"]], s=60, label=f"{stage}")
-            ax.annotate(stage, (p["kl"], p["score"]), textcoords="offset points", xytext=(6, 4))
+    for path, p in points.items():
+        stage = os.path.basename(path)[5:-5]
+        if p.get("eval") != settings:
+            print(f"  frontier: {path} left out (evaluated on other settings {p.get('eval')}; rerun its stage)")
+            continue
+        ax.errorbar([p["kl"]], [p["score"]], yerr=[p.get("score_se", 0.0)], fmt="o", capsize=3, label=stage)
+        ax.annotate(stage, (p["kl"], p["score"]), textcoords="offset points", xytext=(6, 4))
     ax.set_xlabel("KL(pi || pi_ref)  [nats per response]")
     ax.set_ylabel("reward-model score on test prompts")
     ax.set_title("reward vs KL (cf. DPO paper, fig. 2)")
     ax.grid(alpha=0.3)
-    ax.legend()
+    if points:
+        ax.legend()
     fig.tight_layout()
     png = os.path.join(out_dir, "frontier.png")
     fig.savefig(png, dpi=100)
@@ -105,34 +184,34 @@ def plot_frontier(out_dir):
 
 
 def load_models(out_dir, rt, stages=STAGES):
-    """Load the reference (out/sft.pt), the reward model (out/rm.pt) and every policy checkpoint that
-    exists among `stages`, in eval mode on rt.device. Raises FileNotFoundError (naming the command that
-    makes it) when sft.pt or rm.pt is missing."""
-    def load(name, hint, **kw):
-        ckpt = load_checkpoint(os.path.join(out_dir, f"{name}.pt"), hint=hint)
-        return model_from_checkpoint(ckpt, **kw).to(rt.device).eval(), ckpt
-    reference, ref_ckpt = load("sft", "run `python sft.py` first")
-    reward_model, _ = load("rm", "run `python reward.py` first", scalar_head=True)
-    policies = {s: load(s, "")[0] for s in stages if os.path.exists(os.path.join(out_dir, f"{s}.pt"))}
-    return reference, reward_model, policies, ref_ckpt
+    """Load the reference (out/sft.pt), the reward model (out/rm.pt) and every policy checkpoint that exists
+    among `stages`, in eval mode on rt.device. Raises UserError (naming the command that writes it) when
+    sft.pt or rm.pt is missing or damaged."""
+    load = lambda name, stage, **kw: model_from_checkpoint(load_checkpoint(os.path.join(out_dir, f"{name}.pt"),
+                                                                           stage=stage), **kw).to(rt.device).eval()
+    reference, reward_model = load("sft", "sft"), load("rm", "rm", scalar_head=True)
+    policies = {s: load(s, s) for s in stages if os.path.exists(os.path.join(out_dir, f"{s}.pt"))}
+    return reference, reward_model, policies
+
+
+def main(argv=None):
+    keys = ("out_dir", "data_dir", "device", "dtype", "seed", "block_size", "max_prompt_len", "max_new_tokens",
+            "eval_prompts", "eval_seed", "eval_batch_size")
+    cfg = common.parse_config({k: common.SHARED[k] for k in keys}, argv)
+    rt = common.setup_runtime(cfg)
+    reference, reward_model, policies = load_models(cfg.out_dir, rt)
+    test = data.load_hh_rlhf(cfg.data_dir or None, block_size=cfg.block_size, max_prompt_len=cfg.max_prompt_len)["test"]
+    prompts = eval_prompts(test, cfg)
+    kw = dict(batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens, seed=cfg.eval_seed)
+    results = {stage: sample_and_score(policy, reference, reward_model, prompts, rt, **kw)
+               for stage, policy in policies.items()}
+    for stage, result in results.items():
+        save_point(cfg.out_dir, stage, summarize(result), eval_settings(prompts, cfg))
+        print(f"{stage:4s} " + "  ".join(f"{k} {v:.3f}" for k, v in summarize(result).items()))
+        if stage != "sft" and "sft" in results:
+            print(f"     win rate of {stage} over sft: {win_rate(result['scores'], results['sft']['scores']):.3f}")
+    print("wrote", plot_frontier(cfg.out_dir))
 
 
 if __name__ == "__main__":
-    from common import parse_config, setup_runtime
-    cfg = parse_config(dict(out_dir="out", data_dir="", device="auto", dtype="auto", seed=0, n_prompts=64,
-                            batch_size=16, max_new_tokens=64, temperature=1.0))
-    rt = setup_runtime(cfg)
-    reference, reward_model, policies, ref_ckpt = load_models(cfg.out_dir, rt)
-    dcfg = ref_ckpt["config"]
-    test = data.load_hh_rlhf(cfg.data_dir or None, block_size=dcfg["block_size"],
-                             max_prompt_len=dcfg["max_prompt_len"])["test"][:cfg.n_prompts]
-    results = {}
-    for stage, policy in policies.items():
-        results[stage] = sample_and_score(policy, reference, reward_model, test, rt, cfg.batch_size,
-                                          cfg.max_new_tokens, cfg.temperature, cfg.seed)
-        save_point(cfg.out_dir, stage, summarize(results[stage]))
-        print(f"{stage:4s} " + "  ".join(f"{k} {v:.3f}" for k, v in summarize(results[stage]).items()))
-    for stage in results:
-        if stage != "sft" and "sft" in results:
-            print(f"win rate of {stage} over sft: {win_rate(results[stage]['scores'], results['sft']['scores']):.3f}")
-    print("wrote", plot_frontier(cfg.out_dir))
+    common.cli(main)

@@ -9,8 +9,8 @@ tied input/output embeddings, F.scaled_dot_product_attention) plus what RLHF nee
 - per-token logprobs that compute logits only where they are needed;
 - loading OpenAI GPT-2 weights (Hugging Face layout, .bin or .safetensors, read with torch alone);
 - atomic checkpoint save / load.
-Conventions (see ../shared/DESIGN.md): masks are 0/1 with 1 on real tokens; a target mask is aligned to
-token positions, mask[:, t] = 1 meaning "token t is predicted from tokens < t".
+Conventions: masks are 0/1 with 1 on real tokens; a target mask is aligned to token positions,
+mask[:, t] = 1 meaning "token t is predicted from tokens < t".
 """
 import json
 import math
@@ -21,6 +21,8 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from common import UserError
 
 
 N_TOKENS = 50257  # GPT-2's vocabulary (tiktoken "gpt2"); ids >= N_TOKENS are padding
@@ -253,6 +255,9 @@ class GPT(nn.Module):
         row has emitted EOS. Raises ValueError if P + max_new_tokens > block_size."""
         B, P = idx.shape
         L = P + max_new_tokens
+        if max_new_tokens <= 0:  # nothing to generate: empty (B, 0) tokens and mask
+            empty = idx.new_zeros(B, 0), torch.zeros(B, 0, device=idx.device)
+            return empty + (torch.zeros(B, 0, self.config.vocab_size, device=idx.device),) if return_logits else empty
         if L > self.config.block_size:
             raise ValueError(f"prompt length {P} + max_new_tokens {max_new_tokens} = {L} exceeds "
                              f"block_size {self.config.block_size}")
@@ -423,26 +428,50 @@ def _raw(model):
     return getattr(model, "_orig_mod", model)  # torch.compile
 
 
-def save_checkpoint(path, model, config, **extra):
-    """Save {"model_args", "model" (state_dict without "_orig_mod."/"module." prefixes), "config"
-    (the stage's config: dict or namespace), "tokenizer": "gpt2", **extra} to path, atomically
-    (a temporary file in the same folder, then os.replace)."""
+# the stages' checkpoints (model.save_checkpoint's `stage`) and the command that writes each one
+STAGE_COMMANDS = {"sft": "python sft.py", "rm": "python reward.py", "ppo": "python ppo.py", "dpo": "python dpo.py"}
+
+
+def save_checkpoint(path, model, config, stage, **extra):
+    """Save {"model_args", "model" (state_dict without "_orig_mod."/"module." prefixes), "config" (the
+    stage's config: dict or namespace), "stage" (a key of STAGE_COMMANDS), "tokenizer": "gpt2", **extra}
+    to path, atomically: a temporary file in the same folder, then os.replace, so a kill at any moment
+    leaves the previous checkpoint loadable. Raises common.Diverged (and writes nothing) if a weight is
+    nan or inf: a spoiled model never overwrites a good checkpoint."""
+    from common import Diverged
     raw = _raw(model)
     sd = {k.replace("_orig_mod.", "").removeprefix("module."): v for k, v in raw.state_dict().items()}
-    ckpt = dict(model_args=asdict(raw.config), model=sd,
+    bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise Diverged(f"not saving {path}: weights {bad[:3]} hold nan/inf; the file on disk is left as it was")
+    ckpt = dict(model_args=asdict(raw.config), model=sd, stage=stage,
                 config=config if isinstance(config, dict) else vars(config), tokenizer="gpt2", **extra)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
+    tmp = f"{path}.{os.getpid()}.tmp"
     torch.save(ckpt, tmp)
     os.replace(tmp, path)
 
 
-def load_checkpoint(path, device="cpu", hint=None):
+def load_checkpoint(path, device="cpu", stage=None):
     """Load a checkpoint dict written by save_checkpoint (tensors on device). Only load files you trust
-    (pickle). Raises FileNotFoundError naming the path and the hint (e.g. "run `python sft.py` first")."""
+    (pickle). stage: the stage (or tuple of stages) the caller expects, e.g. "rm"; None accepts any.
+    Raises common.UserError, one line naming the file and the command that writes it, when the file is
+    missing, damaged (truncated, not a torch file) or not a checkpoint of this project, or of another stage."""
+    want = (stage,) if isinstance(stage, str) else tuple(stage or ())
+    fix = " or ".join(f"`{STAGE_COMMANDS[s]}`" for s in want) or "the stage that wrote it"
     if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint {path} not found" + (f": {hint}" if hint else ""))
-    return torch.load(path, map_location=device, weights_only=False)
+        raise UserError(f"checkpoint {path} not found: {fix} writes it")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=False)
+    except Exception as e:  # a truncated zip, a text file, a pickle of something else
+        raise UserError(f"{path} is damaged or not a checkpoint of this project ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:120] if str(e) else ''}); {fix} writes it again") from None
+    if not isinstance(ckpt, dict) or not {"model_args", "model", "stage"} <= set(ckpt):
+        raise UserError(f"{path} is not a checkpoint of this project; {fix} writes it again")
+    if want and ckpt["stage"] not in want:
+        raise UserError(f"{path} is a {ckpt['stage']} checkpoint (written by `{STAGE_COMMANDS.get(ckpt['stage'])}`), "
+                        f"but a {' or '.join(want)} checkpoint is expected here: {fix} writes one")
+    return ckpt
 
 
 def model_from_checkpoint(ckpt, scalar_head=None):

@@ -11,19 +11,24 @@ Models: policy pi_theta and reference pi_ref <- out/sft.pt (pi_ref frozen); rewa
 value model (critic) V <- out/rm.pt (trained). All four stay in eval mode (no dropout), so the logprobs of the
 rollout and of the update come from one and the same function.
 
-One iteration (DESIGN.md section 4), one screen each in main():
+One iteration, as main() reads (rollout() and update() are one screen each):
   1. rollout  y ~ pi_old(.|x) with the KV cache for `batch_size` train prompts; record log pi_old(y_t),
               log pi_ref(y_t) and V_t for every response token, every logprob at the sampling temperature
   2. score    s = r(x, y) at the last real response token (its EOS), divided by the std of the scores of the first
-              rollout (the SFT policy's answers), as Ziegler et al. 2019 normalise their reward model, so that beta
-              means the same for any reward model. A response cut off at max_new_tokens without EOS gets
-              s - missing_eos_penalty: the penalty is ADDED to its score (it does not replace it)
+              rollout (the SFT policy's answers; over every DDP rank's answers), as Ziegler et al. 2019 normalise
+              their reward model, so that beta means the same for any reward model. The critic starts as the reward
+              model, so its head is divided by the same std: values and returns share one scale, s / std.
+              A response cut off at max_new_tokens without EOS gets s - missing_eos_penalty: the penalty is ADDED
+              to its score (it does not replace it)
   3. rewards  r_t = -beta * kl_t, plus s on the last response token                  (InstructGPT eq. 2)
   4. GAE      A_t and returns_t = A_t + V_t, then A whitened over the batch's response tokens (under DDP, over
               each rank's own batch)
   5. update   ppo_epochs x shuffled minibatches: clipped policy loss (+ ptx loss), clipped value loss,
               gradient clipping; separate AdamW optimisers for the policy and the critic
   6. beta     fixed (default) or the adaptive controller                    (Ziegler et al. 2019, section 2.2)
+
+Checkpoints: out/ppo.pt every checkpoint_every iterations and at the end (policy, critic, both optimisers, beta,
+the score scale, RNG states); `--resume=True` continues a killed run to the same final iteration.
 
 Layout: sequences = cat([prompt (B, P) left-padded, response (B, R)], 1); everything per token is the (B, R)
 response slice [:, P:] with response_mask (1 up to and including the first EOS, 0 after it).
@@ -70,6 +75,7 @@ import importlib
 import os
 import time
 from collections import defaultdict
+from types import SimpleNamespace
 
 import torch
 from tqdm import tqdm
@@ -77,20 +83,14 @@ from tqdm import tqdm
 import common
 import data
 import evaluate
-from model import last_token_index, load_checkpoint, model_from_checkpoint, save_checkpoint
+from model import last_token_index, load_checkpoint, model_from_checkpoint
 
 # ----------------------------------------------------------------------------- config
-config = dict(                # CPU preset: every key can be overridden with --key=value
-    out_dir="out",            # reads sft.pt and rm.pt, writes ppo.pt, ppo_log.jsonl, ppo.png, eval_*.json, frontier.png
-    data_dir="",              # HH-RLHF folder; "" = $RLHF_DATA_DIR, else download
-    device="auto", dtype="auto",
-    compile=False,            # torch.compile the policy's training forward (helps on CUDA, not on CPU)
-    seed=1337,
-    block_size=256, max_prompt_len=128,  # data settings: the same values in every stage
+config = dict(common.SHARED,  # out_dir, data_dir, device, block_size, max_new_tokens, eval_prompts, ... (common.py)
+    checkpoint_every=10,      # iterations between checkpoints of ppo.pt (policy, critic, optimisers, beta, RNG)
     # rollout
     iterations=30,            # PPO iterations (rollout + update each)
     batch_size=32,            # prompts per rollout (per DDP rank)
-    max_new_tokens=48,        # response length cap; prompt + response must fit the model's block_size
     temperature=1.0,          # sampling temperature; every logprob (old, new, reference) uses the same one
     # reward
     beta=0.05,                # KL coefficient (initial value when adaptive_kl)
@@ -118,17 +118,12 @@ config = dict(                # CPU preset: every key can be overridden with --k
     ptx_coef=0.5,             # weight of the pretraining loss (0 = plain PPO)
     ptx_batch_size=4,         # pretraining windows per gradient step
     ptx_block_size=64,        # tokens per pretraining window
-    # logging and report
+    # logging
     sample_every=10,          # print and log the answers to a few fixed test prompts every N iterations
     n_sample_prompts=2,       # how many
-    eval_prompts=512,         # test prompts answered by SFT and PPO in the final report (first N)
-    eval_batch_size=32,
 )
-cuda_config = dict(           # CUDA preset (NOT tested: no GPU was available), for sft.py's CUDA preset (GPT-2 small)
-    compile=True, dtype="bfloat16", block_size=512, max_prompt_len=256, iterations=300, batch_size=128,
-    max_new_tokens=128, minibatch_size=32, lr=1e-5, critic_lr=5e-5, ptx_batch_size=8, ptx_block_size=512,
-    sample_every=25, eval_prompts=1024, eval_batch_size=128,
-)
+cuda_config = dict(common.SHARED_CUDA, checkpoint_every=25, iterations=300, batch_size=128, minibatch_size=32,
+                   lr=1e-5, critic_lr=5e-5, ptx_batch_size=8, ptx_block_size=512, sample_every=25)
 
 
 # ----------------------------------------------------------------------------- the math
@@ -208,11 +203,15 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, cliprange):
 
 
 def value_loss(values, old_values, returns, mask, cliprange_value):
-    """Clipped value loss (Schulman et al. 2017's baselines code; DESIGN.md section 4), token-level mean:
+    """Clipped value loss (the PPO baselines code of Schulman et al. 2017), token-level mean:
         V_clip = V_old + clip(V - V_old, -cliprange_value, cliprange_value)
         L = 0.5 * mean_t max((V_t - returns_t)^2, (V_clip_t - returns_t)^2)
-    values (B, T) (with grad), old_values, returns, mask (B, T); cliprange_value = inf gives the plain
-    0.5 * (V - returns)^2. Returns (loss, clipfrac): the fraction of masked tokens where the clipped term is larger."""
+    values (B, T) (with grad), old_values, returns, mask (B, T). cliprange_value None: no clipping, exactly
+    L = 0.5 * mean_t (V_t - returns_t)^2 and clipfrac 0 (not V_old + clamp(V - V_old, -inf, inf), which is not
+    exactly V in floating point). Returns (loss, clipfrac): the fraction of masked tokens where the clipped
+    term is the larger one."""
+    if cliprange_value is None:
+        return 0.5 * masked_mean((values - returns) ** 2, mask), torch.zeros((), device=values.device)
     clipped_values = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
     unclipped_loss = (values - returns) ** 2
     clipped_loss = (clipped_values - returns) ** 2
@@ -241,18 +240,114 @@ def explained_variance(values, returns, mask):
     return 1 - var(returns - values) / var(returns).clamp(min=1e-8)
 
 
+# ----------------------------------------------------------------------------- rollout and update
+@torch.no_grad()
+def rollout(policy, reference, critic, reward_model, prompts, rt, max_new_tokens, temperature, sampler):
+    """Step 1-2 of an iteration: sample one response per prompt from pi_old and record, for every response token,
+    what the update needs. prompts: a data.collate_prompts batch (left-padded (B, P)). Returns a SimpleNamespace of
+    aligned tensors on rt.device:
+      idx, attn, target  (B, P+R)  prompt + response tokens, their attention mask, 1 on the response tokens
+      P                  int       the (padded) prompt width: response token t sits at position P + t
+      mask               (B, R)    1 up to and including the first EOS, 0 after it
+      logprobs           (B, R)    log pi_old(y_t | x, y_<t) at `temperature`
+      ref_logprobs       (B, R)    log pi_ref(y_t | x, y_<t) at `temperature`
+      entropy            (B, R)    entropy of pi_old's distribution at t (nats)
+      values             (B, R)    V_t = the critic at position P + t - 1, the token before y_t (raw critic units)
+      scores             (B,)      r(x, y) at the last real token (its EOS when it has one), raw reward-model units
+      has_eos            (B,)      1 if the response ended with EOS
+    Everything is 0 outside the mask."""
+    prompt_idx, prompt_mask = prompts["idx"].to(rt.device), prompts["attention_mask"].to(rt.device)  # (B, P)
+    P = prompt_idx.shape[1]
+    with rt.autocast():
+        response, mask = policy.generate(prompt_idx, prompt_mask, max_new_tokens, temperature=temperature,
+                                         generator=sampler)  # (B, R) tokens, (B, R) response mask
+        idx = torch.cat([prompt_idx, response], 1)  # (B, P+R)
+        attn = torch.cat([prompt_mask, mask], 1)  # (B, P+R)
+        target = torch.cat([torch.zeros_like(prompt_mask), mask], 1)  # (B, P+R) 1 on response tokens
+        logprobs, entropy = policy.logprobs(idx, attn, target, temperature, return_entropy=True)  # (B, P+R) x2
+        ref_logprobs = reference.logprobs(idx, attn, target, temperature)  # (B, P+R)
+        values = critic.scalar(idx, attn)[:, P - 1:-1] * mask  # (B, R) V_t read at the token before y_t
+        scores = reward_model.score(idx, attn)  # (B,) r(x, y) at the last real token
+    lengths = mask.sum(1).long()  # (B,)
+    has_eos = (response.gather(1, (lengths - 1).clamp(min=0)[:, None])[:, 0] == data.EOT).float() * (lengths > 0)
+    return SimpleNamespace(idx=idx, attn=attn, target=target, P=P, mask=mask, logprobs=logprobs[:, P:],
+                           ref_logprobs=ref_logprobs[:, P:], entropy=entropy[:, P:], values=values,
+                           scores=scores.float(), has_eos=has_eos)
+
+
+def update(policy, critic, opt_policy, opt_critic, batch, advantages, returns, cfg, rt, gen, text, it,
+           train_logprobs=None):
+    """Step 5: ppo_epochs passes over shuffled minibatches of the rollout: the clipped policy loss (+ the ptx loss)
+    and the (clipped) value loss, one optimiser step each per minibatch. batch: rollout()'s namespace; advantages,
+    returns (B, R); text: the pretraining token stream for ptx (None when ptx_coef is 0); it: the iteration (for
+    error messages). Returns the mean of each loss / diagnostic over the minibatch steps (floats)."""
+    train_logprobs = train_logprobs or policy.logprobs
+    cliprange_value = cfg.cliprange_value if cfg.clip_value_loss else None
+    P, stats = batch.P, defaultdict(list)
+    for _ in range(cfg.ppo_epochs):
+        for mb in torch.randperm(len(batch.idx), generator=gen).to(rt.device).split(cfg.minibatch_size):
+            m, idx, attn = batch.mask[mb], batch.idx[mb], batch.attn[mb]  # (b, R), (b, P+R) x2
+            with rt.autocast():
+                logprobs = train_logprobs(idx, attn, batch.target[mb], cfg.temperature)[:, P:]  # (b, R)
+                pg_loss, pg_clipfrac = policy_loss(logprobs, batch.logprobs[mb], advantages[mb], m, cfg.cliprange)
+                ptx_loss = torch.zeros((), device=rt.device)
+                if cfg.ptx_coef > 0:  # PPO-ptx, InstructGPT eq. 2: + gamma E_pretrain[log pi(x)] (gamma = ptx_coef)
+                    tb = common.to_device(data.sample_text_batch(text, cfg.ptx_batch_size, cfg.ptx_block_size, gen), rt)
+                    text_logprobs = policy.logprobs(tb["idx"], tb["attention_mask"], tb["loss_mask"])  # (b, T)
+                    ptx_loss = -cfg.ptx_coef * masked_mean(text_logprobs, tb["loss_mask"])
+                values = critic.scalar(idx, attn)[:, P - 1:-1]  # (b, R) V_t, the rollout's convention
+                vf_loss, vf_clipfrac = value_loss(values, batch.values[mb], returns[mb], m, cliprange_value)
+            common.check_finite(it, policy_loss=pg_loss, ptx_loss=ptx_loss, value_loss=vf_loss)
+            (pg_loss + ptx_loss).backward()
+            common.optimizer_step(policy, opt_policy, cfg.grad_clip, rt, it)
+            vf_loss.backward()
+            common.optimizer_step(critic, opt_critic, cfg.grad_clip, rt, it)
+            approx_kl = masked_mean(kl_estimate(batch.logprobs[mb], logprobs.detach(), "k3"), m)  # KL(old || new)
+            for k, v in dict(policy_loss=pg_loss, ptx_loss=ptx_loss, value_loss=vf_loss, approx_kl=approx_kl,
+                             policy_clipfrac=pg_clipfrac, value_clipfrac=vf_clipfrac).items():
+                stats[k].append(v.item())
+    return {k: sum(v) / len(v) for k, v in stats.items()}
+
+
+def rollout_metrics(batch, rewards, returns, beta, kl_estimator):
+    """The rollout's figures logged each iteration (see the module docstring), means over the batch."""
+    kl = (kl_estimate(batch.logprobs, batch.ref_logprobs, kl_estimator) * batch.mask).sum(1)  # (B,) per sequence
+    return dict(score=batch.scores.mean(), kl=kl.mean(), objective=rewards.sum(1).mean(), beta=beta,
+                entropy=masked_mean(batch.entropy, batch.mask),
+                explained_var=explained_variance(batch.values, returns, batch.mask),
+                length=batch.mask.sum(1).mean(), eos_rate=batch.has_eos.mean())
+
+
 # ----------------------------------------------------------------------------- training
 def make_missing_checkpoints(cfg):
-    """`python ppo.py` on a fresh machine: run sft.py and/or reward.py (their own defaults) for whichever of
-    out/sft.pt, out/rm.pt is missing, passing on the settings the stages must share."""
-    shared = {k: getattr(cfg, k) for k in ("out_dir", "data_dir", "device", "dtype", "seed", "block_size",
-                                            "max_prompt_len")}
+    """`python ppo.py` on a fresh machine: run sft.py and/or reward.py (their own defaults plus the settings every
+    stage shares, common.SHARED) for whichever of out/sft.pt, out/rm.pt is missing, or resume one that a killed
+    run left unfinished."""
+    shared = {k: getattr(cfg, k) for k in common.SHARED if k not in ("resume", "checkpoint_every")}
     for stage, name in (("sft", "sft.pt"), ("reward", "rm.pt")):
         path = os.path.join(cfg.out_dir, name)
-        if not os.path.exists(path):
-            print(f"{path} is missing: running `python {stage}.py` (its default settings) first")
+        unfinished = os.path.exists(path) and not load_checkpoint(path).get("finished", True)
+        if unfinished or not os.path.exists(path):
+            print(f"{path} is {'unfinished' if unfinished else 'missing'}: running `python {stage}.py"
+                  f"{' --resume=True' if unfinished else ''}` (its default settings) first")
             module = importlib.import_module(stage)  # imported here only: ppo.py uses none of their math
-            module.main([f"--{k}={v}" for k, v in shared.items() if k in module.config])
+            module.main([f"--{k}={v}" for k, v in shared.items() if k in module.config] +
+                        (["--resume=True"] if unfinished else []))
+
+
+def load_models(cfg, rt):
+    """Policy + frozen reference from out/sft.pt, frozen reward model + trainable critic from out/rm.pt, all four on
+    rt.device and in eval mode throughout (no dropout: the rollout's and the update's logprobs come from one and the
+    same function). Raises UserError for a missing or wrong checkpoint, or lengths that do not fit its block_size."""
+    sft_ckpt = load_checkpoint(os.path.join(cfg.out_dir, "sft.pt"), stage="sft")
+    rm_ckpt = load_checkpoint(os.path.join(cfg.out_dir, "rm.pt"), stage="rm")
+    load = lambda ckpt, head: model_from_checkpoint(ckpt, scalar_head=head).to(rt.device).eval()
+    policy, critic = load(sft_ckpt, False), load(rm_ckpt, True)
+    reference, reward_model = load(sft_ckpt, False).requires_grad_(False), load(rm_ckpt, True).requires_grad_(False)
+    if cfg.max_prompt_len + cfg.max_new_tokens > policy.config.block_size:
+        raise common.UserError(f"--max_prompt_len={cfg.max_prompt_len} + --max_new_tokens={cfg.max_new_tokens} "
+                               f"exceeds the block_size {policy.config.block_size} of {cfg.out_dir}/sft.pt")
+    return policy, reference, critic, reward_model
 
 
 def main(argv=None):
@@ -263,20 +358,11 @@ def main(argv=None):
     rt = common.setup_runtime(cfg)
     t0 = time.time()
 
-    # models: policy + frozen reference from sft.pt, frozen reward model + trained critic from rm.pt
-    sft_ckpt = load_checkpoint(os.path.join(cfg.out_dir, "sft.pt"), hint="run `python sft.py` first")
-    rm_ckpt = load_checkpoint(os.path.join(cfg.out_dir, "rm.pt"), hint="run `python reward.py` first")
-    load = lambda ckpt, head: model_from_checkpoint(ckpt, scalar_head=head).to(rt.device).eval()
-    policy, critic = load(sft_ckpt, False), load(rm_ckpt, True)
-    reference, reward_model = load(sft_ckpt, False).requires_grad_(False), load(rm_ckpt, True).requires_grad_(False)
-    if cfg.max_prompt_len + cfg.max_new_tokens > policy.config.block_size:
-        raise ValueError(f"max_prompt_len {cfg.max_prompt_len} + max_new_tokens {cfg.max_new_tokens} exceeds the "
-                         f"block_size {policy.config.block_size} of {cfg.out_dir}/sft.pt")
+    policy, reference, critic, reward_model = load_models(cfg, rt)
     train_logprobs = torch.compile(policy.logprobs, dynamic=True) if cfg.compile else policy.logprobs
     opt_policy = common.configure_optimizer(policy, cfg.lr, cfg.weight_decay)
     opt_critic = common.configure_optimizer(critic, cfg.critic_lr, cfg.weight_decay)
     kl_ctl = AdaptiveKLController(cfg.beta, cfg.target_kl, cfg.kl_horizon) if cfg.adaptive_kl else None
-    cliprange_value = cfg.cliprange_value if cfg.clip_value_loss else float("inf")
 
     # data: prompts from train, pretraining text for ptx, fixed test prompts to watch
     splits = data.load_hh_rlhf(cfg.data_dir or None, block_size=cfg.block_size, max_prompt_len=cfg.max_prompt_len,
@@ -284,147 +370,82 @@ def main(argv=None):
     train, test = splits["train"], splits["test"]
     text = data.pretraining_tokens(train) if cfg.ptx_coef > 0 else None
     watch = sorted(test, key=lambda e: len(e["prompt"]))[:cfg.n_sample_prompts]  # the shortest, as in sft.py
-    tok = data.get_tokenizer()
-    for i, e in enumerate(watch if rt.master else []):
-        print(f"fixed test prompt {i}: {tok.decode(e['prompt'])!r}")
-    watch = data.collate_prompts(watch)
     gen = torch.Generator().manual_seed(cfg.seed + rt.rank)  # prompts, minibatch order, text windows
     sampler = torch.Generator(device=rt.device).manual_seed(cfg.seed + rt.rank)  # the rollout's sampler
-    logger = common.Logger(cfg.out_dir, "ppo", rt.master)
-    dev, temp = rt.device, cfg.temperature
-    score_scale = None  # std of the scores of the SFT policy's answers, from the first rollout
 
-    pbar = tqdm(range(cfg.iterations), desc="ppo", disable=not rt.master)
+    # resume: the policy, critic, optimisers, beta, score scale and RNG states of ppo.pt
+    path, start, score_scale = os.path.join(cfg.out_dir, "ppo.pt"), 0, None
+    state = dict(models=dict(model=policy, critic=critic), optimizers=dict(policy=opt_policy, critic=opt_critic),
+                 generators=dict(gen=gen, sampler=sampler))
+    ckpt = common.resume_checkpoint(cfg, path, "ppo", cfg.iterations)
+    if ckpt:
+        start, score_scale = common.restore_training_state(ckpt, rt, **state), ckpt["score_scale"]
+        if kl_ctl:
+            kl_ctl.value = ckpt["beta"]
+        if start >= cfg.iterations:
+            return common.cleanup(rt) or {}
+    logger = common.Logger(cfg.out_dir, "ppo", rt.master, start_step=start)
+
+    pbar = tqdm(range(start, cfg.iterations), desc="ppo", disable=not rt.master)
     for it in pbar:
         beta = kl_ctl.value if kl_ctl else cfg.beta
         lr_scale = common.lr_at(it, cfg.iterations, 1.0, 0) if cfg.decay_lr else 1.0
         common.set_lr(opt_policy, cfg.lr * lr_scale)
         common.set_lr(opt_critic, cfg.critic_lr * lr_scale)
 
-        # ------------------------------------------------------------------- 1. rollout (no gradients)
+        # ------------------------------------------------------------------- 1-2. rollout and score (no gradients)
         t_rollout = time.time()
-        chosen = torch.randperm(len(train), generator=gen)[:cfg.batch_size].tolist()
-        prompts = data.collate_prompts([train[i] for i in chosen])
-        prompt_idx, prompt_mask = prompts["idx"].to(dev), prompts["attention_mask"].to(dev)  # (B, P) left-padded
-        B, P = prompt_idx.shape
-        with torch.no_grad(), rt.autocast():
-            response, mask = policy.generate(prompt_idx, prompt_mask, cfg.max_new_tokens, temperature=temp,
-                                             generator=sampler)  # (B, R) tokens, (B, R) response_mask
-            idx = torch.cat([prompt_idx, response], 1)  # (B, P+R)
-            attn = torch.cat([prompt_mask, mask], 1)  # (B, P+R)
-            target = torch.cat([torch.zeros_like(prompt_mask), mask], 1)  # (B, P+R) 1 on response tokens
-            old_logprobs, entropy = policy.logprobs(idx, attn, target, temp, return_entropy=True)  # (B, P+R) x2
-            ref_logprobs = reference.logprobs(idx, attn, target, temp)  # (B, P+R)
-            old_values = critic.scalar(idx, attn)[:, P - 1:-1] * mask  # (B, R) V_t read at the token before y_t
-            scores = reward_model.score(idx, attn)  # (B,) r(x, y) at the last real token
-        old_logprobs, ref_logprobs, entropy = old_logprobs[:, P:], ref_logprobs[:, P:], entropy[:, P:]  # (B, R)
+        prompts = data.collate_prompts([train[i] for i in torch.randperm(len(train), generator=gen)[:cfg.batch_size]])
+        batch = rollout(policy, reference, critic, reward_model, prompts, rt, cfg.max_new_tokens, cfg.temperature,
+                        sampler)
+        if score_scale is None:  # Ziegler et al. 2019: the RM normalised to std 1 on the initial policy's samples
+            score_scale = common.global_std(batch.scores, rt) if cfg.normalize_scores else 1.0
+            # One scale for the critic and its targets: normalised score units, s / score_scale. The critic starts
+            # as the reward model, so its head is divided by the same scale (and so are this batch's values).
+            with torch.no_grad():
+                critic.scalar_head.weight /= score_scale
+                critic.scalar_head.bias /= score_scale
+            batch.values /= score_scale
+            tqdm.write(f"std of the SFT policy's scores {score_scale:.4f}: rewards and critic use s / {score_scale:.4f}")
 
-        # ------------------------------------------------------------------- 2-4. score, rewards, advantages
-        lengths = mask.sum(1)  # (B,)
-        has_eos = (response.gather(1, lengths.long()[:, None] - 1)[:, 0] == data.EOT).float()  # (B,)
-        if score_scale is None:  # Ziegler et al. 2019: reward model normalised to std 1 on the initial policy's samples
-            score_scale = max(common.all_reduce_mean(scores.std(), rt), 1e-6) if cfg.normalize_scores else 1.0
-            if rt.master:
-                tqdm.write(f"std of the SFT policy's scores {score_scale:.4f}: the rewards use s / {score_scale:.4f}")
-        penalised = scores / score_scale - cfg.missing_eos_penalty * (1 - has_eos)  # s - penalty when there is no EOS
-        rewards = per_token_rewards(penalised, old_logprobs, ref_logprobs, mask, beta, cfg.kl_estimator)  # (B, R)
-        advantages, returns = compute_gae(rewards, old_values, mask, cfg.gamma, cfg.lam)  # (B, R) x2
+        # ------------------------------------------------------------------- 3-4. rewards, advantages
+        scores = batch.scores / score_scale - cfg.missing_eos_penalty * (1 - batch.has_eos)  # penalty when no EOS
+        rewards = per_token_rewards(scores, batch.logprobs, batch.ref_logprobs, batch.mask, beta, cfg.kl_estimator)
+        advantages, returns = compute_gae(rewards, batch.values, batch.mask, cfg.gamma, cfg.lam)  # (B, R) x2
         if cfg.whiten_advantages:
-            advantages = whiten(advantages, mask)
+            advantages = whiten(advantages, batch.mask)
 
         # ------------------------------------------------------------------- 5. PPO epochs over minibatches
         t_update = time.time()
-        stats = defaultdict(list)
-        for _ in range(cfg.ppo_epochs):
-            for mb in torch.randperm(B, generator=gen).to(dev).split(cfg.minibatch_size):
-                m = mask[mb]  # (b, R)
-                with rt.autocast():
-                    logprobs = train_logprobs(idx[mb], attn[mb], target[mb], temp)[:, P:]  # (b, R)
-                    pg_loss, pg_clipfrac = policy_loss(logprobs, old_logprobs[mb], advantages[mb], m, cfg.cliprange)
-                    ptx_loss = torch.zeros((), device=dev)
-                    if cfg.ptx_coef > 0:  # PPO-ptx, InstructGPT eq. 2: + gamma E_pretrain[log pi(x)] (gamma = ptx_coef)
-                        tb = data.sample_text_batch(text, cfg.ptx_batch_size, cfg.ptx_block_size, gen)
-                        tb = {k: v.to(dev) for k, v in tb.items()}
-                        text_logprobs = policy.logprobs(tb["idx"], tb["attention_mask"], tb["loss_mask"])  # (b, T)
-                        ptx_loss = -cfg.ptx_coef * masked_mean(text_logprobs, tb["loss_mask"])
-                opt_policy.zero_grad(set_to_none=True)
-                (pg_loss + ptx_loss).backward()
-                common.all_reduce_grads(policy, rt)
-                if cfg.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
-                opt_policy.step()
+        stats = update(policy, critic, opt_policy, opt_critic, batch, advantages, returns, cfg, rt, gen, text, it,
+                       train_logprobs)
 
-                with rt.autocast():
-                    values = critic.scalar(idx[mb], attn[mb])[:, P - 1:-1]  # (b, R) V_t, same convention
-                    vf_loss, vf_clipfrac = value_loss(values, old_values[mb], returns[mb], m, cliprange_value)
-                opt_critic.zero_grad(set_to_none=True)
-                vf_loss.backward()
-                common.all_reduce_grads(critic, rt)
-                if cfg.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(critic.parameters(), cfg.grad_clip)
-                opt_critic.step()
-
-                approx_kl = masked_mean(kl_estimate(old_logprobs[mb], logprobs.detach(), "k3"), m)  # KL(old || new)
-                for k, v in dict(policy_loss=pg_loss, ptx_loss=ptx_loss, value_loss=vf_loss, approx_kl=approx_kl,
-                                 policy_clipfrac=pg_clipfrac, value_clipfrac=vf_clipfrac).items():
-                    stats[k].append(v.item())
-
-        # ------------------------------------------------------------------- 6. beta, logging
-        kl = (kl_estimate(old_logprobs, ref_logprobs, cfg.kl_estimator) * mask).sum(1)  # (B,) KL per sequence
-        metrics = dict(score=scores.mean(), kl=kl.mean(), objective=rewards.sum(1).mean(), beta=beta,
-                       entropy=masked_mean(entropy, mask), explained_var=explained_variance(old_values, returns, mask),
-                       length=lengths.mean(), eos_rate=has_eos.mean(), lr=cfg.lr * lr_scale,
-                       rollout_s=t_update - t_rollout, update_s=time.time() - t_update,
-                       **{k: sum(v) / len(v) for k, v in stats.items()})
+        # ------------------------------------------------------------------- 6. beta, logging, checkpoint
+        metrics = dict(rollout_metrics(batch, rewards, returns, beta, cfg.kl_estimator), lr=cfg.lr * lr_scale,
+                       rollout_s=t_update - t_rollout, update_s=time.time() - t_update, **stats)
         metrics = {k: common.all_reduce_mean(v, rt) for k, v in metrics.items()}  # means over the ranks
         if kl_ctl:
-            kl_ctl.update(metrics["kl"], B * rt.world_size)
+            kl_ctl.update(metrics["kl"], len(batch.idx) * rt.world_size)
         pbar.set_postfix(score=f"{metrics['score']:.3f}", kl=f"{metrics['kl']:.2f}", beta=f"{beta:.3f}")
         if rt.master and (it % cfg.sample_every == 0 or it == cfg.iterations - 1):
-            for i, answer in enumerate(sample_answers(policy, watch, cfg, rt, tok)):
+            for i, answer in enumerate(evaluate.answers_text(policy, watch, rt, cfg.max_new_tokens, seed=cfg.seed)):
                 metrics[f"sample_{i}"] = answer
                 tqdm.write(f"[iter {it}] sample {i}: {answer!r}")
         logger.log(it, **metrics)
+        if common.checkpoint_due(it + 1, cfg, cfg.iterations):
+            common.save_training_state(path, "ppo", cfg, it + 1, cfg.iterations, rt, **state, score_scale=score_scale,
+                                       beta=kl_ctl.value if kl_ctl else cfg.beta)
     logger.plot()
 
     # ----------------------------------------------------------------------- report (master only)
     report = {}
     if rt.master:
-        save_checkpoint(os.path.join(cfg.out_dir, "ppo.pt"), policy, cfg, beta=kl_ctl.value if kl_ctl else cfg.beta,
-                        score_scale=score_scale)
-        t_train = time.time() - t0
-        prompts = test[:cfg.eval_prompts]
-        run = lambda pi: evaluate.sample_and_score(pi, reference, reward_model, prompts, rt, cfg.eval_batch_size,
-                                                   cfg.max_new_tokens, temp, seed=cfg.seed)  # same prompts, same seed
-        results = {"sft": run(reference), "ppo": run(policy)}
-        report = {stage: evaluate.summarize(r) for stage, r in results.items()}
-        for stage, summary in report.items():
-            evaluate.save_point(cfg.out_dir, stage, summary)
-        evaluate.plot_frontier(cfg.out_dir)
-        report.update(win_rate=evaluate.win_rate(results["ppo"]["scores"], results["sft"]["scores"]),
-                      score_scale=score_scale, train_seconds=t_train, seconds=time.time() - t0, n_prompts=len(prompts))
-        print(f"\nPPO report on {len(prompts)} test prompts (same prompts and seed for both policies):")
-        for stage in ("sft", "ppo"):
-            print(f"  {stage}: " + "  ".join(f"{k} {v:.3f}" for k, v in report[stage].items()))
-        print(f"  RM score SFT {report['sft']['score']:.3f} -> PPO {report['ppo']['score']:.3f} at KL "
-              f"{report['ppo']['kl']:.2f} nats; win rate of PPO over SFT {report['win_rate']:.3f}")
-        print(f"  PPO took {report['seconds']:.0f} s ({t_train:.0f} s training); wrote {cfg.out_dir}/ppo.pt, "
-              f"ppo_log.jsonl, ppo.png, frontier.png")
-    if rt.ddp:
-        torch.distributed.barrier()  # the other ranks wait for the master's report, then all leave together
+        report = evaluate.compare("ppo", policy, reference, reward_model, evaluate.eval_prompts(test, cfg), rt, cfg)
+        report.update(score_scale=score_scale, seconds=time.time() - t0)
+        print(f"  ppo.py took {report['seconds']:.0f} s; wrote {cfg.out_dir}/ppo.pt, ppo_log.jsonl, ppo.png")
     common.cleanup(rt)
     return report
 
 
-@torch.no_grad()
-def sample_answers(policy, prompts, cfg, rt, tok):
-    """Decoded answers of the policy to the fixed prompts (a fixed seed, so iterations are comparable)."""
-    g = torch.Generator(device=rt.device).manual_seed(cfg.seed)
-    with rt.autocast():
-        tokens, mask = policy.generate(prompts["idx"].to(rt.device), prompts["attention_mask"].to(rt.device),
-                                       cfg.max_new_tokens, temperature=cfg.temperature, generator=g)
-    return [tok.decode(t[:int(n)].tolist()) for t, n in zip(tokens.cpu(), mask.sum(1).cpu())]
-
-
 if __name__ == "__main__":
-    main()
+    common.cli(main)

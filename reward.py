@@ -40,31 +40,26 @@ from tqdm import tqdm
 
 import common
 import data
-from model import load_checkpoint, model_from_checkpoint, save_checkpoint
+from evaluate import win_rate
+from model import load_checkpoint, model_from_checkpoint
 
 # ----------------------------------------------------------------------------- config
-config = dict(               # CPU preset: every key can be overridden with --key=value
-    out_dir="out",           # reads sft.pt; writes rm.pt, rm_log.jsonl, rm.png
-    data_dir="",             # HH-RLHF folder; "" = $RLHF_DATA_DIR, else download
-    device="auto", dtype="auto", compile=False, seed=1337,
+config = dict(common.SHARED, # out_dir, data_dir, device, block_size, checkpoint_every, resume, ... (common.py)
     sft_ckpt="",             # the trunk to start from; "" = <out_dir>/sft.pt
-    block_size=256, max_prompt_len=128,  # data settings: use the same values in every stage
     max_iters=150,           # optimiser steps (150 x 16 pairs ~ 0.6 epoch of the 4,175 train pairs here)
     batch_size=16,           # pairs per micro-batch (a forward of 2 x batch_size rows)
     grad_accum=1,            # micro-batches per optimiser step (per DDP rank)
     lr=1e-3,                 # peak learning rate (warmup, then cosine to 10%)
-    weight_decay=0.1, grad_clip=1.0,
+    weight_decay=0.1, grad_clip=1.0,  # max gradient norm (0 = off)
     warmup_frac=0.1,         # linear warmup over this fraction of max_iters
     eval_interval=75,        # evaluate on `test` every this many steps (and at the start and the end)
     eval_pairs=0,            # test pairs per evaluation, a fixed random subset (0 = all)
-    eval_batch_size=32,      # pairs per evaluation batch
     norm_examples=512,       # train chosen responses (fixed random subset) setting the normalisation (0 = all)
     n_show=4,                # test pairs printed with their scores in the report
 )
-cuda_config = dict(          # CUDA preset (one GPU; NOT tested here: no GPU was available)
-    compile=True, block_size=512, max_prompt_len=256,  # must match sft.py's CUDA preset
+cuda_config = dict(common.SHARED_CUDA,
     max_iters=1500, batch_size=32, lr=2e-5,  # 48k pairs: ~half an epoch of the full helpful + harmless train
-    eval_interval=250, eval_batch_size=64, norm_examples=0,
+    eval_interval=250, norm_examples=0,
 )
 
 
@@ -118,39 +113,33 @@ def accumulate_gradients(score, micro_batches, rt):
 
 def pair_metrics(chosen, rejected):
     """Pairwise accuracy P(r_w > r_l) (a tie counts 1/2), mean margin r_w - r_l, and bt_loss of (N,) rewards."""
-    acc = ((chosen > rejected).float() + 0.5 * (chosen == rejected).float()).mean().item()
-    return dict(accuracy=acc, margin=(chosen - rejected).mean().item(), loss=bt_loss(chosen, rejected).item())
+    return dict(accuracy=win_rate(chosen, rejected), margin=(chosen - rejected).mean().item(),
+                loss=bt_loss(chosen, rejected).item())
 
 
 # ----------------------------------------------------------------------------- evaluation
 @torch.no_grad()
 def score_pairs(model, examples, rt, batch_size):
     """Rewards of every pair of examples -> (chosen (N,), rejected (N,)) float32 on the CPU."""
-    was_training = model.training
-    model.eval()
     out = [], []
-    for i in range(0, len(examples), batch_size):
-        batch = {k: v.to(rt.device) for k, v in data.collate_pairs(examples[i:i + batch_size]).items()}
-        with rt.autocast():
-            c, r = pair_rewards(model.score, batch)
-        out[0].append(c.float().cpu())
-        out[1].append(r.float().cpu())
-    model.train(was_training)
+    with common.eval_mode(model):
+        for i in range(0, len(examples), batch_size):
+            with rt.autocast():
+                c, r = pair_rewards(model.score, common.to_device(data.collate_pairs(examples[i:i + batch_size]), rt))
+            out[0].append(c.float().cpu())
+            out[1].append(r.float().cpu())
     return torch.cat(out[0]), torch.cat(out[1])
 
 
 @torch.no_grad()
 def mean_chosen_reward(model, examples, rt, batch_size):
     """Mean reward of prompt + chosen over the examples (the normalisation target of InstructGPT)."""
-    was_training = model.training
-    model.eval()
     total = 0.0
-    for i in range(0, len(examples), batch_size):
-        batch = data.collate_sft(examples[i:i + batch_size])
-        with rt.autocast():
-            r = model.score(batch["idx"].to(rt.device), batch["attention_mask"].to(rt.device))  # (B,)
-        total += r.float().sum().item()
-    model.train(was_training)
+    with common.eval_mode(model):
+        for i in range(0, len(examples), batch_size):
+            batch = common.to_device(data.collate_sft(examples[i:i + batch_size]), rt)
+            with rt.autocast():
+                total += model.score(batch["idx"], batch["attention_mask"]).float().sum().item()  # (B,) summed
     return total / len(examples)
 
 
@@ -172,33 +161,32 @@ def show_pairs(examples, chosen, rejected, n):
 
 
 # ----------------------------------------------------------------------------- training
-def subset(examples, n):
-    """A fixed random subset of n examples (all if n is 0 or too large); the lists hold helpful-base first."""
-    if not 0 < n < len(examples):
-        return examples
-    return [examples[i] for i in torch.randperm(len(examples), generator=torch.Generator().manual_seed(0))[:n]]
-
-
 def main(argv=None):
     cfg = common.parse_config(config, argv, cuda_overrides=cuda_config)
     rt = common.setup_runtime(cfg)
     t_start = time.time()
+    path = os.path.join(cfg.out_dir, "rm.pt")
+    ckpt = common.resume_checkpoint(cfg, path, "rm", cfg.max_iters)
+    if ckpt and ckpt["finished"]:
+        return common.cleanup(rt) or {}
     sft_path = cfg.sft_ckpt or os.path.join(cfg.out_dir, "sft.pt")
-    ckpt = load_checkpoint(sft_path, hint="run `python sft.py` first (it writes out/sft.pt)")
-    if cfg.block_size > ckpt["model_args"]["block_size"]:
-        raise ValueError(f"--block_size={cfg.block_size} exceeds the block_size "
-                         f"{ckpt['model_args']['block_size']} of {sft_path}")
+    sft_ckpt = load_checkpoint(sft_path, stage="sft")
+    if cfg.block_size > sft_ckpt["model_args"]["block_size"]:
+        raise common.UserError(f"--block_size={cfg.block_size} exceeds the block_size "
+                               f"{sft_ckpt['model_args']['block_size']} of {sft_path}")
     torch.manual_seed(cfg.seed)  # the same fresh head on every DDP rank
-    model = model_from_checkpoint(ckpt, scalar_head=True).to(rt.device).train()  # SFT trunk + fresh head
-    del ckpt
+    model = model_from_checkpoint(sft_ckpt, scalar_head=True).to(rt.device).train()  # SFT trunk + fresh head
+    del sft_ckpt
     score = torch.compile(model.score) if cfg.compile else model.score
     splits = data.load_hh_rlhf(cfg.data_dir or None, block_size=cfg.block_size,
                                max_prompt_len=cfg.max_prompt_len, verbose=rt.master)
     train, test = splits["train"], splits["test"]
-    test_eval = subset(test, cfg.eval_pairs)
+    test_eval = common.subset(test, cfg.eval_pairs)
     optimizer = common.configure_optimizer(model, cfg.lr, cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed + rt.rank)  # each rank samples its own batches
-    logger = common.Logger(cfg.out_dir, "rm", master=rt.master)
+    state = dict(models=dict(model=model), optimizers=dict(model=optimizer), generators=dict(gen=gen))
+    start = common.restore_training_state(ckpt, rt, **state) if ckpt else 0
+    logger = common.Logger(cfg.out_dir, "rm", master=rt.master, start_step=start)
     if rt.master:
         print(f"reward model: {sft_path} trunk + fresh scalar head, {model.num_params() / 1e6:.2f}M parameters; "
               f"{len(train)} train / {len(test)} test pairs")
@@ -210,40 +198,42 @@ def main(argv=None):
         logger.log(step, **{f"test_{k}": v for k, v in m.items()})
         return m, c, r
 
-    before = run_eval(0)[0] if rt.master else None
+    before = run_eval(start)[0] if rt.master else None
     losses = []
     warmup = max(1, int(cfg.warmup_frac * cfg.max_iters))
-    bar = tqdm(range(cfg.max_iters), disable=not rt.master, desc="reward", dynamic_ncols=True)
+    bar = tqdm(range(start, cfg.max_iters), disable=not rt.master, desc="reward", dynamic_ncols=True)
     for step in bar:
         lr = common.lr_at(step, cfg.max_iters, cfg.lr, warmup)
         common.set_lr(optimizer, lr)
         micro = [data.collate_pairs([train[i] for i in torch.randint(len(train), (cfg.batch_size,),
                                                                      generator=gen)]) for _ in range(cfg.grad_accum)]
-        micro = [{k: v.to(rt.device) for k, v in b.items()} for b in micro]
+        micro = [common.to_device(b, rt) for b in micro]
         loss, acc = accumulate_gradients(score, micro, rt)
-        common.all_reduce_grads(model, rt)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        common.check_finite(step, loss=loss)
+        grad_norm = common.optimizer_step(model, optimizer, cfg.grad_clip, rt, step)
         losses.append(loss)
         bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.2f}")
         logger.log(step, loss=loss, accuracy=acc, lr=lr, grad_norm=grad_norm)
         periodic = cfg.eval_interval > 0 and (step + 1) % cfg.eval_interval == 0
         if rt.master and periodic and step + 1 < cfg.max_iters:
             run_eval(step + 1)
+        if step + 1 < cfg.max_iters and common.checkpoint_due(step + 1, cfg, cfg.max_iters):  # the last: below
+            common.save_training_state(path, "rm", cfg, step + 1, cfg.max_iters, rt, **state)
     bar.close()
 
     report = {}
     if rt.master:
         after, c, r = run_eval(cfg.max_iters)
         # InstructGPT normalisation: shift the head's bias so the train chosen responses have mean reward 0
-        norm = subset(train, cfg.norm_examples)
+        norm = common.subset(train, cfg.norm_examples)
         mean = mean_chosen_reward(model, norm, rt, cfg.eval_batch_size)
         with torch.no_grad():
             model.scalar_head.bias -= mean
         c, r = c - mean, r - mean  # the same rewards, normalised (accuracy and margin do not change)
         logger.plot()
-        save_checkpoint(os.path.join(cfg.out_dir, "rm.pt"), model, vars(cfg), reward_bias=-mean)
+    common.save_training_state(path, "rm", cfg, cfg.max_iters, cfg.max_iters, rt, **state,
+                               reward_bias=-mean if rt.master else None)  # normalised: finished
+    if rt.master:
         floor = longer_wins(test_eval)
         report = dict(**{f"{k}_before": v for k, v in before.items()},
                       **{f"{k}_after": v for k, v in after.items()}, longer_wins=floor, reward_bias=-mean)
@@ -269,4 +259,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    common.cli(main)

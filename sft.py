@@ -14,8 +14,8 @@ written on, so there are two starts:
       every token) for `pretrain_iters` steps, then fine-tunes on prompt -> chosen for `sft_iters` steps;
   --init_from=gpt2 (or gpt2-medium ..., or a local model.safetensors / folder): OpenAI GPT-2 weights,
       the pretraining phase is skipped;
-  --init_from=resume: continue the run saved in out/sft.pt (weights, optimiser, step) up to
-      n_pretrain + sft_iters steps (raise --sft_iters to train longer).
+The run is saved to out/sft.pt every checkpoint_every steps and at the end (weights, optimiser, step, RNG
+states); `--resume=True` continues it up to n_pretrain + sft_iters steps (raise --sft_iters to train longer).
 Each phase has its own warmup + cosine learning-rate schedule; AdamW (beta2 = 0.95), gradient clipping
 and gradient accumulation as in nanoGPT. Logits are computed only at target positions (the output layer
 over 50k tokens is the main cost on a CPU; DESIGN.md section 6).
@@ -44,16 +44,13 @@ from tqdm import tqdm
 
 import common
 import data
-from model import GPT, GPTConfig, load_checkpoint, model_from_checkpoint, save_checkpoint
+from evaluate import answers_text as evaluate_answers
+from model import GPT, GPTConfig, model_from_checkpoint
 
 # ----------------------------------------------------------------------------- config
-config = dict(               # CPU preset: every key can be overridden with --key=value
-    out_dir="out",           # writes sft.pt, sft_log.jsonl, sft.png
-    data_dir="",             # HH-RLHF folder; "" = $RLHF_DATA_DIR, else download
-    device="auto", dtype="auto", compile=False, seed=1337,
-    init_from="scratch",     # "scratch" | "gpt2" | "gpt2-medium" ... | a local GPT-2 file/folder | "resume"
+config = dict(common.SHARED, # out_dir, data_dir, device, block_size, max_new_tokens, checkpoint_every, ... (common.py)
+    init_from="scratch",     # "scratch" | "gpt2" | "gpt2-medium" ... | a local GPT-2 file/folder
     n_layer=4, n_head=4, n_embd=128, dropout=0.0,  # model shape (from scratch only)
-    block_size=256, max_prompt_len=128,  # data settings: use the same values in every stage
     # phase 1, pretraining (from scratch only): every token of the train dialogues is a target
     pretrain_iters=150,      # optimiser steps (0 skips the phase)
     pretrain_batch_size=4,   # windows of block_size tokens per micro-batch
@@ -63,22 +60,19 @@ config = dict(               # CPU preset: every key can be overridden with --ke
     batch_size=8,            # (prompt, chosen) examples per micro-batch
     lr=1e-3,                 # peak learning rate of the phase (from GPT-2 weights use ~3e-5)
     grad_accum=1,            # micro-batches per optimiser step (per DDP rank)
-    weight_decay=0.1, grad_clip=1.0,  # AdamW decoupled weight decay on matrices; max gradient norm
+    weight_decay=0.1, grad_clip=1.0,  # AdamW decoupled weight decay on matrices; max gradient norm (0 = off)
     warmup_frac=0.1,         # linear warmup over this fraction of each phase, then cosine to 10%
     eval_interval=150,       # evaluate on `test` every this many steps (also at the start, the end of
                              # pretraining and the end; 0 = only those)
     eval_examples=128,       # test examples per evaluation, a fixed random subset (0 = all)
-    eval_batch_size=32,
     n_answers=2,             # fixed test prompts answered at each evaluation (greedy and sampled)
-    max_new_tokens=48,       # length of those answers
     temperature=0.8,         # temperature of the sampled answer
 )
-cuda_config = dict(          # CUDA preset (one GPU, well under an hour; NOT tested here: no GPU was available)
-    compile=True, n_layer=12, n_head=12, n_embd=768, dropout=0.1,  # GPT-2-small shape, from scratch
-    block_size=512, max_prompt_len=256,
+cuda_config = dict(common.SHARED_CUDA,  # GPT-2-small shape from scratch
+    n_layer=12, n_head=12, n_embd=768, dropout=0.1,
     pretrain_iters=4000, pretrain_batch_size=32, pretrain_lr=6e-4,  # ~65M tokens
     sft_iters=2000, batch_size=32, lr=1e-4,
-    eval_interval=500, eval_examples=0, eval_batch_size=64, n_answers=3, max_new_tokens=96,
+    eval_interval=500, eval_examples=0, n_answers=3,
 )
 
 # bf16 dense peak FLOP/s for MFU, matched against torch.cuda.get_device_name() (first match wins)
@@ -159,35 +153,22 @@ def peak_flops(rt):
 def evaluate(model, examples, rt, batch_size):
     """Response loss on examples (prompt -> chosen): nats per response token over all of them (a
     token-level mean), and the perplexity exp(loss)."""
-    was_training = model.training
-    model.eval()
     nll, count = 0.0, 0.0
-    for i in range(0, len(examples), batch_size):
-        batch = {k: v.to(rt.device) for k, v in data.collate_sft(examples[i:i + batch_size]).items()}
-        with rt.autocast():
-            loss, n = target_loss(model, batch)
-        nll, count = nll + loss.item() * n.item(), count + n.item()
-    model.train(was_training)
+    with common.eval_mode(model):
+        for i in range(0, len(examples), batch_size):
+            with rt.autocast():
+                loss, n = target_loss(model, common.to_device(data.collate_sft(examples[i:i + batch_size]), rt))
+            nll, count = nll + loss.item() * n.item(), count + n.item()
     loss = nll / max(count, 1)
     return loss, math.exp(min(loss, 50))
 
 
-@torch.no_grad()
 def answers(model, prompts, rt, max_new_tokens, temperature, seed=0):
     """Greedy and sampled answers to the prompts (examples): list of dict(prompt, greedy, sampled) text."""
-    was_training = model.training
-    model.eval()
-    enc = data.get_tokenizer()
-    batch = {k: v.to(rt.device) for k, v in data.collate_prompts(prompts).items()}
-    gen = torch.Generator(device=rt.device).manual_seed(seed)
-    out = [dict(prompt=enc.decode(p["prompt"])) for p in prompts]
+    out = [dict(prompt=data.decode(p["prompt"])) for p in prompts]
     for name, temp in (("greedy", 0.0), ("sampled", temperature)):
-        with rt.autocast():
-            tokens, mask = model.generate(batch["idx"], batch["attention_mask"], max_new_tokens,
-                                          temperature=temp, generator=gen)  # (B, R) x2
-        for o, t, n in zip(out, tokens.tolist(), mask.sum(1).long().tolist()):
-            o[name] = enc.decode([x for x in t[:n] if x != data.EOT])
-    model.train(was_training)
+        for o, text in zip(out, evaluate_answers(model, prompts, rt, max_new_tokens, temp, seed)):
+            o[name] = text
     return out
 
 
@@ -197,43 +178,46 @@ def print_answers(items):
 
 
 # ----------------------------------------------------------------------------- training
-def build_model(cfg):
-    """The model, the optimiser state to restore (or None), the step to start at, the pretraining length."""
+def build_model(cfg, ckpt=None):
+    """The GPT to train and the length of its pretraining phase: the checkpoint's model when resuming, a fresh
+    GPT from scratch (pretraining first), or GPT-2 weights (no pretraining phase)."""
     torch.manual_seed(cfg.seed)  # the same initial weights on every DDP rank
-    if cfg.init_from == "resume":
-        ckpt = load_checkpoint(os.path.join(cfg.out_dir, "sft.pt"), hint="run `python sft.py` first")
-        return model_from_checkpoint(ckpt), ckpt.get("optimizer"), ckpt.get("step", 0), ckpt.get("n_pretrain", 0)
+    if ckpt is not None:
+        return model_from_checkpoint(ckpt), ckpt["n_pretrain"]
     if cfg.init_from == "scratch":
         model = GPT(GPTConfig(block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
                               n_embd=cfg.n_embd, dropout=cfg.dropout))
-        return model, None, 0, cfg.pretrain_iters
-    model = GPT.from_pretrained(cfg.init_from, block_size=cfg.block_size, dropout=cfg.dropout)
-    return model, None, 0, 0  # pretrained weights: no pretraining phase
+        return model, cfg.pretrain_iters
+    return GPT.from_pretrained(cfg.init_from, block_size=cfg.block_size, dropout=cfg.dropout), 0
 
 
 def main(argv=None):
     cfg = common.parse_config(config, argv, cuda_overrides=cuda_config)
     rt = common.setup_runtime(cfg)
     t_start = time.time()
+    path = os.path.join(cfg.out_dir, "sft.pt")
+    n_pretrain = cfg.pretrain_iters if cfg.init_from == "scratch" else 0
+    ckpt = common.resume_checkpoint(cfg, path, "sft", n_pretrain + cfg.sft_iters)
+    if ckpt and ckpt["step"] >= ckpt["n_pretrain"] + cfg.sft_iters:
+        return common.cleanup(rt) or {}
     splits = data.load_hh_rlhf(cfg.data_dir or None, block_size=cfg.block_size,
                                max_prompt_len=cfg.max_prompt_len, verbose=rt.master)
     train, test = splits["train"], splits["test"]
-    order = torch.randperm(len(test), generator=torch.Generator().manual_seed(0))  # test: helpful-base first
-    test_eval = [test[i] for i in order[:cfg.eval_examples]] if cfg.eval_examples > 0 else test  # fixed subset
+    test_eval = common.subset(test, cfg.eval_examples)  # a fixed random subset
     answer_prompts = sorted(test, key=lambda e: len(e["prompt"]))[:cfg.n_answers]  # the shortest: fixed
-    model, opt_state, step, n_pretrain = build_model(cfg)
+    model, n_pretrain = build_model(cfg, ckpt)
     if model.config.block_size < cfg.block_size:
-        raise ValueError(f"--block_size={cfg.block_size} exceeds the model's block_size {model.config.block_size}")
+        raise common.UserError(f"--block_size={cfg.block_size} exceeds the model's block_size {model.config.block_size}")
     model.to(rt.device).train()
     trunk = torch.compile(model.hidden_states) if cfg.compile else model.hidden_states
     optimizer = common.configure_optimizer(model, cfg.lr, cfg.weight_decay)
-    if opt_state is not None:
-        optimizer.load_state_dict(opt_state)
+    gen = torch.Generator().manual_seed(cfg.seed + rt.rank)  # each rank samples its own batches
+    state = dict(models=dict(model=model), optimizers=dict(model=optimizer), generators=dict(gen=gen))
+    step = common.restore_training_state(ckpt, rt, **state) if ckpt else 0
     total_steps = n_pretrain + cfg.sft_iters
     stream = data.pretraining_tokens(train) if step < n_pretrain else None  # phase 1 text
-    gen = torch.Generator().manual_seed(cfg.seed + rt.rank)  # each rank samples its own batches
     peak, device_name = peak_flops(rt)
-    logger = common.Logger(cfg.out_dir, "sft", master=rt.master)
+    logger = common.Logger(cfg.out_dir, "sft", master=rt.master, start_step=step)
     if rt.master:
         print(f"GPT {model.num_params() / 1e6:.2f}M parameters ({cfg.init_from}); {n_pretrain} pretraining + "
               f"{cfg.sft_iters} SFT steps; {len(train)} train / {len(test)} test examples")
@@ -264,12 +248,10 @@ def main(argv=None):
         else:  # random (prompt, chosen) examples, the prompt masked out
             micro = [data.collate_sft([train[i] for i in torch.randint(len(train), (cfg.batch_size,),
                                                                        generator=gen)]) for _ in range(cfg.grad_accum)]
-        micro = [{k: v.to(rt.device) for k, v in b.items()} for b in micro]
+        micro = [common.to_device(b, rt) for b in micro]
         loss = accumulate_gradients(model, micro, rt, trunk)
-        common.all_reduce_grads(model, rt)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        common.check_finite(step, loss=loss)
+        grad_norm = common.optimizer_step(model, optimizer, cfg.grad_clip, rt, step)
         if rt.device_type == "cuda":
             torch.cuda.synchronize()
         dt = time.time() - t0
@@ -285,14 +267,14 @@ def main(argv=None):
         periodic = cfg.eval_interval > 0 and (step + 1) % cfg.eval_interval == 0
         if rt.master and (periodic or step + 1 == n_pretrain) and step + 1 < total_steps:  # + the phase boundary
             run_eval(step + 1)
+        if common.checkpoint_due(step + 1, cfg, total_steps):
+            common.save_training_state(path, "sft", cfg, step + 1, total_steps, rt, **state, n_pretrain=n_pretrain)
     bar.close()
 
     report = {}
     if rt.master:
         after = run_eval(total_steps)
         logger.plot()
-        save_checkpoint(os.path.join(cfg.out_dir, "sft.pt"), model, vars(cfg), step=total_steps,
-                        n_pretrain=n_pretrain, optimizer=optimizer.state_dict())
         tok_s = tokens_seen / max(train_time, 1e-9)
         achieved = flops / max(train_time, 1e-9)
         mfu = achieved / peak if peak else None
@@ -319,4 +301,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    common.cli(main)

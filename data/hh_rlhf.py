@@ -9,11 +9,13 @@ truncate to fit block_size and cache the result on disk. The collate functions t
 padded tensors each stage needs (see DESIGN.md section 3 and the conventions in the README/contract):
 masks are float32 0/1 aligned to token positions, mask[:, t] = 1 means token t is a target.
 
-Data dir: the `data_dir` argument, else $RLHF_DATA_DIR, else a one-time download into data/hh-rlhf/.
+Data dir: the `data_dir` argument, else $RLHF_DATA_DIR, else a one-time download into data/hh-rlhf/. It is
+the data root that holds every task's folder (`<root>/hh-rlhf/<subset>/<split>.jsonl.gz`), or the
+hh-rlhf folder itself.
 With train files present the published split is used; a subset with only a test file is split
 deterministically by a hash of the prompt (so no prompt lands on both sides).
 
-    python data/hh_rlhf.py --data_dir=../shared/data/hh-rlhf --block_size=256    # prints the summary
+    python -m data.hh_rlhf --data_dir=/path/to/data --block_size=256    # prints the summary
 """
 import gzip
 import hashlib
@@ -25,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from common import UserError
 
 EOT = 50256  # <|endoftext|> of the GPT-2 BPE, appended to every response
 PAD_ID = 0  # default pad id; no code may rely on its value (the masks say what is real)
@@ -39,13 +43,18 @@ SKIP_REASONS = ("prompt_mismatch", "empty_response", "identical")
 @lru_cache(maxsize=None)
 def get_tokenizer():
     """The GPT-2 BPE (tiktoken "gpt2", 50,257 tokens, EOT = 50256).
-    Raises RuntimeError if it can be neither loaded from TIKTOKEN_CACHE_DIR nor downloaded."""
+    Raises UserError if it can be neither loaded from TIKTOKEN_CACHE_DIR nor downloaded."""
     import tiktoken
     try:
         return tiktoken.get_encoding("gpt2")
     except Exception as e:  # tiktoken raises requests' errors when offline with no cache
-        raise RuntimeError("could not load the GPT-2 BPE (tiktoken 'gpt2'): set TIKTOKEN_CACHE_DIR to a "
-                           f"folder holding its files, e.g. ../shared/data/tiktoken_cache ({e!r})") from e
+        raise UserError("could not load the GPT-2 BPE (tiktoken 'gpt2'): offline, set TIKTOKEN_CACHE_DIR to a "
+                        f"folder holding tiktoken's cached gpt2 files ({type(e).__name__})") from None
+
+
+def decode(tokens):
+    """Text of a token list (an answer), without its <|endoftext|>: what every report prints."""
+    return get_tokenizer().decode([t for t in tokens if t != EOT])
 
 
 def split_dialogue(text):
@@ -84,26 +93,27 @@ def _download(subsets):
                     f.write(r.read())
             except OSError as e:  # URLError, HTTPError, timeouts are all OSErrors
                 tmp.unlink(missing_ok=True)
-                raise RuntimeError(f"could not download {url} ({e}). Offline? Point the loader at a local "
-                                   "copy of HH-RLHF: set RLHF_DATA_DIR=/path/to/hh-rlhf or pass "
-                                   "--data_dir=/path/to/hh-rlhf") from e
+                raise UserError(f"could not download {url} ({e}). Offline? Point the loader at a local "
+                                "copy of HH-RLHF: set RLHF_DATA_DIR=/path/to/data (holding hh-rlhf/) or pass "
+                                "--data_dir=/path/to/data") from None
             os.replace(tmp, dest)
 
 
 def find_files(data_dir=None, subsets=SUBSETS):
     """Resolve the data dir (argument, else $RLHF_DATA_DIR, else download into data/hh-rlhf/) and
     return (folder: Path, files: dict subset -> dict(train=Path|None, test=Path|None)).
-    Raises FileNotFoundError naming the folder if a subset has no file at all; RuntimeError if a
-    needed download fails."""
+    Raises UserError naming the folder if a subset has no file at all, or if a needed download fails."""
     data_dir = data_dir or os.environ.get("RLHF_DATA_DIR") or None  # "" means "not given"
     if data_dir is None:
         _download(subsets)
         data_dir = DEFAULT_DATA_DIR
     folder = Path(data_dir).expanduser()
+    if (folder / "hh-rlhf").is_dir():  # the data root of every task
+        folder = folder / "hh-rlhf"
     files = {s: {split: _find(folder, s, split) for split in ("train", "test")} for s in subsets}
     for s, f in files.items():
         if f["train"] is None and f["test"] is None:
-            raise FileNotFoundError(f"no HH-RLHF file for subset {s!r}: expected {folder / s}/test.jsonl.gz "
+            raise UserError(f"no HH-RLHF file for subset {s!r}: expected {folder / s}/test.jsonl.gz "
                                     "(and train.jsonl.gz); set RLHF_DATA_DIR or --data_dir to the folder "
                                     "that holds <subset>/<split>.jsonl.gz")
     return folder, files
@@ -111,7 +121,7 @@ def find_files(data_dir=None, subsets=SUBSETS):
 
 def _read_jsonl(path):
     """Yield (line_number, chosen, rejected) from a .jsonl or .jsonl.gz file (blank lines ignored).
-    Raises ValueError naming the file and the 1-based line for malformed JSON or a bad field."""
+    Raises UserError naming the file and the 1-based line for malformed JSON or a bad field."""
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rb") as f:
@@ -121,16 +131,16 @@ def _read_jsonl(path):
                 try:
                     obj = json.loads(line)
                 except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
-                    raise ValueError(f"{path}, line {n}: malformed JSON ({e})") from None
+                    raise UserError(f"{path}, line {n}: malformed JSON ({e})") from None
                 if not isinstance(obj, dict):
-                    raise ValueError(f"{path}, line {n}: expected a JSON object, got {type(obj).__name__}")
+                    raise UserError(f"{path}, line {n}: expected a JSON object, got {type(obj).__name__}")
                 for key in ("chosen", "rejected"):
                     if not isinstance(obj.get(key), str):
                         what = "missing" if key not in obj else f"not a string ({type(obj[key]).__name__})"
-                        raise ValueError(f"{path}, line {n}: field {key!r} is {what}")
+                        raise UserError(f"{path}, line {n}: field {key!r} is {what}")
                 yield n, obj["chosen"], obj["rejected"]
     except (OSError, EOFError) as e:  # a truncated / corrupt gzip file
-        raise ValueError(f"{path}: cannot read ({e})") from e
+        raise UserError(f"{path}: cannot read it, damaged or truncated ({e})") from None
 
 
 def _is_test(prompt, test_fraction):
@@ -146,7 +156,7 @@ def read_pairs(data_dir=None, subsets=SUBSETS, test_fraction=0.1, verbose=True):
     skipped {reason: count}, skipped_per_file {name: {reason: count}}, split ({name: how}), sizes.
     Skipped (and counted): chosen/rejected prompts differ, an empty (whitespace-only) response, identical
     responses. A subset with no train file is split by _is_test(prompt, test_fraction).
-    Raises ValueError (file + line) for malformed lines, FileNotFoundError / RuntimeError (see find_files)."""
+    Raises UserError (file + line) for malformed lines or missing files (see find_files)."""
     folder, files = find_files(data_dir, subsets)
     splits = {"train": [], "test": []}
     summary = {"data_dir": str(folder), "files": {}, "skipped": dict.fromkeys(SKIP_REASONS, 0),
@@ -167,7 +177,7 @@ def read_pairs(data_dir=None, subsets=SUBSETS, test_fraction=0.1, verbose=True):
                     prompt, chosen_resp = split_dialogue(chosen)
                     prompt_r, rejected_resp = split_dialogue(rejected)
                 except ValueError as e:
-                    raise ValueError(f"{paths[split]}, line {n}: {e}") from None
+                    raise UserError(f"{paths[split]}, line {n}: {e}") from None
                 reason = ("prompt_mismatch" if prompt != prompt_r else
                           "empty_response" if not chosen_resp.strip() or not rejected_resp.strip() else
                           "identical" if chosen_resp == rejected_resp else None)
@@ -238,10 +248,10 @@ def load_hh_rlhf(data_dir=None, block_size=256, max_prompt_len=128, cache_dir="d
     chosen=list[int], rejected=list[int])] (see tokenize_pairs for the truncation rules); with
     return_summary=True returns (that dict, summary dict). The cache file (json, written atomically)
     lives in cache_dir (None or "" disables it) and is keyed by the source files (path, size, mtime)
-    and every setting. Raises ValueError for bad settings or malformed data (file + line),
-    FileNotFoundError / RuntimeError when the data cannot be found or downloaded."""
+    and every setting. Raises UserError for bad settings, malformed data (file + line) or data that
+    cannot be found or downloaded."""
     if not 0 < max_prompt_len <= block_size or min_response_len < 1 or not 0 <= test_fraction < 1:
-        raise ValueError(f"need 0 < max_prompt_len ({max_prompt_len}) <= block_size ({block_size}), "
+        raise UserError(f"need 0 < max_prompt_len ({max_prompt_len}) <= block_size ({block_size}), "
                          f"min_response_len ({min_response_len}) >= 1, 0 <= test_fraction ({test_fraction}) < 1")
     _, files = find_files(data_dir, subsets)
     key = _cache_key(files, block_size, max_prompt_len, test_fraction, subsets, min_response_len)
@@ -350,10 +360,10 @@ def pretraining_tokens(examples):
 def sample_text_batch(stream, batch_size, block_size, generator=None):
     """batch_size random contiguous windows of block_size tokens of stream (N,) (nanoGPT's get_batch).
     Returns dict idx (B, block_size) long, attention_mask (B, block_size) float32 (all 1), loss_mask
-    (B, block_size) float32 (1 everywhere but token 0, which has no context). Raises ValueError if
+    (B, block_size) float32 (1 everywhere but token 0, which has no context). Raises UserError if
     the stream is shorter than block_size."""
     if len(stream) < block_size:
-        raise ValueError(f"text stream has {len(stream)} tokens, fewer than block_size {block_size}")
+        raise UserError(f"text stream has {len(stream)} tokens, fewer than block_size {block_size}")
     ix = torch.randint(len(stream) - block_size + 1, (batch_size,), generator=generator)  # (B,)
     idx = stream[ix[:, None] + torch.arange(block_size)]  # (B, T)
     loss_mask = torch.ones(batch_size, block_size)

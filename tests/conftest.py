@@ -10,10 +10,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-# tiktoken's GPT-2 BPE files, so that no test needs the network (see ../shared/data/tiktoken_cache/README.md)
-_cache = ROOT.parent / "shared" / "data" / "tiktoken_cache"
-if _cache.is_dir():
-    os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(_cache))
+# tiktoken loads the GPT-2 BPE from TIKTOKEN_CACHE_DIR (offline; .ci/run sets it) or downloads it once.
 
 _TOPICS = ["tea", "bread", "a bicycle", "a garden", "the moon", "a poem", "python", "chess",
            "a cat", "the rain", "a river", "coffee", "music", "a map", "soup", "a kite"]

@@ -5,10 +5,13 @@ import os
 import subprocess
 import sys
 
+import types
+
 import pytest
 import torch
 
-from common import ConfigError, Logger, configure_optimizer, lr_at, parse_config
+from common import (ConfigError, Diverged, Logger, check_finite, configure_optimizer, eval_mode, global_std, lr_at,
+                    optimizer_step, parse_config, subset)
 
 DEFAULTS = dict(device="cpu", dtype="auto", lr=1e-3, batch_size=8, compile=False, out_dir="out")
 
@@ -38,12 +41,83 @@ def test_bad_overrides_are_clear_errors(arg, words):
         assert w in str(e.value)
 
 
-def test_cuda_overrides_apply_only_on_cuda_and_the_command_line_wins():
+def test_cuda_overrides_apply_only_on_cuda_and_the_command_line_wins(monkeypatch):
     cuda = dict(batch_size=64, lr=6e-4)
     cpu = parse_config(DEFAULTS, [], cuda_overrides=cuda, verbose=False)
     assert cpu.batch_size == 8
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # pretend, for the config logic only
     gpu = parse_config(DEFAULTS, ["--device=cuda", "--lr=1e-5"], cuda_overrides=cuda, verbose=False)
     assert (gpu.batch_size, gpu.lr, gpu.dtype) == (64, 1e-5, "bfloat16")
+
+
+def test_cuda_on_a_machine_without_it_says_what_to_pass(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="CUDA is not available.*--device=cpu"):
+        parse_config(DEFAULTS, ["--device=cuda"], verbose=False)
+    with pytest.raises(ConfigError, match="expected auto, cpu, cuda"):
+        parse_config(DEFAULTS, ["--device=gpu"], verbose=False)
+
+
+def _rt():
+    return types.SimpleNamespace(ddp=False, rank=0, world_size=1, master=True, device="cpu", device_type="cpu")
+
+
+def _model_with_grads(scale):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    for p in model.parameters():
+        p.grad = torch.full_like(p, scale)
+    return model
+
+
+def test_optimizer_step_without_clipping_uses_the_gradient_as_it_is():
+    """grad_clip=0 means no clipping: the step equals plain SGD on the unchanged gradient (it once multiplied
+    every gradient by zero)."""
+    model = _model_with_grads(3.0)
+    before = [p.detach().clone() for p in model.parameters()]
+    norm = optimizer_step(model, torch.optim.SGD(model.parameters(), lr=0.1), 0, _rt(), step=0)
+    assert norm == pytest.approx(3.0 * math.sqrt(15))  # 15 entries of 3.0
+    for p, b in zip(model.parameters(), before):
+        torch.testing.assert_close(p.detach(), b - 0.1 * 3.0)
+        assert p.grad is None  # zeroed (set to None) after the step
+
+
+def test_optimizer_step_clips_to_the_norm():
+    model = _model_with_grads(3.0)
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer_step(model, torch.optim.SGD(model.parameters(), lr=1.0), 1.0, _rt(), step=0)
+    step = torch.cat([(b - p.detach()).flatten() for p, b in zip(model.parameters(), before)])
+    assert step.norm().item() == pytest.approx(1.0, rel=1e-5)  # the gradient rescaled to norm 1
+
+
+def test_a_non_finite_gradient_stops_before_the_weights_change():
+    model = _model_with_grads(float("nan"))
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(Diverged, match="step 7: grad_norm = nan"):
+        optimizer_step(model, torch.optim.SGD(model.parameters(), lr=0.1), 1.0, _rt(), step=7)
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    with pytest.raises(Diverged, match="step 3: loss = inf"):
+        check_finite(3, loss=float("inf"), other=1.0)
+    check_finite(3, loss=torch.tensor(2.0))  # finite: no error
+
+
+def test_global_std_in_one_process_is_the_sample_std():
+    x = torch.randn(50, generator=torch.Generator().manual_seed(0)) * 3 + 10
+    assert global_std(x, _rt()) == pytest.approx(x.std().item(), rel=1e-6)
+
+
+def test_eval_mode_restores_each_models_mode():
+    a, b = torch.nn.Dropout(), torch.nn.Dropout()
+    b.eval()
+    with eval_mode(a, b):
+        assert not a.training and not b.training
+    assert a.training and not b.training
+
+
+def test_subset_is_fixed_and_takes_all_for_zero():
+    xs = list(range(100))
+    assert subset(xs, 10) == subset(xs, 10) and len(set(subset(xs, 10))) == 10
+    assert sorted(subset(xs, 0)) == xs and sorted(subset(xs, 500)) == xs
 
 
 def test_lr_schedule_closed_form():
@@ -91,3 +165,5 @@ def test_torchrun_two_cpu_processes_train_in_sync(tmp_path):
     for k in w0:
         # Adam steps are ~lr = 1e-2 each; without the gradient average the weights differ by that much
         torch.testing.assert_close(w0[k], single[k], rtol=0, atol=1e-4)
+    std = torch.load(tmp_path / "std.pt")
+    assert std["global"] == pytest.approx(std["union"], rel=1e-6)

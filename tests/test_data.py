@@ -1,4 +1,4 @@
-"""Tests of data/hh_rlhf.py on small hand-written HH-style files (no network, no shared data).
+"""Tests of data/hh_rlhf.py on small hand-written HH-style files (no network).
 Expected values are written by hand or computed by brute force, never captured from the loader."""
 import gzip
 import json
@@ -7,7 +7,6 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(Path(__file__).resolve().parents[2] / "shared/data/tiktoken_cache"))
 
 import pytest
 import tiktoken
