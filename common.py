@@ -314,7 +314,7 @@ class Diverged(UserError):
 def check_finite(step, **figures):
     """Raise Diverged naming the step and the figure if any of figures (floats or 0-d tensors) is nan/inf."""
     for name, value in figures.items():
-        value = float(value)
+        value = float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
         if not math.isfinite(value):
             raise Diverged(f"training diverged at step {step}: {name} = {value}. Nothing was saved after the last "
                            "checkpoint, which is left as it was; lower --lr (or raise --grad_clip / --beta) "

@@ -300,8 +300,8 @@ class GPT(nn.Module):
         model.safetensors / pytorch_model.bin / folder holding one. overrides: GPTConfig fields (e.g. a
         smaller block_size crops the positions; scalar_head=True adds a fresh head); for a local file the
         shape is read from the weights (n_head from a config.json beside it, or the GPT-2 sizes).
-        Raises FileNotFoundError, ValueError (unknown name / config key, shape mismatch), RuntimeError
-        (download failed: download the file by hand and pass its path)."""
+        Raises common.UserError (no such file or name, a file that does not fit, a failed download: download
+        the file by hand and pass its path), ValueError for an unknown GPTConfig key."""
         bad = set(overrides) - {f.name for f in fields(GPTConfig)}
         if bad:
             raise ValueError(f"from_pretrained: unknown GPTConfig keys {sorted(bad)}")
@@ -320,7 +320,7 @@ class GPT(nn.Module):
         elif args["n_embd"] in sizes:
             args["n_head"] = sizes[args["n_embd"]]
         if "n_head" not in args and "n_head" not in overrides:
-            raise ValueError(f"{path}: cannot tell n_head (no config.json beside it); pass n_head=...")
+            raise UserError(f"{path}: cannot tell n_head (no config.json beside it); pass n_head=...")
         config = GPTConfig(**{**args, **overrides})
         model = cls(config)
         ours = model.state_dict()
@@ -334,14 +334,14 @@ class GPT(nn.Module):
                 v = F.pad(v, (0, 0, 0, config.vocab_size - v.shape[0]))  # 50257 -> 50304 rows
             key = "transformer." + k
             if key not in ours or ours[key].shape != v.shape:
-                raise ValueError(f"{path}: weight {k} {tuple(v.shape)} does not fit this GPT "
+                raise UserError(f"{path}: weight {k} {tuple(v.shape)} does not fit this GPT "
                                  f"({tuple(ours[key].shape) if key in ours else 'no such weight'}); {config}")
             with torch.no_grad():
                 ours[key].copy_(v)
         missing = [k for k in ours if k.removeprefix("transformer.") not in sd
                    and k != "lm_head.weight" and not k.startswith("scalar_head.")]  # lm_head: tied to wte
         if missing:
-            raise ValueError(f"{path}: weights missing: {sorted(missing)[:5]}")
+            raise UserError(f"{path}: weights missing: {sorted(missing)[:5]}")
         return model
 
 
@@ -376,11 +376,11 @@ def _gpt2_file(name_or_path, cache_dir):
         for f in ("model.safetensors", "pytorch_model.bin"):
             if os.path.exists(os.path.join(name_or_path, f)):
                 return os.path.join(name_or_path, f)
-        raise FileNotFoundError(f"{name_or_path} holds neither model.safetensors nor pytorch_model.bin")
+        raise UserError(f"{name_or_path} holds neither model.safetensors nor pytorch_model.bin")
     if os.path.exists(name_or_path):
         return name_or_path
     if name_or_path not in GPT2_SIZES:
-        raise FileNotFoundError(f"{name_or_path!r} is neither a file nor a folder nor one of {list(GPT2_SIZES)}")
+        raise UserError(f"{name_or_path!r} is neither a file nor a folder nor one of {list(GPT2_SIZES)}")
     path = os.path.join(cache_dir, name_or_path, "model.safetensors")
     if not os.path.exists(path):
         url = GPT2_URL.format(name_or_path)
@@ -390,8 +390,8 @@ def _gpt2_file(name_or_path, cache_dir):
             urllib.request.urlretrieve(url, path + ".tmp")
             os.replace(path + ".tmp", path)
         except Exception as e:
-            raise RuntimeError(f"could not download {url} ({e}). Download the file by hand and pass its path: "
-                               f"GPT.from_pretrained('/path/to/model.safetensors')") from e
+            raise UserError(f"could not download {url} ({e}). Download the file by hand and pass its path: "
+                            "--init_from=/path/to/model.safetensors") from None
     return path
 
 

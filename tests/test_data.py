@@ -13,6 +13,7 @@ import tiktoken
 import torch
 
 import data
+from common import UserError
 from data import hh_rlhf
 
 ENC = tiktoken.get_encoding("gpt2")
@@ -87,7 +88,7 @@ def test_malformed_line_names_file_and_line(tmp_path, bad, what):
     path = tmp_path / "helpful-base/test.jsonl.gz"
     write_jsonl(path, [good, good, bad, good])
     write_jsonl(tmp_path / "harmless-base/test.jsonl.gz", [good])
-    with pytest.raises(ValueError) as e:
+    with pytest.raises(UserError) as e:
         data.read_pairs(tmp_path, verbose=False)
     msg = str(e.value)
     assert str(path) in msg and "line 3" in msg and what in msg
@@ -100,7 +101,7 @@ def test_corrupt_gzip_names_file(tmp_path, cut):
     raw = path.read_bytes()
     path.write_bytes(raw[: len(raw) // 2] if cut else b"not gzip at all")  # truncated / not gzip
     write_jsonl(tmp_path / "harmless-base/test.jsonl.gz", [])
-    with pytest.raises(ValueError, match=str(path)):
+    with pytest.raises(UserError, match=str(path)):
         data.read_pairs(tmp_path, verbose=False)
 
 
@@ -113,7 +114,7 @@ def test_plain_jsonl_is_read(tmp_path):
 
 
 def test_missing_data_and_failed_download(tmp_path, monkeypatch):
-    with pytest.raises(FileNotFoundError, match="test.jsonl.gz"):
+    with pytest.raises(UserError, match="test.jsonl.gz"):
         data.read_pairs(tmp_path / "nowhere", verbose=False)
     monkeypatch.delenv("RLHF_DATA_DIR", raising=False)
     monkeypatch.setattr(hh_rlhf, "DEFAULT_DATA_DIR", tmp_path / "download")
@@ -121,7 +122,7 @@ def test_missing_data_and_failed_download(tmp_path, monkeypatch):
     def offline(*a, **k):
         raise urllib.error.URLError("no network")
     monkeypatch.setattr(urllib.request, "urlopen", offline)
-    with pytest.raises(RuntimeError) as e:
+    with pytest.raises(UserError) as e:
         data.read_pairs(None, verbose=False)
     assert "RLHF_DATA_DIR" in str(e.value) and "--data_dir" in str(e.value)
     assert not any(p.is_file() for p in (tmp_path / "download").rglob("*"))  # no half-written file left
@@ -270,5 +271,5 @@ def test_sample_text_batch_windows_are_slices():
     assert torch.equal(again["idx"], b["idx"])
     whole = data.sample_text_batch(stream[:16], 2, 16)  # exactly one window fits
     assert whole["idx"].tolist() == [stream[:16].tolist()] * 2
-    with pytest.raises(ValueError, match="block_size"):
+    with pytest.raises(UserError, match="block_size"):
         data.sample_text_batch(stream[:10], 2, 16)

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 import data
 import dpo
+from common import UserError
 from model import GPT, GPTConfig, save_checkpoint
 
 
@@ -161,9 +162,9 @@ def test_dpo_recovers_the_bradley_terry_reward_ranking():
 # ----------------------------------------------------------------------------- end to end
 def write_checkpoints(out_dir, rm=True):
     cfg = dict(block_size=128, max_prompt_len=64)
-    save_checkpoint(os.path.join(out_dir, "sft.pt"), tiny_gpt(0), cfg)
+    save_checkpoint(os.path.join(out_dir, "sft.pt"), tiny_gpt(0), cfg, "sft")
     if rm:
-        save_checkpoint(os.path.join(out_dir, "rm.pt"), tiny_gpt(1, scalar_head=True), cfg)
+        save_checkpoint(os.path.join(out_dir, "rm.pt"), tiny_gpt(1, scalar_head=True), cfg, "rm")
 
 
 def tiny_args(out_dir, hh_dir, **over):
@@ -175,9 +176,9 @@ def tiny_args(out_dir, hh_dir, **over):
 
 
 def test_missing_sft_checkpoint_and_bad_loss_type_are_clear_errors(tmp_path, hh_dir):
-    with pytest.raises(FileNotFoundError, match=r"sft\.pt.*python sft\.py"):
+    with pytest.raises(UserError, match=r"sft\.pt.*python sft\.py"):
         dpo.main(tiny_args(str(tmp_path), hh_dir))
-    with pytest.raises(ValueError, match=r"--loss_type=kto.*sigmoid, ipo, hinge"):
+    with pytest.raises(UserError, match=r"--loss_type=kto.*sigmoid, ipo, hinge"):
         dpo.main(tiny_args(str(tmp_path), hh_dir, loss_type="kto"))
 
 
@@ -195,7 +196,7 @@ def test_tiny_end_to_end(tmp_path, hh_dir, monkeypatch, capsys):
     assert any("test_accuracy" in r for r in rows[:-1])  # the periodic test evaluation ran
     for f in ("dpo.pt", "dpo.png", "frontier.png", "eval_sft.json", "eval_dpo.json"):
         assert os.path.getsize(os.path.join(out, f)) > 0, f
-    assert report["sft_kl"] == pytest.approx(0.0, abs=1e-5)  # the reference against itself
+    assert report["sft"]["kl"] == pytest.approx(0.0, abs=1e-5)  # the reference against itself
     assert 0.0 <= report["win_rate"] <= 1.0 and "win rate of DPO over SFT" in capsys.readouterr().out
 
 
@@ -214,15 +215,19 @@ def test_ipo_run_without_reward_model_skips_the_sample_evaluation(tmp_path, hh_d
     assert "test_accuracy" in report and "win_rate" not in report
 
 
-def test_an_existing_sft_point_is_kept(tmp_path, hh_dir, monkeypatch):
-    """PPO's report may have written eval_sft.json already: DPO's chart shares that point."""
+def test_every_point_of_the_chart_shares_one_evaluation_set(tmp_path, hh_dir, monkeypatch, capsys):
+    """SFT and DPO answer the same first eval_prompts test prompts with the same seed; a point left by an
+    evaluation on other settings is not drawn beside them (the chart says so)."""
     monkeypatch.chdir(tmp_path)
     out = str(tmp_path / "out")
     write_checkpoints(out)
-    sft_point = os.path.join(out, "eval_sft.json")
-    with open(sft_point, "w") as f:
-        json.dump({"score": 123.0, "kl": 0.0, "length": 1.0, "eos_rate": 1.0}, f)
-    report = dpo.main(tiny_args(out, hh_dir, max_iters=2, eval_interval=0, train_pairs=16, eval_pairs=8))
-    assert json.load(open(sft_point))["score"] == 123.0
-    assert json.load(open(os.path.join(out, "eval_dpo.json")))["score"] == pytest.approx(report["dpo_score"])
-    assert report["sft_score"] != 123.0 and os.path.exists(os.path.join(out, "frontier.png"))
+    stale = os.path.join(out, "eval_ppo.json")
+    with open(stale, "w") as f:
+        json.dump({"score": 123.0, "kl": 1.0, "length": 1.0, "eos_rate": 1.0, "eval": {"n_prompts": 467}}, f)
+    report = dpo.main(tiny_args(out, hh_dir, max_iters=2, eval_interval=0, train_pairs=16, eval_pairs=8,
+                                eval_prompts=6, eval_seed=3))
+    points = {s: json.load(open(os.path.join(out, f"eval_{s}.json"))) for s in ("sft", "dpo")}
+    want = dict(n_prompts=6, seed=3, max_new_tokens=8, temperature=1.0)
+    assert points["sft"]["eval"] == points["dpo"]["eval"] == want
+    assert points["dpo"]["score"] == pytest.approx(report["dpo"]["score"])
+    assert f"{stale} left out" in capsys.readouterr().out

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import model as M
+from common import Diverged, UserError
 from model import GPT, GPTConfig
 
 
@@ -226,13 +227,13 @@ def test_gpt2_layout_round_trip(tmp_path, monkeypatch):
         json.dump({"n_head": 2}, f)
     loaded = GPT.from_pretrained(str(tmp_path / "st"), scalar_head=True).eval()
     assert loaded.config.n_layer == 2 and loaded.scalar_head is not None and torch.equal(loaded(idx, mask), want)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(UserError, match="nowhere"):
         GPT.from_pretrained(str(tmp_path / "nowhere"))
 
     def offline(*a, **k):
         raise OSError("no network")
     monkeypatch.setattr(M.urllib.request, "urlretrieve", offline)
-    with pytest.raises(RuntimeError, match="by hand"):
+    with pytest.raises(UserError, match="by hand"):
         GPT.from_pretrained("gpt2", cache_dir=str(tmp_path / "cache"))
 
 
@@ -240,20 +241,59 @@ def test_checkpoint_round_trip(tmp_path):
     m = tiny()
     idx, mask = left_pad(ROWS, 0)
     path = str(tmp_path / "out" / "sft.pt")
-    M.save_checkpoint(path, torch.compile(m), {"lr": 1e-3}, step=5)  # a compiled model saves plain keys
+    M.save_checkpoint(path, torch.compile(m), {"lr": 1e-3}, "sft", step=5)  # a compiled model saves plain keys
     assert os.listdir(tmp_path / "out") == ["sft.pt"]  # no temporary file left
-    ckpt = M.load_checkpoint(path, hint="run `python sft.py` first")
+    ckpt = M.load_checkpoint(path, stage="sft")
     assert ckpt["config"] == {"lr": 1e-3} and ckpt["tokenizer"] == "gpt2" and ckpt["step"] == 5
     assert ckpt["model_args"]["n_embd"] == 32 and not any("_orig_mod" in k for k in ckpt["model"])
     assert torch.equal(M.model_from_checkpoint(ckpt).eval()(idx, mask), m(idx, mask))
     rm = M.model_from_checkpoint(ckpt, scalar_head=True).eval()
     assert rm.scalar(idx, mask).shape == idx.shape and torch.equal(rm(idx, mask), m(idx, mask))
-    M.save_checkpoint(path, rm, {})
+    M.save_checkpoint(path, rm, {}, "rm")
     assert M.model_from_checkpoint(M.load_checkpoint(path), scalar_head=False).scalar_head is None
     missing = str(tmp_path / "none.pt")
-    with pytest.raises(FileNotFoundError) as e:
-        M.load_checkpoint(missing, hint="run `python sft.py` first")
+    with pytest.raises(UserError) as e:
+        M.load_checkpoint(missing, stage="sft")
     assert missing in str(e.value) and "python sft.py" in str(e.value)
+
+
+def test_damaged_or_wrong_checkpoints_are_one_line_errors(tmp_path):
+    """A truncated file, a file that is not a checkpoint, and a checkpoint of another stage: each a UserError
+    naming the file and the command that writes it again."""
+    good = str(tmp_path / "sft.pt")
+    M.save_checkpoint(good, tiny(), {}, "sft")
+    truncated = str(tmp_path / "cut.pt")
+    with open(good, "rb") as f, open(truncated, "wb") as g:
+        g.write(f.read()[:3000])  # `head -c 3000 sft.pt`
+    text = str(tmp_path / "notes.pt")
+    with open(text, "w") as f:
+        f.write("hello")
+    other = str(tmp_path / "plain.pt")
+    torch.save({"weights": torch.zeros(2)}, other)  # a torch file, but not one of ours
+    for path, words in ((truncated, ["damaged", "python sft.py"]), (text, ["damaged", "python sft.py"]),
+                        (other, ["not a checkpoint of this project", "python sft.py"]),
+                        (good, ["is a sft checkpoint", "python sft.py", "a rm checkpoint", "python reward.py"])):
+        with pytest.raises(UserError) as e:
+            M.load_checkpoint(path, stage="rm" if path == good else "sft")
+        msg = str(e.value)
+        assert path in msg and "\n" not in msg and all(w in msg for w in words), msg
+
+
+def test_nan_weights_are_never_saved(tmp_path):
+    path = str(tmp_path / "sft.pt")
+    m = tiny()
+    M.save_checkpoint(path, m, {}, "sft", step=1)
+    with torch.no_grad():
+        m.lm_head.weight[0, 0] = float("nan")
+    with pytest.raises(Diverged, match="nan"):
+        M.save_checkpoint(path, m, {}, "sft", step=2)
+    assert M.load_checkpoint(path)["step"] == 1 and os.listdir(tmp_path) == ["sft.pt"]
+
+
+def test_generate_zero_new_tokens_is_empty():
+    idx, mask = left_pad(ROWS, 0)
+    tokens, response_mask = tiny().generate(idx, mask, 0)
+    assert tokens.shape == (len(ROWS), 0) and response_mask.shape == (len(ROWS), 0)
 
 
 def test_input_errors():

@@ -240,8 +240,8 @@ def write_tiny_checkpoints(out_dir, seed=0):
             if "wpe" in name or "c_proj" in name:
                 p.zero_()
         torch.nn.init.normal_(rm.scalar_head.weight, std=0.3)
-    save_checkpoint(os.path.join(out_dir, "sft.pt"), sft, settings)
-    save_checkpoint(os.path.join(out_dir, "rm.pt"), rm, settings)
+    save_checkpoint(os.path.join(out_dir, "sft.pt"), sft, settings, "sft")
+    save_checkpoint(os.path.join(out_dir, "rm.pt"), rm, settings, "rm")
 
 
 TINY = ["--device=cpu", "--dtype=float32", "--block_size=128", "--max_prompt_len=64", "--max_new_tokens=12",

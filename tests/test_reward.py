@@ -14,6 +14,7 @@ import torch
 import data
 import reward
 from common import setup_runtime
+from common import UserError
 from model import GPT, GPTConfig, load_checkpoint, model_from_checkpoint, save_checkpoint
 
 RT = setup_runtime(SimpleNamespace(device="cpu", dtype="float32", seed=0))
@@ -134,7 +135,7 @@ def args(**over):
 
 
 def test_missing_sft_checkpoint_says_what_to_run(tmp_path, hh_dir):
-    with pytest.raises(FileNotFoundError, match=r"sft\.pt.*python sft\.py"):
+    with pytest.raises(UserError, match=r"sft\.pt.*python sft\.py"):
         reward.main(args(out_dir=str(tmp_path), data_dir=hh_dir))
 
 
@@ -143,7 +144,7 @@ def test_tiny_end_to_end(tmp_path, hh_dir, monkeypatch, capsys):
     """The fixture's chosen responses are long and polite, the rejected ones "No.": accuracy must rise."""
     monkeypatch.chdir(tmp_path)
     out = str(tmp_path / "out")
-    save_checkpoint(os.path.join(out, "sft.pt"), tiny_gpt(), dict(block_size=64, max_prompt_len=32))
+    save_checkpoint(os.path.join(out, "sft.pt"), tiny_gpt(), dict(block_size=64, max_prompt_len=32), "sft")
     report = reward.main(args(out_dir=out, data_dir=hh_dir))
     assert report["train_loss_last"] < report["train_loss_first"]
     assert report["accuracy_after"] > max(0.9, report["accuracy_before"])

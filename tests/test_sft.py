@@ -15,6 +15,7 @@ import torch.nn.functional as F
 import data
 import sft
 from common import setup_runtime
+from common import UserError
 from model import GPT, GPTConfig, load_checkpoint
 
 RT = setup_runtime(SimpleNamespace(device="cpu", dtype="float32", seed=0))
@@ -163,7 +164,7 @@ def test_tiny_end_to_end_from_scratch_then_resume(tmp_path, hh_dir, monkeypatch,
     ckpt = load_checkpoint(os.path.join(out, "sft.pt"))
     assert ckpt["step"] == 22 and ckpt["n_pretrain"] == 10 and ckpt["config"]["block_size"] == 64
     # resume: continues the SFT phase from step 22 up to n_pretrain + sft_iters = 10 + 15
-    report2 = sft.main(args(out_dir=out, data_dir=hh_dir, init_from="resume", sft_iters=15, eval_interval=0))
+    report2 = sft.main(args(out_dir=out, data_dir=hh_dir, resume=True, sft_iters=15, eval_interval=0))
     rows = [json.loads(line) for line in open(os.path.join(out, "sft_log.jsonl"))]
     assert [r["step"] for r in rows if "sft_loss" in r] == [22, 23, 24]
     assert report2["test_loss_before"] == pytest.approx(report["test_loss_after"], rel=1e-5)
@@ -202,8 +203,8 @@ def test_from_gpt2_weights_the_pretraining_phase_is_skipped(tmp_path, hh_dir, mo
 
 
 def test_resume_without_checkpoint_says_what_to_run(tmp_path, hh_dir):
-    with pytest.raises(FileNotFoundError, match=r"sft\.pt.*python sft\.py"):
-        sft.main(args(out_dir=str(tmp_path), data_dir=hh_dir, init_from="resume"))
+    with pytest.raises(UserError, match=r"no .*sft\.pt to resume from"):
+        sft.main(args(out_dir=str(tmp_path), data_dir=hh_dir, resume=True))
 
 
 @pytest.mark.slow
