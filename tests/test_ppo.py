@@ -13,6 +13,8 @@ import types
 import pytest
 import torch
 
+import common
+import data
 import ppo
 from model import GPT, GPTConfig, save_checkpoint
 
@@ -176,8 +178,20 @@ def test_value_loss_equals_the_textbook_max_form():
     assert torch.all(values.grad[active.bool()] == 0)  # the clipped side carries no gradient
     free = (mask.bool() & ~active.bool())
     assert torch.allclose(values.grad[free], ((values - ret) / len(terms))[free].detach(), atol=1e-6)
-    plain, frac = ppo.value_loss(values, old, ret, mask, float("inf"))  # clipping off
+    plain, frac = ppo.value_loss(values, old, ret, mask, None)  # clipping off
     assert abs(plain.item() - 0.5 * ((values - ret)[mask.bool()] ** 2).mean().item()) < 1e-5 and frac == 0
+
+
+def test_value_loss_without_clipping_is_exactly_the_squared_error():
+    """With clipping off the loss is exactly 0.5 (V - G)^2 and the clip fraction exactly 0, even where
+    V_old + clamp(V - V_old, -inf, inf) is not V in floating point (here V_old = 1e8, V = 0.1)."""
+    old = torch.tensor([[1e8, 1e8, -3e7]])
+    values = torch.tensor([[0.1, 0.3, 0.7]])
+    ret = torch.tensor([[0.1 + 1e-7, 0.2, 0.7]])
+    mask = torch.ones(1, 3)
+    assert not torch.equal(old + torch.clamp(values - old, -float("inf"), float("inf")), values)  # the trap
+    loss, clipfrac = ppo.value_loss(values, old, ret, mask, None)
+    assert loss.item() == (0.5 * ((values - ret) ** 2).mean()).item() and clipfrac.item() == 0.0
 
 
 def test_adaptive_kl_controller():
@@ -312,6 +326,59 @@ def test_every_flag_switched_at_once(hh_dir, tmp_path, monkeypatch):
     # no EOS in these tiny answers: every response is penalised, objective = score - 1 - beta * kl
     assert all(r["eos_rate"] == 0 for r in rows)
     assert all(abs(r["objective"] - (r["score"] - 1 - r["beta"] * r["kl"])) < 1e-4 for r in rows)
+
+
+def test_rollout_tensors_are_aligned_with_a_slow_per_sequence_computation(one_thread):
+    """rollout()'s [:, P:] logprob slice and [:, P - 1:-1] value slice, checked one sequence at a time without
+    padding: log pi(y_t | x, y_<t) from full logits, V_t = the critic at the token before y_t, the score at the
+    last real token (the EOS if there is one)."""
+    torch.manual_seed(0)
+    policy, reference = (GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=64)).eval() for _ in range(2))
+    critic, rm = (GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=64, scalar_head=True)).eval()
+                  for _ in range(2))
+    with torch.no_grad():  # make EOS likely, so that some responses stop early and others are cut off
+        policy.transformer.wte.weight[EOT] *= 40
+    prompts = [[5, 6, 7], [9], [11, 12, 13, 14, 15], [20, 21]]
+    batch_in = data.collate_prompts([{"prompt": p} for p in prompts])
+    rt = common.setup_runtime(types.SimpleNamespace(device="cpu", dtype="float32", seed=0))
+    temp = 0.7
+    batch = ppo.rollout(policy, reference, critic, rm, batch_in, rt, 10, temp, torch.Generator().manual_seed(1))
+    lengths = batch.mask.sum(1).long().tolist()
+    assert len(set(lengths)) > 1 and batch.has_eos.sum() > 0  # a mix: padding after the EOS matters
+    R = batch.mask.shape[1]
+    for b, prompt in enumerate(prompts):
+        n = lengths[b]
+        response = batch.idx[b, batch.P:batch.P + n].tolist()
+        seq = torch.tensor([prompt + response])  # (1, L) no padding at all
+        with torch.no_grad():
+            logp = torch.log_softmax(policy(seq)[0] / temp, -1)  # (L, V)
+            ref = torch.log_softmax(reference(seq)[0] / temp, -1)
+            values = critic.scalar(seq)[0]  # (L,)
+            score = rm.scalar(seq)[0, -1]
+        for t, token in enumerate(response):
+            pos = len(prompt) + t  # the position of y_t; it is predicted from position pos - 1
+            assert batch.logprobs[b, t].item() == pytest.approx(logp[pos - 1, token].item(), abs=1e-4)
+            assert batch.ref_logprobs[b, t].item() == pytest.approx(ref[pos - 1, token].item(), abs=1e-4)
+            assert batch.values[b, t].item() == pytest.approx(values[pos - 1].item(), abs=1e-4)
+        assert batch.scores[b].item() == pytest.approx(score.item(), abs=1e-4)
+        assert batch.has_eos[b].item() == float(response[-1] == EOT)
+        assert torch.all(batch.logprobs[b, n:] == 0) and torch.all(batch.values[b, n:] == 0) and n <= R
+
+
+def test_the_critic_starts_in_the_units_of_its_targets(hh_dir, tmp_path, monkeypatch):
+    """Returns are built from s / score_scale, so the critic (a copy of the reward model) starts with its head
+    divided by score_scale: with critic_lr=0 the saved critic is exactly that."""
+    monkeypatch.chdir(tmp_path)
+    out = str(tmp_path / "out")
+    write_tiny_checkpoints(out)
+    ppo.main(TINY + [f"--data_dir={hh_dir}", f"--out_dir={out}", "--iterations=1", "--eval_prompts=4",
+                     "--critic_lr=0"])
+    ckpt, rm = torch.load(os.path.join(out, "ppo.pt")), torch.load(os.path.join(out, "rm.pt"))["model"]
+    scale = ckpt["score_scale"]
+    assert 0 < scale != 1.0
+    for k in ("scalar_head.weight", "scalar_head.bias"):
+        torch.testing.assert_close(ckpt["critic"][k], rm[k] / scale)
+    assert torch.equal(ckpt["critic"]["transformer.h.0.attn.c_attn.weight"], rm["transformer.h.0.attn.c_attn.weight"])
 
 
 def test_bad_kl_estimator_is_a_clear_error(tmp_path):
