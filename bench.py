@@ -2,7 +2,7 @@
 The project's speed benchmark (random-init GPT, so no checkpoint is needed):
 generation (new tokens/s, with and without the KV cache), the forward pass with full vs last-token
 logits, and the sampler (torch.multinomial vs model.sample_from_logits).
-    python bench.py                          # the CPU preset of DESIGN.md section 6
+    python bench.py                          # the CPU preset (the 4-layer GPT of sft.py)
     python bench.py --device=cuda --batch_size=64
 """
 import time
@@ -71,4 +71,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    import common
+    common.cli(main)

@@ -395,6 +395,16 @@ def restore_training_state(ckpt, rt, models, optimizers, generators):
     return ckpt["step"]
 
 
+def start_training(model, cfg, rt, ckpt, log_name, generators):
+    """What a one-model stage (sft, reward, dpo) trains with: AdamW over `model` (cfg.lr, cfg.weight_decay), the
+    state that save_training_state writes (restored from `ckpt` when resuming), the step to start at, and the
+    stage's Logger (out/<log_name>_log.jsonl). Returns (optimizer, state, start, logger)."""
+    optimizer = configure_optimizer(model, cfg.lr, cfg.weight_decay)
+    state = dict(models=dict(model=model), optimizers=dict(model=optimizer), generators=generators)
+    start = restore_training_state(ckpt, rt, **state) if ckpt else 0
+    return optimizer, state, start, Logger(cfg.out_dir, log_name, master=rt.master, start_step=start)
+
+
 def resume_checkpoint(cfg, path, stage, final_step):
     """What --resume=True continues from: None for a fresh run (cfg.resume False); else the checkpoint dict
     of `path` (model.load_checkpoint checks it). Its "step" says where to go on; a checkpoint already at

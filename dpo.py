@@ -186,10 +186,7 @@ def main(argv=None):
     if cfg.compile:  # compile the blocks in place: DPO calls policy.logprobs, not policy.forward
         for block in policy.transformer.h:
             block.compile(dynamic=True)
-    optimizer = common.configure_optimizer(policy, cfg.lr, cfg.weight_decay)
-    state = dict(models=dict(model=policy), optimizers=dict(model=optimizer), generators={})
-    start = common.restore_training_state(ckpt, rt, **state) if ckpt else 0
-    logger = common.Logger(cfg.out_dir, "dpo", master=rt.master, start_step=start)
+    optimizer, state, start, logger = common.start_training(policy, cfg, rt, ckpt, "dpo", {})  # batches: by step
     pbar = tqdm(range(start, cfg.max_iters), desc="dpo", disable=not rt.master)
     window = []  # per-step metrics since the last log line
     for it in pbar:

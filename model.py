@@ -209,8 +209,8 @@ class GPT(nn.Module):
         return self._head()(self.hidden_states(idx, attention_mask)).squeeze(-1).float()  # (B, T)
 
     def score(self, idx, attention_mask):
-        """Reward of each whole sequence: the scalar head at the last real token (DESIGN section 4,
-        r_theta(x, y)). idx (B, T) long, attention_mask (B, T) 0/1 -> (B,) float32. Raises RuntimeError
+        """Reward of each whole sequence: the scalar head at the last real token (r_theta(x, y) of
+        InstructGPT eq. 1). idx (B, T) long, attention_mask (B, T) 0/1 -> (B,) float32. Raises RuntimeError
         without a scalar head."""
         head = self._head()
         h = self.hidden_states(idx, attention_mask)  # (B, T, C)

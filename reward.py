@@ -20,8 +20,7 @@ ckpt["reward_bias"].
     torchrun --nproc_per_node=2 reward.py  # DDP (gloo on CPU, nccl on CUDA)
 
 Writes out/rm.pt, out/rm_log.jsonl, out/rm.png and prints a report: test pairwise accuracy, mean margin
-and loss before and after training, the "longer response wins" floor on the same pairs (DESIGN.md section
-6), and a few test pairs with their scores.
+and loss before and after training, the "longer response wins" floor on the same pairs, and a few test pairs with their scores.
 
 What to expect: with the CPU preset (7.3M parameters, 4,175 train pairs) the TEST accuracy stays at chance
 (about 0.50 +- 0.023 on the 467 test pairs, where "longer wins" scores 0.484). The train loss falls because
@@ -144,7 +143,7 @@ def mean_chosen_reward(model, examples, rt, batch_size):
 
 
 def longer_wins(examples):
-    """The floor of DESIGN.md section 6: accuracy of "the longer response (in tokens) wins", tie = 1/2."""
+    """A floor every reward model must beat: accuracy of "the longer response (in tokens) wins", tie = 1/2."""
     c = torch.tensor([len(e["chosen"]) for e in examples], dtype=torch.float32)
     r = torch.tensor([len(e["rejected"]) for e in examples], dtype=torch.float32)
     return pair_metrics(c, r)["accuracy"]
@@ -182,11 +181,8 @@ def main(argv=None):
                                max_prompt_len=cfg.max_prompt_len, verbose=rt.master)
     train, test = splits["train"], splits["test"]
     test_eval = common.subset(test, cfg.eval_pairs)
-    optimizer = common.configure_optimizer(model, cfg.lr, cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed + rt.rank)  # each rank samples its own batches
-    state = dict(models=dict(model=model), optimizers=dict(model=optimizer), generators=dict(gen=gen))
-    start = common.restore_training_state(ckpt, rt, **state) if ckpt else 0
-    logger = common.Logger(cfg.out_dir, "rm", master=rt.master, start_step=start)
+    optimizer, state, start, logger = common.start_training(model, cfg, rt, ckpt, "rm", dict(gen=gen))
     if rt.master:
         print(f"reward model: {sft_path} trunk + fresh scalar head, {model.num_params() / 1e6:.2f}M parameters; "
               f"{len(train)} train / {len(test)} test pairs")

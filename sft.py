@@ -2,13 +2,13 @@
 Step 1 of InstructGPT (Ouyang et al. 2022, section 3.5): supervised fine-tuning (SFT) of a language model
 on demonstrations, here the `chosen` responses of HH-RLHF.
 
-    L_SFT = - sum_t mask_t log pi(y_t | x, y_<t) / sum_t mask_t          (DESIGN.md section 4, "SFT")
+    L_SFT = - sum_t mask_t log pi(y_t | x, y_<t) / sum_t mask_t          (InstructGPT section 3.5)
 
 with mask_t = 1 on the response tokens (their EOT included) and 0 on the prompt and the padding, so the
 model learns to answer, not to write questions.
 
-InstructGPT starts from a pretrained GPT-3. No pretrained GPT can be downloaded on the machines this was
-written on, so there are two starts:
+InstructGPT starts from a pretrained GPT-3. Without a pretrained GPT at hand (offline, or
+on a laptop), this script makes its own, so there are two starts:
   --init_from=scratch (the CPU preset): a small GPT first PRETRAINS on the pretraining text (every
       dialogue of `train`, chosen and rejected, as one EOT-separated stream; the same loss with mask = 1 on
       every token) for `pretrain_iters` steps, then fine-tunes on prompt -> chosen for `sft_iters` steps;
@@ -18,7 +18,7 @@ The run is saved to out/sft.pt every checkpoint_every steps and at the end (weig
 states); `--resume=True` continues it up to n_pretrain + sft_iters steps (raise --sft_iters to train longer).
 Each phase has its own warmup + cosine learning-rate schedule; AdamW (beta2 = 0.95), gradient clipping
 and gradient accumulation as in nanoGPT. Logits are computed only at target positions (the output layer
-over 50k tokens is the main cost on a CPU; DESIGN.md section 6).
+over 50k tokens is the main cost on a CPU).
 
     python sft.py                                  # CPU preset (about 3 minutes on 2 cores)
     python sft.py --sft_iters=400 --lr=3e-4        # any config key, --key=value
@@ -81,14 +81,14 @@ PEAK_FLOPS = [("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100"
 
 # ----------------------------------------------------------------------------- the math
 def sft_loss(logits, targets, mask):
-    """Masked next-token loss, DESIGN.md section 4 (InstructGPT section 3.5, SFT):
+    """Masked next-token loss (InstructGPT section 3.5, SFT):
         L = - sum_t mask_t log softmax(logits_t)[targets_t] / sum_t mask_t
     Args:
         logits: (..., V) float, ALREADY ALIGNED with the targets: logits[..., i, :] is the distribution
             that predicts targets[..., i] (for a (B, T) batch pass logits[:, :-1], idx[:, 1:] and
             loss_mask[:, 1:]). Any leading shape works, so a training loop may pass only the rows it
             needs, e.g. (N, V) logits of the N target positions with mask = ones(N): computing the full
-            (B, T, V) logits is the main CPU cost (DESIGN.md section 6).
+            (B, T, V) logits is the main CPU cost.
         targets: (...) long token ids; read only where mask is 1 (pads may be any id).
         mask: (...) 0/1 (any dtype): 1 on the tokens that count (response tokens), 0 on prompt / padding.
     Returns: scalar float32 tensor, nats per target token (0 if the mask is all zero).
@@ -210,14 +210,11 @@ def main(argv=None):
         raise common.UserError(f"--block_size={cfg.block_size} exceeds the model's block_size {model.config.block_size}")
     model.to(rt.device).train()
     trunk = torch.compile(model.hidden_states) if cfg.compile else model.hidden_states
-    optimizer = common.configure_optimizer(model, cfg.lr, cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed + rt.rank)  # each rank samples its own batches
-    state = dict(models=dict(model=model), optimizers=dict(model=optimizer), generators=dict(gen=gen))
-    step = common.restore_training_state(ckpt, rt, **state) if ckpt else 0
+    optimizer, state, step, logger = common.start_training(model, cfg, rt, ckpt, "sft", dict(gen=gen))
     total_steps = n_pretrain + cfg.sft_iters
     stream = data.pretraining_tokens(train) if step < n_pretrain else None  # phase 1 text
     peak, device_name = peak_flops(rt)
-    logger = common.Logger(cfg.out_dir, "sft", master=rt.master, start_step=step)
     if rt.master:
         print(f"GPT {model.num_params() / 1e6:.2f}M parameters ({cfg.init_from}); {n_pretrain} pretraining + "
               f"{cfg.sft_iters} SFT steps; {len(train)} train / {len(test)} test examples")

@@ -6,7 +6,7 @@ Each line of `<subset>/<split>.jsonl.gz` is {"chosen": str, "rejected": str}, tw
 into a prompt (the text through the LAST "\n\nAssistant:") and a response (the rest), skip and count the
 pairs that cannot be used, tokenise with the GPT-2 BPE (tiktoken "gpt2"), append EOT to every response,
 truncate to fit block_size and cache the result on disk. The collate functions turn examples into the
-padded tensors each stage needs (see DESIGN.md section 3 and the conventions in the README/contract):
+padded tensors each stage needs (the conventions are in the README):
 masks are float32 0/1 aligned to token positions, mask[:, t] = 1 means token t is a target.
 
 Data dir: the `data_dir` argument, else $RLHF_DATA_DIR, else a one-time download into data/hh-rlhf/. It is

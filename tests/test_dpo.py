@@ -28,7 +28,7 @@ def four_logps(B=9, seed=0):
 
 
 def by_hand(pc, pr, rc, rr, beta, loss_type, eps=0.0):
-    """The losses of DESIGN.md section 4, one pair at a time with math.log / math.exp."""
+    """The losses of dpo.dpo_loss's docstring, one pair at a time with math.log / math.exp."""
     out = []
     for a, b, c, d in zip(pc.tolist(), pr.tolist(), rc.tolist(), rr.tolist()):
         h = beta * ((a - c) - (b - d))
