@@ -1,9 +1,17 @@
-"""The data package: HH-RLHF reading, prompt/response split, tokenising, disk cache and collate
-functions. Everything lives in data/hh_rlhf.py; this file re-exports its public names."""
+"""The data package: the two tasks and what every stage needs to batch them.
+- data/hh_rlhf.py: Anthropic HH-RLHF (reading, prompt/response split, tokenising, disk cache) and the collate
+  functions every task uses;
+- data/imdb.py: the IMDb reviews (prompts that are review prefixes, the text to learn from) and the
+  Bradley-Terry labelling of sampled pairs;
+- data/judge.py: the gold sentiment judge of the imdb task.
+This file re-exports their public names."""
 from .hh_rlhf import (EOT, PAD_ID, SUBSETS, collate_pairs, collate_prompts, collate_sft, decode, find_files,
                       get_tokenizer, load_hh_rlhf, pretraining_tokens, read_pairs, sample_text_batch,
                       split_dialogue, tokenize_pairs)
+from .imdb import bradley_terry_labels, find_archive, load_imdb, make_examples, prompt_length, read_reviews
+from .judge import GoldJudge, load_judge
 
 __all__ = ["EOT", "PAD_ID", "SUBSETS", "collate_pairs", "collate_prompts", "collate_sft", "decode", "find_files",
            "get_tokenizer", "load_hh_rlhf", "pretraining_tokens", "read_pairs", "sample_text_batch",
-           "split_dialogue", "tokenize_pairs"]
+           "split_dialogue", "tokenize_pairs", "bradley_terry_labels", "find_archive", "load_imdb",
+           "make_examples", "prompt_length", "read_reviews", "GoldJudge", "load_judge"]

@@ -133,10 +133,11 @@ def make_examples(split, reviews, tokens, seed=0, lo=2, hi=8, max_response_len=5
     """Prompt / SFT examples, one per review: list[dict(prompt=list[int], chosen=list[int], label=int|None)].
     prompt = the first k tokens of the review (k from prompt_length, at most len - 1), chosen = the next
     max_response_len tokens, + EOT only if the review ends within them. tokens[i] are reviews[i]'s tokens;
-    reviews of fewer than 3 tokens are skipped. collate_prompts reads "prompt"; collate_sft prompt + chosen."""
+    a review of lo tokens or fewer (no room for a response) is skipped, so every prompt has lo..hi tokens.
+    collate_prompts reads "prompt"; collate_sft reads prompt + chosen."""
     out = []
     for review, toks in zip(reviews, tokens):
-        if len(toks) < 3:
+        if len(toks) <= lo:
             continue
         k = min(prompt_length(split, review, seed, lo, hi), len(toks) - 1)
         rest = toks[k:]
@@ -176,6 +177,56 @@ def _pct(x):
     return {q: int(np.percentile(x, int(q[1:]))) for q in ("p10", "p50", "p90", "p99")} | {"max": int(max(x))}
 
 
+def _build(archive, max_response_len, min_prompt_len, max_prompt_len, seed, max_reviews):
+    """Read and tokenise the archive: (splits dict "train"/"test" -> examples, stream (N,) uint16, summary)."""
+    t0 = time.time()
+    reviews = read_reviews(archive)
+    t1 = time.time()
+    for split, rows in reviews.items():  # the fixed shuffle; max_reviews keeps a prefix of it
+        rows.sort(key=lambda r: _hash(split, r["label"], r["id"]))
+        reviews[split] = rows[:max_reviews] if max_reviews else rows
+    enc = get_tokenizer()
+    tokens = {s: enc.encode_ordinary_batch([r["text"] for r in rows]) for s, rows in reviews.items()}
+    t2 = time.time()
+    splits = {s: make_examples(s, reviews[s], tokens[s], seed, min_prompt_len, max_prompt_len, max_response_len)
+              for s in ("train", "test")}
+    docs = tokens["train"] + tokens["unsup"]
+    stream = np.fromiter((t for d in docs for t in d + [EOT]), np.uint16, sum(len(d) + 1 for d in docs))
+    lens = {s: [len(t) for t in toks] for s, toks in tokens.items()}
+    summary = dict(archive=str(archive), reviews={s: len(r) for s, r in reviews.items()},
+                   positive={s: sum(r["label"] == 1 for r in reviews[s]) for s in ("train", "test")},
+                   review_tokens={s: _pct(v) for s, v in lens.items() if v},
+                   examples={s: len(v) for s, v in splits.items()}, text_tokens=len(stream),
+                   prompt_lengths={s: np.bincount([len(e["prompt"]) for e in v], minlength=max_prompt_len + 1)
+                                   .tolist() for s, v in splits.items()},
+                   seconds=dict(read=round(t1 - t0, 2), tokenize=round(t2 - t1, 2),
+                                examples=round(time.time() - t2, 2)))
+    return splits, stream, summary
+
+
+def _save_cache(path, splits, stream, summary):
+    """Write the cache .npz atomically (a tmp file, then os.replace: a reader never sees half a file)."""
+    arrays = {f"{s}_{k}": v for s in splits for k, v in _flat(splits[s]).items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:  # a file object, so that numpy adds no .npz suffix
+        np.savez(f, text_tokens=stream, summary=np.array(json.dumps(summary)), **arrays)
+    os.replace(tmp, path)
+
+
+def _load_cache(path):
+    """(splits, stream, summary) from a cache .npz, or None (with a note) if it cannot be read."""
+    try:
+        with np.load(path) as z:
+            blob = {k: z[k] for k in z.files}
+        splits = {s: _unflat(*(blob[f"{s}_{k}"] for k in ("label", "prompt_len", "chosen_len", "tokens")))
+                  for s in ("train", "test")}
+        return splits, blob["text_tokens"], json.loads(str(blob["summary"]))
+    except Exception as e:  # a damaged cache is rebuilt, never fatal
+        print(f"note: cannot read the cache {path} ({type(e).__name__}: {e}); rebuilding it")
+        return None
+
+
 def load_imdb(data_dir=None, cache_dir="data/cache", verbose=True, max_response_len=56, min_prompt_len=2,
               max_prompt_len=8, seed=0, max_reviews=0):
     """The tokenised IMDb task, cached on disk. Returns a dict:
@@ -188,7 +239,8 @@ def load_imdb(data_dir=None, cache_dir="data/cache", verbose=True, max_response_
       summary: counts, label balance, token lengths, the settings and the seconds each step took.
     max_reviews > 0 keeps that many reviews of each split (the first in the shuffled order), for quick runs.
     The cache (an .npz, written atomically) in cache_dir (None or "" disables it) is keyed by the archive
-    (path, size, mtime) and every setting. Raises UserError for bad settings or a missing / bad archive."""
+    (path, size, mtime) and every setting; an unreadable one is rebuilt.
+    Raises UserError for bad settings or a missing / bad archive."""
     if not 1 <= min_prompt_len <= max_prompt_len or max_response_len < 1 or max_reviews < 0:
         raise UserError(f"need 1 <= min_prompt_len ({min_prompt_len}) <= max_prompt_len ({max_prompt_len}), "
                         f"max_response_len ({max_response_len}) >= 1, max_reviews ({max_reviews}) >= 0")
@@ -200,46 +252,17 @@ def load_imdb(data_dir=None, cache_dir="data/cache", verbose=True, max_response_
                                        mtime=st.st_mtime_ns, tokenizer="gpt2", **settings)).encode()).hexdigest()[:16]
     path = Path(cache_dir) / f"imdb_{key}.npz" if cache_dir else None
     t0 = time.time()
-    if path is not None and path.is_file():
-        with np.load(path) as z:
-            blob = {k: z[k] for k in z.files}
-        summary = json.loads(str(blob["summary"]))
-        splits = {s: _unflat(*(blob[f"{s}_{k}"] for k in ("label", "prompt_len", "chosen_len", "tokens")))
-                  for s in ("train", "test")}
-        stream = blob["text_tokens"]
-        summary["seconds"]["cache_load"] = round(time.time() - t0, 2)
+    cached = _load_cache(path) if path is not None and path.is_file() else None
+    if cached is not None:
+        splits, stream, summary = cached
+        summary["seconds"] = {"cache_load": round(time.time() - t0, 2)}
         if verbose:
             print(f"loaded tokenised IMDb from cache {path}")
     else:
-        reviews = read_reviews(archive)
-        t1 = time.time()
-        for split, rows in reviews.items():  # the fixed shuffle; max_reviews keeps a prefix of it
-            rows.sort(key=lambda r: _hash(split, r["label"], r["id"]))
-            reviews[split] = rows[:max_reviews] if max_reviews else rows
-        enc = get_tokenizer()
-        tokens = {s: enc.encode_ordinary_batch([r["text"] for r in rows]) for s, rows in reviews.items()}
-        t2 = time.time()
-        splits = {s: make_examples(s, reviews[s], tokens[s], seed, min_prompt_len, max_prompt_len, max_response_len)
-                  for s in ("train", "test")}
-        docs = tokens["train"] + tokens["unsup"]
-        stream = np.fromiter((t for d in docs for t in d + [EOT]), np.uint16, sum(len(d) + 1 for d in docs))
-        lens = {s: [len(t) for t in toks] for s, toks in tokens.items()}
-        summary = dict(archive=str(archive), settings=settings,
-                       reviews={s: len(r) for s, r in reviews.items()},
-                       positive={s: sum(r["label"] == 1 for r in reviews[s]) for s in ("train", "test")},
-                       review_tokens={s: _pct(v) for s, v in lens.items() if v},
-                       examples={s: len(v) for s, v in splits.items()}, text_tokens=len(stream),
-                       prompt_lengths={s: np.bincount([len(e["prompt"]) for e in v], minlength=max_prompt_len + 1)
-                                       .tolist() for s, v in splits.items()},
-                       seconds=dict(read=round(t1 - t0, 2), tokenize=round(t2 - t1, 2)))
+        splits, stream, summary = _build(archive, **settings)
+        summary["settings"] = settings
         if path is not None:
-            arrays = {f"{s}_{k}": v for s in splits for k, v in _flat(splits[s]).items()}
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-            with open(tmp, "wb") as f:  # a file object, so that numpy adds no .npz suffix
-                np.savez(f, text_tokens=stream, summary=np.array(json.dumps(summary)), **arrays)
-            os.replace(tmp, path)  # atomic: a reader never sees a half-written cache
-        summary["seconds"]["total"] = round(time.time() - t0, 2)
+            _save_cache(path, splits, stream, summary)
     if verbose:
         print_summary(summary)
     return dict(text_tokens=torch.from_numpy(stream.astype(np.int64)), train_prompts=splits["train"],
@@ -248,7 +271,7 @@ def load_imdb(data_dir=None, cache_dir="data/cache", verbose=True, max_response_
 
 def print_summary(s):
     """Print the summary dict of load_imdb."""
-    print(f"IMDb from {s['archive']}")
+    print(f"IMDb from {s['archive']}; settings: " + ", ".join(f"{k}={v}" for k, v in s["settings"].items()))
     print("  reviews: " + ", ".join(f"{k} {v:,}" for k, v in s["reviews"].items()) +
           "; positive: " + ", ".join(f"{k} {v:,}" for k, v in s["positive"].items()))
     for k, v in s["review_tokens"].items():

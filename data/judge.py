@@ -17,6 +17,13 @@ reviews and measured on the 25,000 TEST reviews:
     deterministic; the loss and the regulariser are symmetric in the labels, so swapping them gives
     w -> w, b -> -b, and negated log-odds.
 The fitted judge stores coef_j = r_j w_j per n-gram, and g = b + sum of coef over the text's n-grams.
+(The DPO paper's judge is a pretrained RoBERTa sentiment model; none can be downloaded here, and NB-LR is
+within a few points of it on IMDb, reads in one screen and scores a PPO batch in milliseconds.)
+
+What to expect on the real archive (2-core CPU): 269,414 n-grams, train accuracy 0.9997, test accuracy
+0.9146, fitted in about 15 s after 4 s of reading. l2 = 1e-4 was picked on a 20k/5k split of the train
+reviews (validation accuracy 0.9136, 0.9182, 0.9188, 0.9168 for l2 = 1e-3, 3e-4, 1e-4, 3e-5). The judge
+reads written ratings too: its strongest n-grams include "7 10" and "4 10" (from "7/10", "4/10").
 
     python -m data.judge --data_dir=/path/to/root     # fits once (cached), prints accuracies and top n-grams
 """
@@ -25,11 +32,13 @@ import json
 import os
 import re
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from common import UserError
 from data.imdb import find_archive, read_reviews
 
 JUDGE_VERSION = 1  # bump when the features or the fit change
@@ -43,10 +52,10 @@ def words(text):
     return WORD.findall(text.lower())
 
 
-def _unique(x):
-    """np.unique by sorting (numpy's own is far slower on millions of int64 here)."""
-    x = np.sort(x)
-    return x[np.concatenate([[True], x[1:] != x[:-1]])] if len(x) else x
+def _unique(x, return_inverse=False):
+    """np.unique of an int64 array, by torch.unique (numpy 2's was 20x slower on 12M int64 here)."""
+    out = torch.unique(torch.from_numpy(x), return_inverse=return_inverse)
+    return tuple(t.numpy() for t in out) if return_inverse else out.numpy()
 
 
 def _ngram_codes(texts, word_id, grow=False):
@@ -74,9 +83,10 @@ class GoldJudge:
         self.info = dict(info or {})
         self.word_id = {w: i for i, w in enumerate(self.words)}
 
-    def _features(self, texts):
-        """(rows, cols) of the binary feature matrix: text rows[k] holds n-gram cols[k] (each pair once)."""
-        rows, codes = _ngram_codes(texts, self.word_id)
+    def _features(self, texts, ngram_codes=None):
+        """(rows, cols) of the binary feature matrix: text rows[k] holds n-gram cols[k] (each pair once).
+        ngram_codes: _ngram_codes(texts, ...) if already computed."""
+        rows, codes = ngram_codes or _ngram_codes(texts, self.word_id)
         F = len(self.ngrams)
         j = np.minimum(np.searchsorted(self.ngrams, codes), F - 1)
         hit = self.ngrams[j] == codes
@@ -88,6 +98,7 @@ class GoldJudge:
         return self._score(*self._features(texts), len(texts))
 
     def _score(self, rows, cols, n):
+        """g for n texts from their (rows, cols) features: bias + the sum of coef over each text's n-grams."""
         s = np.bincount(rows, weights=self.coef[cols], minlength=n)  # (n,) float64, summed in a fixed order
         return torch.from_numpy((s + self.bias).astype(np.float32))
 
@@ -112,23 +123,37 @@ class GoldJudge:
 
     @classmethod
     def fit(cls, texts, labels, min_df=3, nb_alpha=1.0, l2=1e-4, max_iter=100):
-        """Fit on texts (list[str]) and labels (0/1) as described in the module docstring. Deterministic."""
+        """Fit on texts (list[str]) and labels (0/1) as described in the module docstring. Deterministic.
+        Runs on one torch thread: on a busy 2-core machine, L-BFGS's many small vector ops on two threads
+        waited on each other (measured: the IMDb fit took 58 s on two threads, 15 s on one)."""
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return cls._fit(texts, labels, min_df, nb_alpha, l2, max_iter)
+        finally:
+            torch.set_num_threads(threads)
+
+    @classmethod
+    def _fit(cls, texts, labels, min_df, nb_alpha, l2, max_iter):
         t0 = time.time()
         y = np.asarray(labels, np.float64)
         word_id = {}
         rows, codes = _ngram_codes(texts, word_id, grow=True)
-        uniq = _unique(codes)  # every n-gram seen; keep those in >= min_df texts
-        inv = np.searchsorted(uniq, codes)
+        uniq, inv = _unique(codes, return_inverse=True)  # every n-gram seen; keep those in >= min_df texts
         df = np.bincount(_unique(rows * len(uniq) + inv) % len(uniq), minlength=len(uniq))
+        if not (df >= min_df).any():
+            raise UserError(f"no word or bigram is in >= min_df = {min_df} of the {len(texts)} texts; lower min_df")
         judge = cls(sorted(word_id, key=word_id.get), uniq[df >= min_df], np.zeros((df >= min_df).sum()), 0.0)
-        rows, cols = judge._features(texts)
+        rows, cols = judge._features(texts, (rows, codes))
         F = len(judge.ngrams)
         p = nb_alpha + np.bincount(cols, weights=y[rows], minlength=F)  # (F,) positive counts
         q = nb_alpha + np.bincount(cols, weights=1 - y[rows], minlength=F)
         r = np.log(p / p.sum()) - np.log(q / q.sum())  # (F,) log-count ratio
         X = torch.sparse_coo_tensor(torch.from_numpy(np.stack([rows, cols])), torch.from_numpy(r[cols]),
-                                    (len(texts), F)).coalesce()
-        X, Xt = X.to_sparse_csr(), X.t().coalesce().to_sparse_csr()  # (N, F), (F, N) for fast mat-vecs
+                                    (len(texts), F), check_invariants=False).coalesce()
+        with warnings.catch_warnings():  # "sparse CSR support is in beta": mat-vecs are all we need of it
+            warnings.simplefilter("ignore", UserWarning)
+            X, Xt = X.to_sparse_csr(), X.t().coalesce().to_sparse_csr()  # (N, F), (F, N) for fast mat-vecs
         yt = torch.from_numpy(y)
         w = torch.zeros(F, dtype=torch.float64, requires_grad=True)
         b = torch.zeros(1, dtype=torch.float64, requires_grad=True)
@@ -144,7 +169,8 @@ class GoldJudge:
 
         opt = torch.optim.LBFGS([w, b], lr=1, max_iter=max_iter, history_size=10, line_search_fn="strong_wolfe",
                                 tolerance_grad=0, tolerance_change=0)
-        loss = opt.step(closure).item()
+        opt.step(closure)
+        loss = closure().item()
         judge.coef = (r * w.detach().numpy()).astype(np.float32)
         judge.bias = np.float32(b.item())
         judge.info = dict(settings=dict(min_df=min_df, nb_alpha=nb_alpha, l2=l2, max_iter=max_iter),
@@ -164,33 +190,45 @@ class GoldJudge:
 
     @classmethod
     def load(cls, path):
-        """A judge written by save(); its log-odds are bit-identical to the saved judge's."""
-        blob = torch.load(path, weights_only=True)
-        if blob.get("version") != JUDGE_VERSION:
-            raise ValueError(f"{path}: judge version {blob.get('version')}, expected {JUDGE_VERSION}")
-        return cls(blob["words"], blob["ngrams"].numpy(), blob["coef"].numpy(), blob["bias"], json.loads(blob["info"]))
+        """A judge written by save(); its log-odds are bit-identical to the saved judge's.
+        Raises UserError naming the file if it is missing, damaged or not a judge of this version."""
+        try:
+            blob = torch.load(path, weights_only=True)
+            if blob["version"] != JUDGE_VERSION:
+                raise ValueError(f"judge version {blob['version']}, expected {JUDGE_VERSION}")
+            return cls(blob["words"], blob["ngrams"].numpy(), blob["coef"].numpy(), blob["bias"],
+                       json.loads(blob["info"]))
+        except Exception as e:  # torch.load raises many kinds for a damaged file
+            raise UserError(f"{path}: cannot load the gold judge ({type(e).__name__}: {e}); delete it "
+                            "(load_judge fits a new one)") from None
 
 
 def load_judge(data_dir=None, cache_dir="data/cache", verbose=True, **settings):
     """The gold judge, fitted on the labelled train reviews of the IMDb archive (see data.imdb.find_archive
     for data_dir) and measured on the test reviews, then cached in cache_dir (None or "" disables it),
     keyed by the archive (path, size, mtime) and the settings (SETTINGS, overridable). Later calls load it.
-    Raises UserError for a missing or bad archive, TypeError for an unknown setting."""
+    A damaged cache file is fitted again. Raises UserError for a missing or bad archive, or bad settings."""
     unknown = set(settings) - set(SETTINGS)
     if unknown:
-        raise TypeError(f"unknown judge setting(s) {sorted(unknown)}; valid: {sorted(SETTINGS)}")
+        raise UserError(f"unknown judge setting(s) {sorted(unknown)}; valid: {sorted(SETTINGS)}")
     settings = SETTINGS | settings
+    s = settings
+    if not (s["min_df"] >= 1 and s["nb_alpha"] > 0 and s["l2"] > 0 and s["max_iter"] >= 1):
+        raise UserError(f"judge settings {s}: need min_df >= 1, nb_alpha > 0, l2 > 0, max_iter >= 1")
     archive = find_archive(data_dir)
     st = archive.stat()
     key = hashlib.sha1(json.dumps(dict(version=JUDGE_VERSION, archive=str(archive.resolve()), size=st.st_size,
                                        mtime=st.st_mtime_ns, **settings)).encode()).hexdigest()[:16]
     path = Path(cache_dir) / f"judge_{key}.pt" if cache_dir else None
+    judge, t0 = None, time.time()
     if path is not None and path.is_file():
-        t0 = time.time()
-        judge = GoldJudge.load(path)
-        if verbose:
-            print(f"loaded the gold judge from cache {path} in {time.time() - t0:.2f} s")
-    else:
+        try:
+            judge = GoldJudge.load(path)
+            if verbose:
+                print(f"loaded the gold judge from cache {path} in {time.time() - t0:.2f} s")
+        except UserError as e:  # a damaged cache is refitted, never fatal
+            print(f"note: {e}; fitting it again")
+    if judge is None:
         t0 = time.time()
         reviews = read_reviews(archive)
         read_s = time.time() - t0
