@@ -49,8 +49,9 @@ def cli(main):
 # The settings every stage must agree on, declared once: each stage's config starts with **SHARED, and
 # ppo.py passes them on when it runs sft.py / reward.py for a missing checkpoint.
 SHARED = dict(
-    out_dir="out",           # checkpoints, logs and charts of every stage
-    data_dir="",             # the data folder; "" = $RLHF_DATA_DIR, else download into data/
+    task="imdb",             # imdb (IMDb sentiment, with a gold judge) | hh (Anthropic HH-RLHF)
+    out_dir="",              # checkpoints, logs and charts of every stage; "" = out/<task>
+    data_dir="",             # the data root (holding imdb/, hh-rlhf/); "" = $RLHF_DATA_DIR, else download into data/
     device="auto",           # auto | cpu | cuda | cuda:N
     dtype="auto",            # auto (bfloat16 on CUDA, float32 elsewhere) | float32 | bfloat16 | float16
     compile=False,           # torch.compile the training forward (helps on CUDA, not on CPU)
@@ -102,7 +103,8 @@ def parse_config(defaults, argv=None, cuda_overrides=None, verbose=True):
             command line (so the command line always wins).
     Returns:
         SimpleNamespace with every key of `defaults`; `device` is resolved from "auto" to "cuda"/"cpu"
-        and `dtype` from "auto" to "bfloat16" on CUDA, "float32" elsewhere.
+        and `dtype` from "auto" to "bfloat16" on CUDA, "float32" elsewhere; an empty `out_dir` becomes
+        out/<task>.
     Raises:
         ConfigError: an argument not of the form --key=value, an unknown key (the message lists the valid
             keys), a value that does not parse as the default's type, or a CUDA device on a machine
@@ -138,6 +140,8 @@ def parse_config(defaults, argv=None, cuda_overrides=None, verbose=True):
     cfg["device"] = device
     if cfg.get("dtype") == "auto":
         cfg["dtype"] = "bfloat16" if device.startswith("cuda") else "float32"
+    if cfg.get("out_dir") == "" and "task" in cfg:
+        cfg["out_dir"] = os.path.join("out", cfg["task"])
     if verbose and int(os.environ.get("RANK", 0)) == 0:
         preset = "CUDA" if device.startswith("cuda") else "CPU"
         print(f"config ({preset} preset; override with --key=value):")

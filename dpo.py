@@ -164,10 +164,10 @@ def main(argv=None):
     if cfg.block_size > sft_ckpt["model_args"]["block_size"]:
         raise common.UserError(f"--block_size={cfg.block_size} exceeds the block_size "
                                f"{sft_ckpt['model_args']['block_size']} of {sft_path}")
-    splits = data.load_hh_rlhf(cfg.data_dir or None, block_size=cfg.block_size,
-                               max_prompt_len=cfg.max_prompt_len, verbose=rt.master)
-    train = common.subset(splits["train"], cfg.train_pairs, cfg.seed)[rt.rank::rt.world_size]  # a shard per rank
-    test = common.subset(splits["test"], cfg.eval_pairs, cfg.seed)
+    task = data.load_task(cfg, verbose=rt.master)
+    train_pairs, test_pairs = data.load_pairs(cfg, task)  # imdb: the pairs reward.py sampled and the judge labelled
+    train = common.subset(train_pairs, cfg.train_pairs, cfg.seed)[rt.rank::rt.world_size]  # a shard per rank
+    test = common.subset(test_pairs, cfg.eval_pairs, cfg.seed)
     if len(train) < cfg.batch_size:
         raise common.UserError(f"{len(train)} train pairs per process, fewer than --batch_size={cfg.batch_size}")
     average = cfg.loss_type == "ipo"  # IPO uses per-token mean logprobs
@@ -224,14 +224,14 @@ def main(argv=None):
 
     report = {}
     if rt.master:
-        report = make_report(policy, test, ref_test, splits["test"], logger, cfg, rt)
+        report = make_report(policy, test, ref_test, task, logger, cfg, rt)
         report["seconds"] = time.time() - t_start
         print(f"dpo.py took {report['seconds']:.0f}s")
     common.cleanup(rt)
     return report
 
 
-def make_report(policy, test_pairs, ref_test, test, logger, cfg, rt):
+def make_report(policy, test_pairs, ref_test, task, logger, cfg, rt):
     """Print and return the report: the training curve's ends, implicit-reward accuracy / margin on the test
     pairs, then (if out/rm.pt exists) evaluate.compare: SFT and DPO answer the evaluation prompts (the same set
     and seed as every point of the chart), scored by the reward model."""
@@ -258,7 +258,7 @@ def make_report(policy, test_pairs, ref_test, test, logger, cfg, rt):
     reference = model_from_checkpoint(load_checkpoint(os.path.join(cfg.out_dir, "sft.pt"), stage="sft"))
     reward_model = model_from_checkpoint(load_checkpoint(rm_path, stage="rm"), scalar_head=True)
     report.update(evaluate.compare("dpo", policy, reference.to(rt.device), reward_model.to(rt.device),
-                                   evaluate.eval_prompts(test, cfg), rt, cfg))
+                                   evaluate.eval_prompts(task.prompts_test, cfg), rt, cfg, judge=task.judge))
     return report
 
 

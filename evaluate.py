@@ -2,14 +2,15 @@
 The evaluation every report shares: answer the evaluation prompts, score the answers with the reward model,
 measure their KL to the reference, compare two policies by win rate, and draw the reward-versus-KL chart.
 
-    python evaluate.py                 # evaluate every policy checkpoint in out/ (sft, ppo, dpo), draw out/frontier.png
+    python evaluate.py                 # evaluate every policy checkpoint in out/<task>/ (sft, ppo, dpo), draw frontier.png
 
 The evaluation set is one for every point of the chart: the first `eval_prompts` test prompts, answered at
 temperature 1 with the sampler seeded by `eval_seed` (both in common.SHARED), so SFT, PPO and DPO are compared on
 the same prompts with the same random numbers. Each point is saved with these settings, and the chart draws only
 the points that share the newest point's settings.
 
-A policy's point on the chart is (KL(pi || pi_ref), mean reward-model score), as in the DPO paper's figure 2
+A policy's point on the chart is (KL(pi || pi_ref), mean gold score) on the imdb task, whose gold judge is the
+truth every reward model stands in for, and (KL, mean reward-model score) on hh, as in the DPO paper's figure 2
 (Rafailov et al. 2023). KL is estimated on the samples themselves: the sum over response tokens of
 log pi(y_t | x, y_<t) - log pi_ref(y_t | x, y_<t) (the k1 estimator), averaged over prompts.
 """
@@ -61,23 +62,28 @@ def answers_text(policy, prompts, rt, max_new_tokens, temperature=TEMPERATURE, s
 
 @torch.no_grad()
 def sample_and_score(policy, reference, reward_model, prompts, rt, batch_size=16, max_new_tokens=64,
-                     temperature=TEMPERATURE, seed=0):
-    """Answer each prompt once with `policy`; score the answer and measure its KL to `reference`.
+                     temperature=TEMPERATURE, seed=0, judge=None):
+    """Answer each prompt once with `policy`; score the answer with the reward model (the proxy) and, where the task
+    has one, the gold judge; measure its KL to `reference`.
 
     Args:
-        policy, reference: GPT language models (same tokenizer); reward_model: GPT with a scalar head.
+        policy, reference: GPT language models (same tokenizer); reward_model: GPT with a scalar head. reference
+            or reward_model may be None (no KL, no proxy score: e.g. the SFT report, before a reward model exists).
         prompts: list of examples (dicts with a "prompt" token list), e.g. eval_prompts(test, cfg).
         rt: common.Runtime (device and autocast).
         max_new_tokens, temperature: sampling settings; logprobs use the same temperature.
         seed: seeds the sampler, so every policy sees the same random numbers.
+        judge: the task's gold judge (data.judge.GoldJudge) or None.
     Returns:
-        dict of CPU tensors, one entry per prompt: "scores" (N,) reward-model score at the last response
-        token, "kl" (N,) sequence KL estimate in nats, "lengths" (N,) response tokens, "eos" (N,) 1 if the
-        answer ended with EOS; and "responses": list of N token lists (through EOS).
+        dict of CPU tensors, one entry per prompt: "scores" (N,) reward-model score at the last response token,
+        "gold" (N,) the judge's log-odds of positive for prompt + answer, "kl" (N,) sequence KL estimate in nats,
+        "lengths" (N,) response tokens, "eos" (N,) 1 if the answer ended with EOS ("scores", "gold", "kl" only
+        when their model is given); and "responses": list of N token lists (through EOS).
     """
     gen = torch.Generator(device=rt.device).manual_seed(seed)
     out = {"scores": [], "kl": [], "lengths": [], "eos": [], "responses": []}
-    with common.eval_mode(policy, reference, reward_model):
+    models = [m for m in (policy, reference, reward_model) if m is not None]
+    with common.eval_mode(*models):
         for i in range(0, len(prompts), batch_size):
             batch = common.to_device(data.collate_prompts(prompts[i:i + batch_size]), rt)
             prompt_idx, prompt_mask = batch["idx"], batch["attention_mask"]  # (B, P) left-padded
@@ -88,17 +94,21 @@ def sample_and_score(policy, reference, reward_model, prompts, rt, batch_size=16
             mask = torch.cat([prompt_mask, response_mask], 1)               # (B, P+R)
             target = torch.cat([torch.zeros_like(prompt_mask), response_mask], 1)
             with rt.autocast():
-                logp = policy.logprobs(idx, mask, target, temperature=temperature)
-                ref_logp = reference.logprobs(idx, mask, target, temperature=temperature)
-                scores = reward_model.score(idx, mask)                      # (B,)
-            out["scores"].append(scores.float().cpu())
-            out["kl"].append(((logp - ref_logp) * target).sum(1).float().cpu())  # k1, summed over the response
+                if reference is not None:  # k1, summed over the response
+                    kl = policy.logprobs(idx, mask, target, temperature) - reference.logprobs(idx, mask, target,
+                                                                                              temperature)
+                    out["kl"].append((kl * target).sum(1).float().cpu())
+                if reward_model is not None:
+                    out["scores"].append(reward_model.score(idx, mask).float().cpu())  # (B,)
             lengths = response_mask.sum(1).long()
             out["lengths"].append(lengths.cpu())
             last = tokens.gather(1, (lengths - 1).clamp(min=0)[:, None])[:, 0]
             out["eos"].append(((last == data.EOT) & (lengths > 0)).float().cpu())
             out["responses"] += [t[:n].tolist() for t, n in zip(tokens.cpu(), lengths.cpu())]
-    return {k: (v if k == "responses" else torch.cat(v)) for k, v in out.items()}
+    out = {k: (v if k == "responses" else torch.cat(v)) for k, v in out.items() if len(v)}
+    if judge is not None:
+        out["gold"] = data.gold_scores(judge, [p["prompt"] for p in prompts], out["responses"])
+    return out
 
 
 def win_rate(scores_a, scores_b):
@@ -108,13 +118,33 @@ def win_rate(scores_a, scores_b):
 
 
 def summarize(result):
-    """The figures a report prints for one policy: mean score (and its standard error over prompts), KL,
-    length, EOS rate."""
-    n = len(result["scores"])
-    return {"score": result["scores"].mean().item(),
-            "score_se": (result["scores"].std().item() / n ** 0.5) if n > 1 else 0.0,
-            "kl": result["kl"].mean().item(), "length": result["lengths"].float().mean().item(),
-            "eos_rate": result["eos"].mean().item()}
+    """The figures a report prints for one policy, means over the prompts: proxy (reward-model) score and gold score
+    (log-odds) with their standard errors, the fraction the judge finds positive, KL, length, EOS rate (each
+    where the result has it)."""
+    out = {}
+    for key in ("scores", "gold", "kl"):
+        if key in result:
+            x = result[key].float()
+            name = {"scores": "score", "gold": "gold", "kl": "kl"}[key]
+            out[name] = x.mean().item()
+            out[f"{name}_se"] = x.std().item() / len(x) ** 0.5 if len(x) > 1 else 0.0
+    if "gold" in result:
+        out["positive"] = (result["gold"] > 0).float().mean().item()
+    out.update(length=result["lengths"].float().mean().item(), eos_rate=result["eos"].mean().item())
+    return out
+
+
+def print_summary(name, s):
+    """One line of a report for one policy (the figures of summarize)."""
+    parts = [f"{name:5s}"]
+    if "gold" in s:
+        parts.append(f"gold {s['gold']:+.3f} +- {s['gold_se']:.3f} (positive {s['positive']:.2f})")
+    if "score" in s:
+        parts.append(f"RM score {s['score']:+.3f} +- {s['score_se']:.3f}")
+    if "kl" in s:
+        parts.append(f"KL {s['kl']:6.2f} nats")
+    parts.append(f"length {s['length']:5.1f}  EOS rate {s['eos_rate']:.2f}")
+    print("  " + "  ".join(parts))
 
 
 def save_point(out_dir, stage, summary, settings):
@@ -123,12 +153,13 @@ def save_point(out_dir, stage, summary, settings):
         json.dump(dict(summary, eval=settings), f, indent=1)
 
 
-def compare(name, policy, reference, reward_model, prompts, rt, cfg, n_show=3):
-    """The report of a trained policy against SFT (the reference), shared by ppo.py and dpo.py: both answer
-    the same `prompts` with the same sampler seed; print mean reward-model score, KL, length, EOS rate, the win
-    rate of `name` over SFT and a few answers side by side; write out/eval_sft.json, out/eval_<name>.json and
-    out/frontier.png. Returns {"sft": summary, name: summary, "win_rate": float, "n_prompts": int}."""
-    kw = dict(batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens, seed=cfg.eval_seed)
+def compare(name, policy, reference, reward_model, prompts, rt, cfg, judge=None, n_show=3):
+    """The report of a trained policy against SFT (the reference), shared by ppo.py and dpo.py: both answer the
+    same `prompts` with the same sampler seed; print the proxy (reward-model) score, the gold score where the task
+    has a judge, KL, length, EOS rate, the win rates of `name` over SFT, and a few answers side by side; write
+    out/eval_sft.json, out/eval_<name>.json and out/frontier.png. Returns {"sft": summary, name: summary,
+    "win_rate": under the reward model, "gold_win_rate": under the judge (if any), "n_prompts": int}."""
+    kw = dict(batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens, seed=cfg.eval_seed, judge=judge)
     results = {"sft": sample_and_score(reference, reference, reward_model, prompts, rt, **kw),
                name: sample_and_score(policy, reference, reward_model, prompts, rt, **kw)}
     settings = eval_settings(prompts, cfg)
@@ -136,23 +167,26 @@ def compare(name, policy, reference, reward_model, prompts, rt, cfg, n_show=3):
     for stage, summary in report.items():
         save_point(cfg.out_dir, stage, summary, settings)
     report.update(win_rate=win_rate(results[name]["scores"], results["sft"]["scores"]), n_prompts=len(prompts))
+    if judge is not None:
+        report["gold_win_rate"] = win_rate(results[name]["gold"], results["sft"]["gold"])
     print(f"\n{name.upper()} vs SFT on the first {len(prompts)} test prompts (sampler seed {cfg.eval_seed}, "
           f"temperature {TEMPERATURE}, up to {cfg.max_new_tokens} tokens; the same for every point of the chart):")
     for stage in ("sft", name):
-        s = report[stage]
-        print(f"  {stage:4s} RM score {s['score']:+.3f} +- {s['score_se']:.3f}  KL {s['kl']:6.2f} nats  "
-              f"length {s['length']:5.1f}  EOS rate {s['eos_rate']:.2f}")
-    print(f"  win rate of {name.upper()} over SFT under the reward model: {report['win_rate']:.3f} (ties count 1/2)")
+        print_summary(stage, report[stage])
+    print(f"  win rate of {name.upper()} over SFT (ties count 1/2): {report['win_rate']:.3f} under the reward model"
+          + (f", {report['gold_win_rate']:.3f} under the gold judge" if judge is not None else ""))
     for i in range(min(n_show, len(prompts))):
         print(f"  PROMPT ...{data.decode(prompts[i]['prompt'])[-100:]!r}")
         for stage in ("sft", name):
-            print(f"    {stage:4s} {data.decode(results[stage]['responses'][i])[:150]!r}")
+            gold = f" (gold {results[stage]['gold'][i]:+.2f})" if judge is not None else ""
+            print(f"    {stage:4s}{gold} {data.decode(results[stage]['responses'][i])[:200]!r}")
     print("  wrote", plot_frontier(cfg.out_dir))
     return report
 
 
 def plot_frontier(out_dir):
-    """Draw out/frontier.png: reward-model score (+- standard error) against KL(pi || pi_ref), one point per
+    """Draw out/frontier.png: the gold score where the task has a judge, else the reward-model score (+- standard
+    error) against KL(pi || pi_ref), one point per
     out/eval_<stage>.json whose eval settings match those of the newest such file (older points of another
     evaluation set are left out and named). Returns the png path."""
     import matplotlib
@@ -168,10 +202,12 @@ def plot_frontier(out_dir):
         if p.get("eval") != settings:
             print(f"  frontier: {path} left out (evaluated on other settings {p.get('eval')}; rerun its stage)")
             continue
-        ax.errorbar([p["kl"]], [p["score"]], yerr=[p.get("score_se", 0.0)], fmt="o", capsize=3, label=stage)
-        ax.annotate(stage, (p["kl"], p["score"]), textcoords="offset points", xytext=(6, 4))
+        y = "gold" if "gold" in p else "score"  # the truth where the task has a judge, else the reward model
+        ax.errorbar([p["kl"]], [p[y]], yerr=[p.get(f"{y}_se", 0.0)], fmt="o", capsize=3, label=stage)
+        ax.annotate(stage, (p["kl"], p[y]), textcoords="offset points", xytext=(6, 4))
+        ax.set_ylabel("gold score (judge log-odds) on test prompts" if y == "gold" else
+                      "reward-model score on test prompts")
     ax.set_xlabel("KL(pi || pi_ref)  [nats per response]")
-    ax.set_ylabel("reward-model score on test prompts")
     ax.set_title("reward vs KL (cf. DPO paper, fig. 2)")
     ax.grid(alpha=0.3)
     if points:
@@ -195,21 +231,24 @@ def load_models(out_dir, rt, stages=STAGES):
 
 
 def main(argv=None):
-    keys = ("out_dir", "data_dir", "device", "dtype", "seed", "block_size", "max_prompt_len", "max_new_tokens",
+    keys = ("task", "out_dir", "data_dir", "device", "dtype", "seed", "block_size", "max_prompt_len", "max_new_tokens",
             "eval_prompts", "eval_seed", "eval_batch_size")
     cfg = common.parse_config({k: common.SHARED[k] for k in keys}, argv)
     rt = common.setup_runtime(cfg)
     reference, reward_model, policies = load_models(cfg.out_dir, rt)
-    test = data.load_hh_rlhf(cfg.data_dir or None, block_size=cfg.block_size, max_prompt_len=cfg.max_prompt_len)["test"]
-    prompts = eval_prompts(test, cfg)
-    kw = dict(batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens, seed=cfg.eval_seed)
+    task = data.load_task(cfg)
+    prompts = eval_prompts(task.prompts_test, cfg)
+    kw = dict(batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens, seed=cfg.eval_seed, judge=task.judge)
     results = {stage: sample_and_score(policy, reference, reward_model, prompts, rt, **kw)
                for stage, policy in policies.items()}
+    print(f"on the first {len(prompts)} test prompts of {cfg.task} (sampler seed {cfg.eval_seed}):")
     for stage, result in results.items():
         save_point(cfg.out_dir, stage, summarize(result), eval_settings(prompts, cfg))
-        print(f"{stage:4s} " + "  ".join(f"{k} {v:.3f}" for k, v in summarize(result).items()))
-        if stage != "sft" and "sft" in results:
-            print(f"     win rate of {stage} over sft: {win_rate(result['scores'], results['sft']['scores']):.3f}")
+        print_summary(stage, summarize(result))
+        if stage != "sft":
+            for key, under in (("scores", "the reward model"), ("gold", "the gold judge")):
+                if key in result:
+                    print(f"        win rate over sft under {under}: {win_rate(result[key], results['sft'][key]):.3f}")
     print("wrote", plot_frontier(cfg.out_dir))
 
 

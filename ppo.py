@@ -54,7 +54,8 @@ Flags (each switches one implementation detail on or off, so a reader can see wh
 
 Logged each iteration (out/ppo_log.jsonl, out/ppo.png; score, kl and beta also in the tqdm postfix).
 Rollout figures are means over the batch's sequences; update figures are means over every minibatch step:
-  score            reward-model score s of the rollout's responses (before the missing-EOS penalty)
+  score            reward-model score s of the rollout's responses (before the missing-EOS penalty): the proxy
+  gold             imdb: the gold judge's log-odds of the same responses: the truth the proxy stands in for
   kl               KL(pi || pi_ref) per sequence: sum over response tokens of kl_t (kl_estimator), in nats
   objective        what PPO maximises, the RLHF objective: sum_t r_t = s (normalised, with penalty) - beta * kl
   beta             the KL coefficient used for this iteration's rewards
@@ -309,6 +310,11 @@ def update(policy, critic, opt_policy, opt_critic, batch, advantages, returns, c
     return {k: sum(v) / len(v) for k, v in stats.items()}
 
 
+def responses(batch):
+    """The sampled responses of a rollout as token lists (through the EOS, nothing after it)."""
+    return [row[:int(n)] for row, n in zip(batch.idx[:, batch.P:].tolist(), batch.mask.sum(1).tolist())]
+
+
 def rollout_metrics(batch, rewards, returns, beta, kl_estimator):
     """The rollout's figures logged each iteration (see the module docstring), means over the batch."""
     kl = (kl_estimate(batch.logprobs, batch.ref_logprobs, kl_estimator) * batch.mask).sum(1)  # (B,) per sequence
@@ -335,18 +341,21 @@ def make_missing_checkpoints(cfg):
                         (["--resume=True"] if unfinished else []))
 
 
-def load_models(cfg, rt):
+def load_models(cfg, rt, prompts):
     """Policy + frozen reference from out/sft.pt, frozen reward model + trainable critic from out/rm.pt, all four on
     rt.device and in eval mode throughout (no dropout: the rollout's and the update's logprobs come from one and the
-    same function). Raises UserError for a missing or wrong checkpoint, or lengths that do not fit its block_size."""
+    same function). Raises UserError for a missing or wrong checkpoint, or when the longest of the `prompts` plus
+    max_new_tokens does not fit its block_size."""
     sft_ckpt = load_checkpoint(os.path.join(cfg.out_dir, "sft.pt"), stage="sft")
     rm_ckpt = load_checkpoint(os.path.join(cfg.out_dir, "rm.pt"), stage="rm")
     load = lambda ckpt, head: model_from_checkpoint(ckpt, scalar_head=head).to(rt.device).eval()
     policy, critic = load(sft_ckpt, False), load(rm_ckpt, True)
     reference, reward_model = load(sft_ckpt, False).requires_grad_(False), load(rm_ckpt, True).requires_grad_(False)
-    if cfg.max_prompt_len + cfg.max_new_tokens > policy.config.block_size:
-        raise common.UserError(f"--max_prompt_len={cfg.max_prompt_len} + --max_new_tokens={cfg.max_new_tokens} "
-                               f"exceeds the block_size {policy.config.block_size} of {cfg.out_dir}/sft.pt")
+    longest = max(len(e["prompt"]) for e in prompts)
+    if longest + cfg.max_new_tokens > policy.config.block_size:
+        raise common.UserError(f"prompts of up to {longest} tokens (--max_prompt_len={cfg.max_prompt_len}) + "
+                               f"--max_new_tokens={cfg.max_new_tokens} exceed the block_size "
+                               f"{policy.config.block_size} of {cfg.out_dir}/sft.pt")
     return policy, reference, critic, reward_model
 
 
@@ -357,21 +366,18 @@ def main(argv=None):
     make_missing_checkpoints(cfg)
     rt = common.setup_runtime(cfg)
     t0 = time.time()
-
-    policy, reference, critic, reward_model = load_models(cfg, rt)
+    task = data.load_task(cfg, verbose=rt.master)  # train prompts, pretraining text for ptx, the judge (imdb)
+    train, text = task.prompts_train, task.text
+    watch = sorted(task.prompts_test, key=lambda e: len(e["prompt"]))[:cfg.n_sample_prompts]  # the shortest
+    policy, reference, critic, reward_model = load_models(cfg, rt, train)
     train_logprobs = torch.compile(policy.logprobs, dynamic=True) if cfg.compile else policy.logprobs
     opt_policy = common.configure_optimizer(policy, cfg.lr, cfg.weight_decay)
     opt_critic = common.configure_optimizer(critic, cfg.critic_lr, cfg.weight_decay)
     kl_ctl = AdaptiveKLController(cfg.beta, cfg.target_kl, cfg.kl_horizon) if cfg.adaptive_kl else None
 
-    # data: prompts from train, pretraining text for ptx, fixed test prompts to watch
-    splits = data.load_hh_rlhf(cfg.data_dir or None, block_size=cfg.block_size, max_prompt_len=cfg.max_prompt_len,
-                               verbose=rt.master)
-    train, test = splits["train"], splits["test"]
-    text = data.pretraining_tokens(train) if cfg.ptx_coef > 0 else None
-    watch = sorted(test, key=lambda e: len(e["prompt"]))[:cfg.n_sample_prompts]  # the shortest, as in sft.py
-    gen = torch.Generator().manual_seed(cfg.seed + rt.rank)  # prompts, minibatch order, text windows
-    sampler = torch.Generator(device=rt.device).manual_seed(cfg.seed + rt.rank)  # the rollout's sampler
+    # the samplers: prompts, minibatch order, text windows; and the rollout's tokens
+    gen = torch.Generator().manual_seed(cfg.seed + rt.rank)
+    sampler = torch.Generator(device=rt.device).manual_seed(cfg.seed + rt.rank)
 
     # resume: the policy, critic, optimisers, beta, score scale and RNG states of ppo.pt
     path, start, score_scale = os.path.join(cfg.out_dir, "ppo.pt"), 0, None
@@ -395,9 +401,9 @@ def main(argv=None):
 
         # ------------------------------------------------------------------- 1-2. rollout and score (no gradients)
         t_rollout = time.time()
-        prompts = data.collate_prompts([train[i] for i in torch.randperm(len(train), generator=gen)[:cfg.batch_size]])
-        batch = rollout(policy, reference, critic, reward_model, prompts, rt, cfg.max_new_tokens, cfg.temperature,
-                        sampler)
+        examples = [train[i] for i in torch.randperm(len(train), generator=gen)[:cfg.batch_size]]
+        batch = rollout(policy, reference, critic, reward_model, data.collate_prompts(examples), rt,
+                        cfg.max_new_tokens, cfg.temperature, sampler)
         if score_scale is None:  # Ziegler et al. 2019: the RM normalised to std 1 on the initial policy's samples
             score_scale = common.global_std(batch.scores, rt) if cfg.normalize_scores else 1.0
             # One scale for the critic and its targets: normalised score units, s / score_scale. The critic starts
@@ -423,10 +429,13 @@ def main(argv=None):
         # ------------------------------------------------------------------- 6. beta, logging, checkpoint
         metrics = dict(rollout_metrics(batch, rewards, returns, beta, cfg.kl_estimator), lr=cfg.lr * lr_scale,
                        rollout_s=t_update - t_rollout, update_s=time.time() - t_update, **stats)
+        if task.judge is not None:  # the truth behind the proxy score: does the policy really get more positive?
+            metrics["gold"] = data.gold_scores(task.judge, [e["prompt"] for e in examples], responses(batch)).mean()
         metrics = {k: common.all_reduce_mean(v, rt) for k, v in metrics.items()}  # means over the ranks
         if kl_ctl:
             kl_ctl.update(metrics["kl"], len(batch.idx) * rt.world_size)
-        pbar.set_postfix(score=f"{metrics['score']:.3f}", kl=f"{metrics['kl']:.2f}", beta=f"{beta:.3f}")
+        pbar.set_postfix(score=f"{metrics['score']:.3f}", kl=f"{metrics['kl']:.2f}", beta=f"{beta:.3f}",
+                         **({"gold": f"{metrics['gold']:.2f}"} if "gold" in metrics else {}))
         if rt.master and (it % cfg.sample_every == 0 or it == cfg.iterations - 1):
             for i, answer in enumerate(evaluate.answers_text(policy, watch, rt, cfg.max_new_tokens, seed=cfg.seed)):
                 metrics[f"sample_{i}"] = answer
@@ -440,7 +449,8 @@ def main(argv=None):
     # ----------------------------------------------------------------------- report (master only)
     report = {}
     if rt.master:
-        report = evaluate.compare("ppo", policy, reference, reward_model, evaluate.eval_prompts(test, cfg), rt, cfg)
+        report = evaluate.compare("ppo", policy, reference, reward_model, evaluate.eval_prompts(task.prompts_test, cfg),
+                                  rt, cfg, judge=task.judge)
         report.update(score_scale=score_scale, seconds=time.time() - t0)
         print(f"  ppo.py took {report['seconds']:.0f} s; wrote {cfg.out_dir}/ppo.pt, ppo_log.jsonl, ppo.png")
     common.cleanup(rt)

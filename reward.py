@@ -39,12 +39,15 @@ from tqdm import tqdm
 
 import common
 import data
+import evaluate
 from evaluate import win_rate
 from model import load_checkpoint, model_from_checkpoint
 
 # ----------------------------------------------------------------------------- config
 config = dict(common.SHARED, # out_dir, data_dir, device, block_size, checkpoint_every, resume, ... (common.py)
     sft_ckpt="",             # the trunk to start from; "" = <out_dir>/sft.pt
+    n_pairs=2000,            # imdb: train prompts, two SFT answers each, labelled by the gold judge
+    n_test_pairs=256,        # imdb: held-out pairs, from test prompts
     max_iters=150,           # optimiser steps (150 x 16 pairs ~ 0.6 epoch of the 4,175 train pairs here)
     batch_size=16,           # pairs per micro-batch (a forward of 2 x batch_size rows)
     grad_accum=1,            # micro-batches per optimiser step (per DDP rank)
@@ -142,6 +145,47 @@ def mean_chosen_reward(model, examples, rt, batch_size):
     return total / len(examples)
 
 
+def gold_agreement(pairs, chosen, rejected):
+    """imdb: how the reward model's order of each test pair compares with the gold judge's. pairs carry the gold
+    scores of both answers; chosen, rejected (N,) the reward model's scores. Returns gold_accuracy = P(the reward
+    model prefers the answer the judge scores higher) and label_ceiling = P(the noisy label agrees with the judge),
+    ties 1/2."""
+    g_c = torch.tensor([p["gold_chosen"] for p in pairs])
+    g_r = torch.tensor([p["gold_rejected"] for p in pairs])
+    judge_picks_chosen = g_c > g_r
+    better = torch.where(judge_picks_chosen, chosen, rejected)  # the reward of the answer the judge prefers
+    worse = torch.where(judge_picks_chosen, rejected, chosen)
+    return dict(gold_accuracy=win_rate(better, worse), label_ceiling=win_rate(g_c, g_r))
+
+
+@torch.no_grad()
+def make_pairs(policy, task, cfg, rt):
+    """imdb (Ziegler et al. 2019; DPO paper, section 6.1): the preference pairs a human would have labelled. For
+    n_pairs train prompts and n_test_pairs test prompts, two answers each from the SFT policy; the gold judge
+    labels each pair like a noisy human, the first answer chosen with probability sigmoid(g1 - g2) (Bradley-Terry,
+    data.bradley_terry_labels). Pairs of identical answers are dropped. Writes out/imdb/pairs.pt with both gold
+    scores of every pair (so a reward model can also be checked against the noiseless order)."""
+    t0, pairs, dropped = time.time(), {}, {}
+    for split, prompts, n in (("train", task.prompts_train, cfg.n_pairs), ("test", task.prompts_test, cfg.n_test_pairs)):
+        prompts = common.subset(prompts, n, cfg.seed)
+        answers = [evaluate.generate_answers(policy, prompts, rt, cfg.max_new_tokens, seed=cfg.seed + k,
+                                             batch_size=cfg.eval_batch_size) for k in (1, 2)]
+        gold = [data.gold_scores(task.judge, [p["prompt"] for p in prompts], a) for a in answers]  # (N,) x2
+        first = data.bradley_terry_labels(gold[0], gold[1], torch.Generator().manual_seed(cfg.seed))  # (N,) bool
+        pairs[split] = []
+        for i, p in enumerate(prompts):
+            w, l = (0, 1) if first[i] else (1, 0)
+            if answers[0][i] != answers[1][i]:
+                pairs[split].append(dict(prompt=p["prompt"], chosen=answers[w][i], rejected=answers[l][i],
+                                         gold_chosen=gold[w][i].item(), gold_rejected=gold[l][i].item()))
+        dropped[split] = len(prompts) - len(pairs[split])
+    data.save_pairs(cfg, pairs, dict(n_pairs=cfg.n_pairs, n_test_pairs=cfg.n_test_pairs, seed=cfg.seed,
+                                     max_new_tokens=cfg.max_new_tokens, dropped_identical=dropped))
+    print(f"sampled and labelled {len(pairs['train'])} train / {len(pairs['test'])} test pairs (two SFT answers per "
+          f"prompt, Bradley-Terry labels from the gold judge; {sum(dropped.values())} identical pairs dropped) in "
+          f"{time.time() - t0:.0f} s -> {data.tasks.pairs_path(cfg)}")
+
+
 def longer_wins(examples):
     """A floor every reward model must beat: accuracy of "the longer response (in tokens) wins", tie = 1/2."""
     c = torch.tensor([len(e["chosen"]) for e in examples], dtype=torch.float32)
@@ -173,13 +217,17 @@ def main(argv=None):
     if cfg.block_size > sft_ckpt["model_args"]["block_size"]:
         raise common.UserError(f"--block_size={cfg.block_size} exceeds the block_size "
                                f"{sft_ckpt['model_args']['block_size']} of {sft_path}")
+    task = data.load_task(cfg, verbose=rt.master)
+    if task.judge is not None and not (ckpt and os.path.exists(data.tasks.pairs_path(cfg))):
+        if rt.master:  # imdb: the pairs are made here, from the SFT policy's answers and the judge's labels
+            make_pairs(model_from_checkpoint(sft_ckpt).to(rt.device), task, cfg, rt)
+        if rt.ddp:
+            torch.distributed.barrier()
+    train, test = data.load_pairs(cfg, task)
     torch.manual_seed(cfg.seed)  # the same fresh head on every DDP rank
     model = model_from_checkpoint(sft_ckpt, scalar_head=True).to(rt.device).train()  # SFT trunk + fresh head
     del sft_ckpt
     score = torch.compile(model.score) if cfg.compile else model.score
-    splits = data.load_hh_rlhf(cfg.data_dir or None, block_size=cfg.block_size,
-                               max_prompt_len=cfg.max_prompt_len, verbose=rt.master)
-    train, test = splits["train"], splits["test"]
     test_eval = common.subset(test, cfg.eval_pairs)
     gen = torch.Generator().manual_seed(cfg.seed + rt.rank)  # each rank samples its own batches
     optimizer, state, start, logger = common.start_training(model, cfg, rt, ckpt, "rm", dict(gen=gen))
@@ -245,6 +293,11 @@ def main(argv=None):
         for k in ("accuracy", "margin", "loss"):
             print(f"  test {k:8s} {before[k]:+.4f} -> {after[k]:+.4f}")
         print(f"  floor 'the longer response wins' on the same pairs: {floor:.3f} (shorter wins {1 - floor:.3f})")
+        if "gold_chosen" in test_eval[0]:  # imdb: the truth behind the noisy labels
+            report.update(gold_agreement(test_eval, c, r))
+            print(f"  against the gold judge: the reward model orders {report['gold_accuracy']:.3f} of the test pairs "
+                  f"as the judge does (noiseless gold order); the noisy labels themselves agree with the judge on "
+                  f"{report['label_ceiling']:.3f} (the ceiling of the accuracy above)")
         print(f"  normalisation: mean reward of {len(norm)} train chosen responses was {mean:+.4f}; "
               f"scalar_head.bias shifted by {-mean:+.4f} (ckpt['reward_bias'])")
         print("  test pairs (normalised rewards):")

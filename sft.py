@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 import common
 import data
-from evaluate import answers_text as evaluate_answers
+import evaluate
 from model import GPT, GPTConfig, model_from_checkpoint
 
 # ----------------------------------------------------------------------------- config
@@ -150,7 +150,7 @@ def peak_flops(rt):
 
 # ----------------------------------------------------------------------------- evaluation
 @torch.no_grad()
-def evaluate(model, examples, rt, batch_size):
+def response_loss(model, examples, rt, batch_size):
     """Response loss on examples (prompt -> chosen): nats per response token over all of them (a
     token-level mean), and the perplexity exp(loss)."""
     nll, count = 0.0, 0.0
@@ -167,7 +167,7 @@ def answers(model, prompts, rt, max_new_tokens, temperature, seed=0):
     """Greedy and sampled answers to the prompts (examples): list of dict(prompt, greedy, sampled) text."""
     out = [dict(prompt=data.decode(p["prompt"])) for p in prompts]
     for name, temp in (("greedy", 0.0), ("sampled", temperature)):
-        for o, text in zip(out, evaluate_answers(model, prompts, rt, max_new_tokens, temp, seed)):
+        for o, text in zip(out, evaluate.answers_text(model, prompts, rt, max_new_tokens, temp, seed)):
             o[name] = text
     return out
 
@@ -200,9 +200,8 @@ def main(argv=None):
     ckpt = common.resume_checkpoint(cfg, path, "sft", n_pretrain + cfg.sft_iters)
     if ckpt and ckpt["step"] >= ckpt["n_pretrain"] + cfg.sft_iters:
         return common.cleanup(rt) or {}
-    splits = data.load_hh_rlhf(cfg.data_dir or None, block_size=cfg.block_size,
-                               max_prompt_len=cfg.max_prompt_len, verbose=rt.master)
-    train, test = splits["train"], splits["test"]
+    task = data.load_task(cfg, verbose=rt.master)
+    train, test = task.sft_train, task.sft_test
     test_eval = common.subset(test, cfg.eval_examples)  # a fixed random subset
     answer_prompts = sorted(test, key=lambda e: len(e["prompt"]))[:cfg.n_answers]  # the shortest: fixed
     model, n_pretrain = build_model(cfg, ckpt)
@@ -213,14 +212,14 @@ def main(argv=None):
     gen = torch.Generator().manual_seed(cfg.seed + rt.rank)  # each rank samples its own batches
     optimizer, state, step, logger = common.start_training(model, cfg, rt, ckpt, "sft", dict(gen=gen))
     total_steps = n_pretrain + cfg.sft_iters
-    stream = data.pretraining_tokens(train) if step < n_pretrain else None  # phase 1 text
+    stream = task.text if step < n_pretrain else None  # phase 1 text
     peak, device_name = peak_flops(rt)
     if rt.master:
         print(f"GPT {model.num_params() / 1e6:.2f}M parameters ({cfg.init_from}); {n_pretrain} pretraining + "
               f"{cfg.sft_iters} SFT steps; {len(train)} train / {len(test)} test examples")
 
     def run_eval(step):
-        loss, ppl = evaluate(model, test_eval, rt, cfg.eval_batch_size)
+        loss, ppl = response_loss(model, test_eval, rt, cfg.eval_batch_size)
         ans = answers(model, answer_prompts, rt, cfg.max_new_tokens, cfg.temperature, seed=cfg.seed)
         print(f"\nstep {step}: test response loss {loss:.4f}, perplexity {ppl:.1f}")
         print_answers(ans)
@@ -292,6 +291,13 @@ def main(argv=None):
                        else " (peak unknown, no MFU)"))
         print("  answers to fixed test prompts:")
         print_answers(after[2])
+        if task.judge is not None:  # the gold judge's view of the SFT policy: the start of every RL run
+            prompts = evaluate.eval_prompts(task.prompts_test, cfg)
+            report["eval"] = evaluate.summarize(evaluate.sample_and_score(
+                model, None, None, prompts, rt, cfg.eval_batch_size, cfg.max_new_tokens, seed=cfg.eval_seed,
+                judge=task.judge))
+            print(f"  answers to the first {len(prompts)} test prompts (seed {cfg.eval_seed}, temperature 1):")
+            evaluate.print_summary("sft", report["eval"])
         print(f"  wrote {cfg.out_dir}/sft.pt, sft_log.jsonl, sft.png")
     common.cleanup(rt)
     return report

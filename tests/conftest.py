@@ -1,8 +1,11 @@
-"""Shared test set-up: offline tokenizer, the repo on sys.path, and a tiny HH-RLHF-style data folder."""
+"""Shared test set-up: the repo on sys.path, a tiny HH-RLHF-style data folder and a tiny synthetic IMDb archive."""
 import gzip
+import io
 import json
 import os
+import random
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -50,3 +53,52 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def archive_bytes(members):
+    """A .tar.gz in the published aclImdb layout (with a README member) holding `members`: name -> review text."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for name, text in [("aclImdb/README", "Large Movie Review Dataset v1.0\n")] + list(members.items()):
+            blob = text.encode("utf-8")
+            info = tarfile.TarInfo(name)
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+    return buf.getvalue()
+
+
+_GOOD = ["great", "wonderful", "brilliant", "loved", "superb", "moving", "funny", "beautiful"]
+_BAD = ["awful", "boring", "terrible", "hated", "dull", "worst", "stupid", "waste"]
+_FILLER = ["the", "film", "movie", "plot", "acting", "story", "was", "and", "I", "it", "cast", "a", "very",
+           "this", "ending", "music", "really", "of", "characters", "director"]
+
+
+def write_imdb_fixture(root, n_train=40, n_test=12, n_unsup=10, seed=0):
+    """A data root holding imdb/aclImdb_v1.tar.gz with synthetic reviews whose sentiment is set by known words:
+    positive reviews mix _GOOD words into filler, negative ones _BAD words; <br /> line breaks included.
+    Returns the root (str)."""
+    rng = random.Random(seed)
+
+    def review(words):
+        text = " ".join(rng.choice(words if rng.random() < 0.3 else _FILLER) for _ in range(rng.randint(25, 45)))
+        return text.replace(" and ", ". <br /><br />And ", 1).capitalize() + "."
+    members, i = {}, 0
+    for split, n in (("train", n_train), ("test", n_test)):
+        for k in range(n):
+            label = k % 2
+            stars = rng.choice([7, 8, 9, 10]) if label else rng.choice([1, 2, 3, 4])
+            members[f"aclImdb/{split}/{'pos' if label else 'neg'}/{i}_{stars}.txt"] = review(_GOOD if label else _BAD)
+            i += 1
+    for k in range(n_unsup):
+        members[f"aclImdb/train/unsup/{i}_0.txt"] = review(_GOOD + _BAD)
+        i += 1
+    os.makedirs(os.path.join(root, "imdb"), exist_ok=True)
+    with open(os.path.join(root, "imdb", "aclImdb_v1.tar.gz"), "wb") as f:
+        f.write(archive_bytes(members))
+    return str(root)
+
+
+@pytest.fixture
+def imdb_root(tmp_path):
+    """A tiny synthetic IMDb data root (see write_imdb_fixture)."""
+    return write_imdb_fixture(tmp_path / "imdb_root")

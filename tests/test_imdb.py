@@ -4,12 +4,12 @@ from the code under test."""
 import io
 import math
 import random
-import tarfile
 import urllib.error
 
 import pytest
 import torch
 
+import conftest
 import data
 from common import UserError
 from data import imdb, judge as judge_mod
@@ -37,15 +37,7 @@ EXPECTED = {  # split -> [(text, label, stars, id)], in read_reviews' order: (la
 
 
 def archive_bytes(members=REVIEWS):
-    """A .tar.gz in the published layout (with a README member) holding the given reviews."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-        for name, text in [("aclImdb/README", "Large Movie Review Dataset v1.0\n")] + list(members.items()):
-            blob = text.encode("utf-8")
-            info = tarfile.TarInfo(name)
-            info.size = len(blob)
-            tar.addfile(info, io.BytesIO(blob))
-    return buf.getvalue()
+    return conftest.archive_bytes(members)
 
 
 @pytest.fixture

@@ -258,7 +258,7 @@ def write_tiny_checkpoints(out_dir, seed=0):
     save_checkpoint(os.path.join(out_dir, "rm.pt"), rm, settings, "rm")
 
 
-TINY = ["--device=cpu", "--dtype=float32", "--block_size=128", "--max_prompt_len=64", "--max_new_tokens=12",
+TINY = ["--task=hh", "--device=cpu", "--dtype=float32", "--block_size=128", "--max_prompt_len=64", "--max_new_tokens=12",
         "--batch_size=16", "--minibatch_size=8", "--ppo_epochs=2", "--ptx_batch_size=2", "--ptx_block_size=32",
         "--eval_prompts=32", "--eval_batch_size=32", "--sample_every=100"]
 
@@ -286,7 +286,7 @@ def test_missing_checkpoints_run_the_earlier_stages(hh_dir, tmp_path, monkeypatc
     monkeypatch.chdir(tmp_path)
     out = str(tmp_path / "out")
     calls = []
-    shared = dict(out_dir="", data_dir="", device="", dtype="", seed=0, block_size=0, max_prompt_len=0)
+    shared = dict(task="", out_dir="", data_dir="", device="", dtype="", seed=0, block_size=0, max_prompt_len=0)
 
     def fake(name):
         def main(argv):
@@ -303,7 +303,7 @@ def test_missing_checkpoints_run_the_earlier_stages(hh_dir, tmp_path, monkeypatc
     monkeypatch.setitem(sys.modules, "sft", fake("sft"))
     monkeypatch.setitem(sys.modules, "reward", fake("reward"))
     ppo.main(TINY + [f"--data_dir={hh_dir}", f"--out_dir={out}", "--iterations=1", "--seed=7", "--eval_prompts=4"])
-    want = sorted([f"--out_dir={out}", f"--data_dir={hh_dir}", "--device=cpu", "--dtype=float32", "--seed=7",
+    want = sorted(["--task=hh", f"--out_dir={out}", f"--data_dir={hh_dir}", "--device=cpu", "--dtype=float32", "--seed=7",
                    "--block_size=128", "--max_prompt_len=64"])
     assert calls == [("sft", want), ("reward", want)]
     assert os.path.exists(os.path.join(out, "ppo.pt"))

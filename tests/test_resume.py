@@ -19,7 +19,7 @@ import sft
 from model import GPT, GPTConfig, load_checkpoint, save_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SFT_TINY = dict(device="cpu", n_layer=1, n_head=2, n_embd=32, block_size=64, max_prompt_len=32, pretrain_iters=4,
+SFT_TINY = dict(task="hh", device="cpu", n_layer=1, n_head=2, n_embd=32, block_size=64, max_prompt_len=32, pretrain_iters=4,
                 pretrain_batch_size=2, pretrain_lr=1e-2, sft_iters=6, batch_size=4, lr=5e-3, eval_interval=0,
                 eval_examples=8, eval_batch_size=16, n_answers=1, max_new_tokens=4, checkpoint_every=2)
 
@@ -63,12 +63,12 @@ def test_a_run_killed_and_resumed_ends_where_an_unbroken_run_ends(stage, tmp_pat
     monkeypatch.chdir(tmp_path)
     module, name, settings = {
         "sft": (sft, "sft.pt", SFT_TINY),
-        "reward": (reward, "rm.pt", dict(device="cpu", block_size=64, max_prompt_len=32, max_iters=5, batch_size=4,
+        "reward": (reward, "rm.pt", dict(task="hh", device="cpu", block_size=64, max_prompt_len=32, max_iters=5, batch_size=4,
                                          eval_interval=0, eval_batch_size=16, norm_examples=8, n_show=0)),
-        "dpo": (dpo, "dpo.pt", dict(device="cpu", block_size=64, max_prompt_len=32, batch_size=4, max_iters=5,
+        "dpo": (dpo, "dpo.pt", dict(task="hh", device="cpu", block_size=64, max_prompt_len=32, batch_size=4, max_iters=5,
                                     train_pairs=16, eval_pairs=8, eval_interval=0, log_interval=1, eval_prompts=4,
                                     max_new_tokens=4, eval_batch_size=8)),
-        "ppo": (ppo, "ppo.pt", dict(device="cpu", block_size=64, max_prompt_len=32, max_new_tokens=6, batch_size=4,
+        "ppo": (ppo, "ppo.pt", dict(task="hh", device="cpu", block_size=64, max_prompt_len=32, max_new_tokens=6, batch_size=4,
                                     minibatch_size=2, iterations=5, ptx_batch_size=2, ptx_block_size=16,
                                     eval_prompts=4, eval_batch_size=4, sample_every=100, adaptive_kl=True,
                                     kl_horizon=8)),

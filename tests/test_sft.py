@@ -134,7 +134,7 @@ def test_flops_formula_with_every_position_a_target():
     assert sft.flops_per_step(model, n, 0, T) == 6 * (N - c.vocab_size * c.n_embd) * n + attention  # no logits
 
 
-TINY = dict(device="cpu", n_layer=1, n_head=2, n_embd=32, block_size=64, max_prompt_len=32,
+TINY = dict(task="hh", device="cpu", n_layer=1, n_head=2, n_embd=32, block_size=64, max_prompt_len=32,
             pretrain_iters=10, pretrain_batch_size=4, pretrain_lr=1e-2, sft_iters=12, batch_size=8, lr=5e-3,
             eval_interval=5, eval_batch_size=16, n_answers=2, max_new_tokens=8)
 
@@ -195,7 +195,7 @@ def test_from_gpt2_weights_the_pretraining_phase_is_skipped(tmp_path, hh_dir, mo
     report = sft.main(args(out_dir=out, data_dir=hh_dir, init_from=str(tmp_path / "gpt2"), sft_iters=3,
                            eval_interval=0))
     test = data.load_hh_rlhf(hh_dir, block_size=64, max_prompt_len=32, cache_dir=None, verbose=False)["test"]
-    assert report["test_loss_before"] == pytest.approx(sft.evaluate(model, test, RT, 16)[0], rel=1e-5)
+    assert report["test_loss_before"] == pytest.approx(sft.response_loss(model, test, RT, 16)[0], rel=1e-5)
     assert "pretrain_loss_first" not in report
     rows = [json.loads(line) for line in open(os.path.join(out, "sft_log.jsonl"))]
     assert not any("pretrain_loss" in r for r in rows) and sum("sft_loss" in r for r in rows) == 3
