@@ -1,38 +1,42 @@
 """
 Step 1 of InstructGPT (Ouyang et al. 2022, section 3.5): supervised fine-tuning (SFT) of a language model
-on demonstrations, here the `chosen` responses of HH-RLHF.
+on demonstrations: on the imdb task (the default) the continuations of review prefixes, on hh the `chosen`
+responses of HH-RLHF.
 
     L_SFT = - sum_t mask_t log pi(y_t | x, y_<t) / sum_t mask_t          (InstructGPT section 3.5)
 
 with mask_t = 1 on the response tokens (their EOT included) and 0 on the prompt and the padding, so the
 model learns to answer, not to write questions.
 
-InstructGPT starts from a pretrained GPT-3. Without a pretrained GPT at hand (offline, or
-on a laptop), this script makes its own, so there are two starts:
-  --init_from=scratch (the CPU preset): a small GPT first PRETRAINS on the pretraining text (every
-      dialogue of `train`, chosen and rejected, as one EOT-separated stream; the same loss with mask = 1 on
-      every token) for `pretrain_iters` steps, then fine-tunes on prompt -> chosen for `sft_iters` steps;
+InstructGPT starts from a pretrained GPT-3. Without a pretrained GPT at hand (offline, or on a laptop), this
+script makes its own, so there are two starts:
+  --init_from=scratch (the CPU preset): a small GPT first PRETRAINS on the task's text (imdb: the 75,000 train
+      and unsup reviews; hh: every dialogue of `train`, chosen and rejected; one EOT-separated stream, the same
+      loss with mask = 1 on every token) for `pretrain_iters` steps, then fine-tunes on prompt -> response for
+      `sft_iters` steps;
   --init_from=gpt2 (or gpt2-medium ..., or a local model.safetensors / folder): OpenAI GPT-2 weights,
-      the pretraining phase is skipped;
-The run is saved to out/sft.pt every checkpoint_every steps and at the end (weights, optimiser, step, RNG
+      the pretraining phase is skipped.
+The run is saved to out/<task>/sft.pt every checkpoint_every steps and at the end (weights, optimiser, step, RNG
 states); `--resume=True` continues it up to n_pretrain + sft_iters steps (raise --sft_iters to train longer).
 Each phase has its own warmup + cosine learning-rate schedule; AdamW (beta2 = 0.95), gradient clipping
 and gradient accumulation as in nanoGPT. Logits are computed only at target positions (the output layer
 over 50k tokens is the main cost on a CPU).
 
-    python sft.py                                  # CPU preset (about 3 minutes on 2 cores)
+    python sft.py                                  # CPU preset, imdb (a few minutes on 2 cores)
+    python sft.py --task=hh                        # the HH-RLHF dialogues
     python sft.py --sft_iters=400 --lr=3e-4        # any config key, --key=value
     python sft.py --init_from=gpt2 --lr=3e-5       # from GPT-2 weights (downloaded once when online)
     torchrun --nproc_per_node=2 sft.py             # DDP (gloo on CPU, nccl on CUDA)
 
-Writes out/sft.pt (model.save_checkpoint), out/sft_log.jsonl and out/sft.png, and prints a report: test
-response loss and perplexity before and after, and greedy / sampled answers to fixed test prompts, with
-tokens/s and the model FLOPs utilisation (MFU) against the GPU's bf16 peak where it is known.
+Writes out/<task>/sft.pt, sft_log.jsonl and sft.png, and prints a report: test response loss and perplexity
+before and after, greedy / sampled answers to fixed test prompts, tokens/s and the model FLOPs utilisation
+(MFU) against the GPU's bf16 peak where it is known, and on imdb the gold judge's view of the SFT policy's
+answers to the evaluation prompts (the starting point of every RL run).
 
-What to expect: the CPU preset (a 7.3M-parameter GPT, 150 pretraining + 250 SFT steps, ~250k tokens)
+What to expect on hh: the CPU preset (a 7.3M-parameter GPT, 150 pretraining + 250 SFT steps, ~250k tokens)
 takes the test response loss from 10.8 to about 5.4 nats/token (perplexity ~220). It learns the shape of
 an answer (" I", " Sorry", " You can", an EOT), not its content; greedy answers repeat themselves. The
-CUDA preset (GPT-2-small shape, ~65M pretraining tokens) is sized for the full HH-RLHF train files.
+CUDA preset (GPT-2-small shape) is sized for all 75,000 IMDb reviews, or for the full HH-RLHF train files.
 """
 import math
 import os
