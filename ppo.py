@@ -114,7 +114,9 @@ config = dict(common.SHARED,  # out_dir, data_dir, device, block_size, max_new_t
     clip_value_loss=True,     # False: unclipped 0.5 * (V - returns)^2
     gamma=1.0,                # discount
     lam=0.95,                 # GAE lambda
-    whiten_advantages=True,   # advantages to mean 0, std 1 over the batch's response tokens
+    whiten_advantages=True,   # advantages to mean 0, std 1 over the batch's response tokens (gae)
+    advantage_estimator="gae",  # gae (a learned critic) | rloo | grpo (critic-free: the other samples of the prompt)
+    samples_per_prompt=1,     # k responses per prompt, consecutive in the batch (k >= 2 for rloo and grpo)
     # PPO-ptx
     ptx_coef=0.5,             # weight of the pretraining loss (0 = plain PPO)
     ptx_batch_size=4,         # pretraining windows per gradient step
@@ -195,12 +197,61 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, cliprange):
         L = - mean_t min(rho_t A_t, clip(rho_t, 1 - cliprange, 1 + cliprange) A_t)
     logprobs (B, T) (with grad), old_logprobs, advantages, mask (B, T). Returns (loss, clipfrac): clipfrac is the
     fraction of masked tokens where the clipped term is the smaller one, i.e. where no gradient flows."""
+    objective, clipped = clipped_surrogate(logprobs, old_logprobs, advantages, cliprange)  # (B, T) x2
+    return -masked_mean(objective, mask), masked_mean(clipped, mask)  # -L^CLIP, PPO eq. 7
+
+
+def clipped_surrogate(logprobs, old_logprobs, advantages, cliprange):
+    """Per token: min(rho_t A_t, clip(rho_t, 1 - cliprange, 1 + cliprange) A_t) with rho_t = exp(logprobs -
+    old_logprobs), and a 0/1 float that is 1 where the clipped term is the smaller (no gradient there). (B, T) x2."""
     ratio = torch.exp(logprobs - old_logprobs)  # rho_t = pi_theta / pi_old
     unclipped = ratio * advantages
     clipped = torch.clamp(ratio, 1 - cliprange, 1 + cliprange) * advantages
-    loss = -masked_mean(torch.min(unclipped, clipped), mask)  # -L^CLIP, PPO eq. 7
-    clipfrac = masked_mean((clipped < unclipped).float(), mask)
-    return loss, clipfrac
+    return torch.min(unclipped, clipped), (clipped < unclipped).float()
+
+
+def rloo_advantages(rewards, k):
+    """REINFORCE leave-one-out (Kool et al. 2019; Ahmadian et al. 2024): each sample's baseline is the mean reward
+    of the OTHER k - 1 samples of its prompt,  A_i = R_i - 1 / (k - 1) * sum_{j != i} R_j.
+    rewards (N,) float, N / k consecutive groups of k samples of one prompt; R_i = score_i - beta * sum_t kl_t.
+    Returns (N,). Raises ValueError unless k >= 2 divides N."""
+    if k < 2 or rewards.numel() % k:
+        raise ValueError(f"rloo_advantages: need k >= 2 dividing the {rewards.numel()} rewards, got k = {k}")
+    R = rewards.view(-1, k)  # (G, k)
+    baseline = (R.sum(1, keepdim=True) - R) / (k - 1)  # the mean of the other k - 1 samples
+    return (R - baseline).flatten()
+
+
+def grpo_advantages(scores, k, eps=1e-4):
+    """GRPO's group-normalised advantage (Shao et al. 2024, DeepSeekMath, eq. 3 with outcome supervision):
+        A_i = (s_i - mean_j s_j) / (std_j s_j + eps)   over the k samples of a prompt (sample std, n - 1)
+    scores (N,) float in N / k consecutive groups of k. Returns (N,); a group of equal scores gives 0 (no nan).
+    Raises ValueError unless k >= 2 divides N."""
+    if k < 2 or scores.numel() % k:
+        raise ValueError(f"grpo_advantages: need k >= 2 dividing the {scores.numel()} scores, got k = {k}")
+    s = scores.view(-1, k)  # (G, k)
+    return ((s - s.mean(1, keepdim=True)) / (s.std(1, keepdim=True) + eps)).flatten()
+
+
+def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, cliprange, beta):
+    """GRPO's objective (DeepSeekMath, eq. 3), negated: per token the clipped surrogate plus the KL to the reference
+    as a loss term (not in the reward), beta * k3 with k3 = pi_ref / pi - log(pi_ref / pi) - 1; each sequence's
+    token losses are averaged first, then the mean is over sequences (1/G sum_i 1/|o_i| sum_t):
+        L = mean_i [ 1 / |o_i| * sum_t ( -min(rho_t A_i, clip(rho_t) A_i) + beta * k3_t ) ]
+    logprobs (B, T) (with grad), old_logprobs, ref_logprobs, advantages, mask (B, T). Returns (loss, clipfrac)."""
+    objective, clipped = clipped_surrogate(logprobs, old_logprobs, advantages, cliprange)  # (B, T) x2
+    per_token = -objective + beta * kl_estimate(logprobs, ref_logprobs, "k3")  # (B, T)
+    per_sequence = (per_token * mask).sum(1) / mask.sum(1).clamp(min=1)  # (B,) 1 / |o_i| sum_t
+    return per_sequence.mean(), masked_mean(clipped, mask)
+
+
+def critic_free_advantages(scores, rewards, mask, estimator, k):
+    """The advantage of every response token when there is no critic: its sequence's. rloo: the leave-one-out
+    advantage of R_i = sum_t r_t = score - beta * KL; grpo: the group-normalised score (its KL term is in the loss).
+    scores (B,), rewards (B, R) per-token rewards, mask (B, R). Returns (B, R), 0 outside the mask."""
+    if estimator == "rloo":
+        return rloo_advantages(rewards.sum(1), k)[:, None] * mask
+    return grpo_advantages(scores, k)[:, None] * mask
 
 
 def value_loss(values, old_values, returns, mask, cliprange_value):
@@ -253,7 +304,8 @@ def rollout(policy, reference, critic, reward_model, prompts, rt, max_new_tokens
       logprobs           (B, R)    log pi_old(y_t | x, y_<t) at `temperature`
       ref_logprobs       (B, R)    log pi_ref(y_t | x, y_<t) at `temperature`
       entropy            (B, R)    entropy of pi_old's distribution at t (nats)
-      values             (B, R)    V_t = the critic at position P + t - 1, the token before y_t (raw critic units)
+      values             (B, R)    V_t = the critic at position P + t - 1, the token before y_t (raw critic units;
+                                   0 when there is no critic: rloo, grpo)
       scores             (B,)      r(x, y) at the last real token (its EOS when it has one), raw reward-model units
       has_eos            (B,)      1 if the response ended with EOS
     Everything is 0 outside the mask."""
@@ -267,7 +319,7 @@ def rollout(policy, reference, critic, reward_model, prompts, rt, max_new_tokens
         target = torch.cat([torch.zeros_like(prompt_mask), mask], 1)  # (B, P+R) 1 on response tokens
         logprobs, entropy = policy.logprobs(idx, attn, target, temperature, return_entropy=True)  # (B, P+R) x2
         ref_logprobs = reference.logprobs(idx, attn, target, temperature)  # (B, P+R)
-        values = critic.scalar(idx, attn)[:, P - 1:-1] * mask  # (B, R) V_t read at the token before y_t
+        values = critic.scalar(idx, attn)[:, P - 1:-1] * mask if critic else torch.zeros_like(mask)  # (B, R) V_t
         scores = reward_model.score(idx, attn)  # (B,) r(x, y) at the last real token
     lengths = mask.sum(1).long()  # (B,)
     has_eos = (response.gather(1, (lengths - 1).clamp(min=0)[:, None])[:, 0] == data.EOT).float() * (lengths > 0)
@@ -276,12 +328,13 @@ def rollout(policy, reference, critic, reward_model, prompts, rt, max_new_tokens
                            scores=scores.float(), has_eos=has_eos)
 
 
-def update(policy, critic, opt_policy, opt_critic, batch, advantages, returns, cfg, rt, gen, text, it,
+def update(policy, critic, opt_policy, opt_critic, batch, advantages, returns, beta, cfg, rt, gen, text, it,
            train_logprobs=None):
-    """Step 5: ppo_epochs passes over shuffled minibatches of the rollout: the clipped policy loss (+ the ptx loss)
-    and the (clipped) value loss, one optimiser step each per minibatch. batch: rollout()'s namespace; advantages,
-    returns (B, R); text: the pretraining token stream for ptx (None when ptx_coef is 0); it: the iteration (for
-    error messages). Returns the mean of each loss / diagnostic over the minibatch steps (floats)."""
+    """Step 5: ppo_epochs passes over shuffled minibatches of the rollout: the clipped policy loss (grpo: GRPO's
+    loss, with its KL term) plus the ptx loss, and (gae) the (clipped) value loss, one optimiser step each per
+    minibatch. batch: rollout()'s namespace; advantages, returns (B, R) (returns None and critic None without a
+    critic); text: the pretraining token stream for ptx; it: the iteration (for error messages). Returns the mean
+    of each loss / diagnostic over the minibatch steps (floats)."""
     train_logprobs = train_logprobs or policy.logprobs
     cliprange_value = cfg.cliprange_value if cfg.clip_value_loss else None
     P, stats = batch.P, defaultdict(list)
@@ -290,22 +343,30 @@ def update(policy, critic, opt_policy, opt_critic, batch, advantages, returns, c
             m, idx, attn = batch.mask[mb], batch.idx[mb], batch.attn[mb]  # (b, R), (b, P+R) x2
             with rt.autocast():
                 logprobs = train_logprobs(idx, attn, batch.target[mb], cfg.temperature)[:, P:]  # (b, R)
-                pg_loss, pg_clipfrac = policy_loss(logprobs, batch.logprobs[mb], advantages[mb], m, cfg.cliprange)
+                if cfg.advantage_estimator == "grpo":  # the KL to the reference is a loss term, not a reward
+                    pg_loss, pg_clipfrac = grpo_loss(logprobs, batch.logprobs[mb], batch.ref_logprobs[mb],
+                                                     advantages[mb], m, cfg.cliprange, beta)
+                else:
+                    pg_loss, pg_clipfrac = policy_loss(logprobs, batch.logprobs[mb], advantages[mb], m, cfg.cliprange)
                 ptx_loss = torch.zeros((), device=rt.device)
                 if cfg.ptx_coef > 0:  # PPO-ptx, InstructGPT eq. 2: + gamma E_pretrain[log pi(x)] (gamma = ptx_coef)
                     tb = common.to_device(data.sample_text_batch(text, cfg.ptx_batch_size, cfg.ptx_block_size, gen), rt)
                     text_logprobs = policy.logprobs(tb["idx"], tb["attention_mask"], tb["loss_mask"])  # (b, T)
                     ptx_loss = -cfg.ptx_coef * masked_mean(text_logprobs, tb["loss_mask"])
-                values = critic.scalar(idx, attn)[:, P - 1:-1]  # (b, R) V_t, the rollout's convention
-                vf_loss, vf_clipfrac = value_loss(values, batch.values[mb], returns[mb], m, cliprange_value)
-            common.check_finite(it, policy_loss=pg_loss, ptx_loss=ptx_loss, value_loss=vf_loss)
+                if critic is not None:
+                    values = critic.scalar(idx, attn)[:, P - 1:-1]  # (b, R) V_t, the rollout's convention
+                    vf_loss, vf_clipfrac = value_loss(values, batch.values[mb], returns[mb], m, cliprange_value)
+            common.check_finite(it, policy_loss=pg_loss, ptx_loss=ptx_loss)
             (pg_loss + ptx_loss).backward()
             common.optimizer_step(policy, opt_policy, cfg.grad_clip, rt, it)
-            vf_loss.backward()
-            common.optimizer_step(critic, opt_critic, cfg.grad_clip, rt, it)
             approx_kl = masked_mean(kl_estimate(batch.logprobs[mb], logprobs.detach(), "k3"), m)  # KL(old || new)
-            for k, v in dict(policy_loss=pg_loss, ptx_loss=ptx_loss, value_loss=vf_loss, approx_kl=approx_kl,
-                             policy_clipfrac=pg_clipfrac, value_clipfrac=vf_clipfrac).items():
+            step_stats = dict(policy_loss=pg_loss, ptx_loss=ptx_loss, approx_kl=approx_kl, policy_clipfrac=pg_clipfrac)
+            if critic is not None:
+                common.check_finite(it, value_loss=vf_loss)
+                vf_loss.backward()
+                common.optimizer_step(critic, opt_critic, cfg.grad_clip, rt, it)
+                step_stats.update(value_loss=vf_loss, value_clipfrac=vf_clipfrac)
+            for k, v in step_stats.items():
                 stats[k].append(v.item())
     return {k: sum(v) / len(v) for k, v in stats.items()}
 
@@ -318,10 +379,12 @@ def responses(batch):
 def rollout_metrics(batch, rewards, returns, beta, kl_estimator):
     """The rollout's figures logged each iteration (see the module docstring), means over the batch."""
     kl = (kl_estimate(batch.logprobs, batch.ref_logprobs, kl_estimator) * batch.mask).sum(1)  # (B,) per sequence
-    return dict(score=batch.scores.mean(), kl=kl.mean(), objective=rewards.sum(1).mean(), beta=beta,
-                entropy=masked_mean(batch.entropy, batch.mask),
-                explained_var=explained_variance(batch.values, returns, batch.mask),
-                length=batch.mask.sum(1).mean(), eos_rate=batch.has_eos.mean())
+    metrics = dict(score=batch.scores.mean(), kl=kl.mean(), objective=rewards.sum(1).mean(), beta=beta,
+                   entropy=masked_mean(batch.entropy, batch.mask), length=batch.mask.sum(1).mean(),
+                   eos_rate=batch.has_eos.mean())
+    if returns is not None:  # a critic to judge
+        metrics["explained_var"] = explained_variance(batch.values, returns, batch.mask)
+    return metrics
 
 
 # ----------------------------------------------------------------------------- training
@@ -341,15 +404,28 @@ def make_missing_checkpoints(cfg):
                         (["--resume=True"] if unfinished else []))
 
 
+def check_choices(cfg):
+    """ConfigError for a choice ppo.py does not know: the KL estimator, the advantage estimator, or rloo / grpo
+    with fewer than two samples per prompt (their baseline comes from the other samples)."""
+    if cfg.kl_estimator not in ("k1", "k3"):
+        raise common.ConfigError(f"--kl_estimator={cfg.kl_estimator}: expected k1 or k3")
+    if cfg.advantage_estimator not in ("gae", "rloo", "grpo"):
+        raise common.ConfigError(f"--advantage_estimator={cfg.advantage_estimator}: expected gae, rloo or grpo")
+    if cfg.advantage_estimator != "gae" and cfg.samples_per_prompt < 2:
+        raise common.ConfigError(f"--advantage_estimator={cfg.advantage_estimator} needs --samples_per_prompt >= 2 "
+                                 f"(got {cfg.samples_per_prompt}): its baseline is the prompt's other samples")
+
+
 def load_models(cfg, rt, prompts):
-    """Policy + frozen reference from out/sft.pt, frozen reward model + trainable critic from out/rm.pt, all four on
+    """Policy + frozen reference from out/sft.pt, frozen reward model + trainable critic (gae only) from out/rm.pt, on
     rt.device and in eval mode throughout (no dropout: the rollout's and the update's logprobs come from one and the
     same function). Raises UserError for a missing or wrong checkpoint, or when the longest of the `prompts` plus
     max_new_tokens does not fit its block_size."""
     sft_ckpt = load_checkpoint(os.path.join(cfg.out_dir, "sft.pt"), stage="sft")
     rm_ckpt = load_checkpoint(os.path.join(cfg.out_dir, "rm.pt"), stage="rm")
     load = lambda ckpt, head: model_from_checkpoint(ckpt, scalar_head=head).to(rt.device).eval()
-    policy, critic = load(sft_ckpt, False), load(rm_ckpt, True)
+    policy = load(sft_ckpt, False)
+    critic = load(rm_ckpt, True) if cfg.advantage_estimator == "gae" else None  # rloo, grpo: no critic at all
     reference, reward_model = load(sft_ckpt, False).requires_grad_(False), load(rm_ckpt, True).requires_grad_(False)
     longest = max(len(e["prompt"]) for e in prompts)
     if longest + cfg.max_new_tokens > policy.config.block_size:
@@ -361,8 +437,7 @@ def load_models(cfg, rt, prompts):
 
 def main(argv=None):
     cfg = common.parse_config(config, argv, cuda_overrides=cuda_config)
-    if cfg.kl_estimator not in ("k1", "k3"):
-        raise common.ConfigError(f"--kl_estimator={cfg.kl_estimator}: expected k1 or k3")
+    check_choices(cfg)
     make_missing_checkpoints(cfg)
     rt = common.setup_runtime(cfg)
     t0 = time.time()
@@ -372,7 +447,7 @@ def main(argv=None):
     policy, reference, critic, reward_model = load_models(cfg, rt, train)
     train_logprobs = torch.compile(policy.logprobs, dynamic=True) if cfg.compile else policy.logprobs
     opt_policy = common.configure_optimizer(policy, cfg.lr, cfg.weight_decay)
-    opt_critic = common.configure_optimizer(critic, cfg.critic_lr, cfg.weight_decay)
+    opt_critic = common.configure_optimizer(critic, cfg.critic_lr, cfg.weight_decay) if critic else None
     kl_ctl = AdaptiveKLController(cfg.beta, cfg.target_kl, cfg.kl_horizon) if cfg.adaptive_kl else None
 
     # the samplers: prompts, minibatch order, text windows; and the rollout's tokens
@@ -383,6 +458,7 @@ def main(argv=None):
     path, start, score_scale = os.path.join(cfg.out_dir, "ppo.pt"), 0, None
     state = dict(models=dict(model=policy, critic=critic), optimizers=dict(policy=opt_policy, critic=opt_critic),
                  generators=dict(gen=gen, sampler=sampler))
+    state = {k: {name: x for name, x in v.items() if x is not None} for k, v in state.items()}  # no critic: none
     ckpt = common.resume_checkpoint(cfg, path, "ppo", cfg.iterations)
     if ckpt:
         start, score_scale = common.restore_training_state(ckpt, rt, **state), ckpt["score_scale"]
@@ -397,11 +473,13 @@ def main(argv=None):
         beta = kl_ctl.value if kl_ctl else cfg.beta
         lr_scale = common.lr_at(it, cfg.iterations, 1.0, 0) if cfg.decay_lr else 1.0
         common.set_lr(opt_policy, cfg.lr * lr_scale)
-        common.set_lr(opt_critic, cfg.critic_lr * lr_scale)
+        if critic:
+            common.set_lr(opt_critic, cfg.critic_lr * lr_scale)
 
         # ------------------------------------------------------------------- 1-2. rollout and score (no gradients)
         t_rollout = time.time()
-        examples = [train[i] for i in torch.randperm(len(train), generator=gen)[:cfg.batch_size]]
+        examples = [train[i] for i in torch.randperm(len(train), generator=gen)[:cfg.batch_size]
+                    for _ in range(cfg.samples_per_prompt)]  # k samples of each prompt, consecutive
         batch = rollout(policy, reference, critic, reward_model, data.collate_prompts(examples), rt,
                         cfg.max_new_tokens, cfg.temperature, sampler)
         if score_scale is None:  # Ziegler et al. 2019: the RM normalised to std 1 on the initial policy's samples
@@ -409,22 +487,26 @@ def main(argv=None):
             # One scale for the critic and its targets: normalised score units, s / score_scale. The critic starts
             # as the reward model, so its head is divided by the same scale (and so are this batch's values).
             with torch.no_grad():
-                critic.scalar_head.weight /= score_scale
-                critic.scalar_head.bias /= score_scale
+                for p in (critic.scalar_head.parameters() if critic else ()):
+                    p /= score_scale
             batch.values /= score_scale
             tqdm.write(f"std of the SFT policy's scores {score_scale:.4f}: rewards and critic use s / {score_scale:.4f}")
 
         # ------------------------------------------------------------------- 3-4. rewards, advantages
         scores = batch.scores / score_scale - cfg.missing_eos_penalty * (1 - batch.has_eos)  # penalty when no EOS
         rewards = per_token_rewards(scores, batch.logprobs, batch.ref_logprobs, batch.mask, beta, cfg.kl_estimator)
-        advantages, returns = compute_gae(rewards, batch.values, batch.mask, cfg.gamma, cfg.lam)  # (B, R) x2
-        if cfg.whiten_advantages:
-            advantages = whiten(advantages, batch.mask)
+        if cfg.advantage_estimator == "gae":
+            advantages, returns = compute_gae(rewards, batch.values, batch.mask, cfg.gamma, cfg.lam)  # (B, R) x2
+            if cfg.whiten_advantages:
+                advantages = whiten(advantages, batch.mask)
+        else:  # critic-free: the baseline comes from the other samples of the same prompt
+            advantages, returns = critic_free_advantages(scores, rewards, batch.mask, cfg.advantage_estimator,
+                                                         cfg.samples_per_prompt), None
 
         # ------------------------------------------------------------------- 5. PPO epochs over minibatches
         t_update = time.time()
-        stats = update(policy, critic, opt_policy, opt_critic, batch, advantages, returns, cfg, rt, gen, text, it,
-                       train_logprobs)
+        stats = update(policy, critic, opt_policy, opt_critic, batch, advantages, returns, beta, cfg, rt, gen, text,
+                       it, train_logprobs)
 
         # ------------------------------------------------------------------- 6. beta, logging, checkpoint
         metrics = dict(rollout_metrics(batch, rewards, returns, beta, cfg.kl_estimator), lr=cfg.lr * lr_scale,

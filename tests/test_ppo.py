@@ -235,6 +235,99 @@ def test_ppo_on_a_bandit_reaches_the_kl_regularised_optimum():
     assert start > 0.05 and kl_to_opt() < 0.2 * start, (start, kl_to_opt())
 
 
+# ----------------------------------------------------------------------------- critic-free estimators
+def test_rloo_advantages_equal_a_leave_one_out_loop():
+    g = torch.Generator().manual_seed(6)
+    k, groups = 4, 5
+    rewards = torch.randn(k * groups, generator=g)
+    adv = ppo.rloo_advantages(rewards, k)
+    want = torch.zeros_like(rewards)
+    for i in range(len(rewards)):
+        group = range(i // k * k, i // k * k + k)
+        others = [rewards[j].item() for j in group if j != i]
+        want[i] = rewards[i] - sum(others) / len(others)
+    torch.testing.assert_close(adv, want)
+    assert torch.allclose(adv.view(groups, k).sum(1), torch.zeros(groups), atol=1e-6)  # each group sums to 0
+    with pytest.raises(ValueError):
+        ppo.rloo_advantages(rewards, 3)  # 20 rewards are not groups of 3
+
+
+def test_grpo_advantages_equal_a_loop_with_the_sample_std():
+    g = torch.Generator().manual_seed(7)
+    k, groups, eps = 3, 4, 1e-4
+    scores = torch.randn(k * groups, generator=g)
+    scores[6:9] = 0.5  # a group of equal scores
+    adv = ppo.grpo_advantages(scores, k, eps)
+    for grp in range(groups):
+        s = [scores[grp * k + j].item() for j in range(k)]
+        mean = sum(s) / k
+        std = math.sqrt(sum((x - mean) ** 2 for x in s) / (k - 1))  # sample std, n - 1
+        for j in range(k):
+            assert adv[grp * k + j].item() == pytest.approx((s[j] - mean) / (std + eps), abs=1e-5)
+    assert torch.all(adv[6:9] == 0) and torch.isfinite(adv).all()
+
+
+def test_grpo_loss_equals_the_formula_token_by_token():
+    """DeepSeekMath eq. 3 on a hand-built batch: per sequence, the mean over its tokens of
+    -min(rho A, clip(rho) A) + beta * (pi_ref / pi - log(pi_ref / pi) - 1); then the mean over sequences."""
+    g = torch.Generator().manual_seed(8)
+    mask = prefix_mask([3, 1, 4], 4)
+    logp = (-torch.rand(3, 4, generator=g) * 2).requires_grad_()
+    old = logp.detach() + torch.randn(3, 4, generator=g) * 0.3
+    ref = logp.detach() + torch.randn(3, 4, generator=g) * 0.5
+    adv = torch.tensor([[1.5], [-0.7], [0.2]]) * mask  # one advantage per sequence
+    eps, beta = 0.2, 0.1
+    loss, clipfrac = ppo.grpo_loss(logp, old, ref, adv, mask, eps, beta)
+    per_seq, n_clipped, n = [], 0, 0
+    for b in range(3):
+        terms = []
+        for t in range(int(mask[b].sum())):
+            rho = math.exp(logp[b, t].item() - old[b, t].item())
+            a = adv[b, t].item()
+            unclipped, clipped = rho * a, min(max(rho, 1 - eps), 1 + eps) * a
+            q = math.exp(ref[b, t].item() - logp[b, t].item())  # pi_ref / pi
+            terms.append(-min(unclipped, clipped) + beta * (q - math.log(q) - 1))
+            n_clipped, n = n_clipped + (clipped < unclipped), n + 1
+        per_seq.append(sum(terms) / len(terms))
+    assert loss.item() == pytest.approx(sum(per_seq) / 3, abs=1e-6)
+    assert clipfrac.item() == pytest.approx(n_clipped / n)
+
+
+@pytest.mark.parametrize("estimator, beta", [("rloo", 0.5), ("grpo", 0.02)])
+def test_critic_free_estimators_move_a_bandit_toward_the_optimum(estimator, beta):
+    """The bandit of the PPO test, k = 8 samples per prompt, no critic. rloo optimises the same KL-regularised
+    objective as PPO (R = r - beta kl, leave-one-out baseline), so it must approach pi* ∝ pi_ref exp(r / beta).
+    grpo's advantages are rescaled by the group's std, and its k3 loss term pulls with the gradient of
+    KL(pi_ref || pi), so its fixed point is not that pi*; with a small beta both approach the best arm, and it
+    must move there."""
+    g = torch.Generator().manual_seed(5)
+    V, k, groups = 8, 8, 32
+    r = torch.rand(V, generator=g)
+    ref_logp = torch.log_softmax(torch.randn(V, generator=g), 0)
+    target = torch.log_softmax(ref_logp + r / beta, 0)  # log pi*
+    logits = ref_logp.clone().requires_grad_()
+    kl_to_opt = lambda: (lambda lp: (lp.exp() * (lp - target)).sum().item())(torch.log_softmax(logits, 0))
+    start = kl_to_opt()
+    opt = torch.optim.Adam([logits], lr=0.05)
+    mask = torch.ones(k * groups, 1)
+    for _ in range(100):
+        with torch.no_grad():
+            old_logp = torch.log_softmax(logits, 0)
+            a = torch.multinomial(old_logp.exp(), k * groups, replacement=True, generator=g)  # groups of k
+            rewards = ppo.per_token_rewards(r[a], old_logp[a][:, None], ref_logp[a][:, None], mask, beta, "k1")
+            adv = ppo.critic_free_advantages(r[a], rewards, mask, estimator, k)
+        for _ in range(4):
+            logp = torch.log_softmax(logits, 0)[a][:, None]
+            if estimator == "grpo":
+                loss, _ = ppo.grpo_loss(logp, old_logp[a][:, None], ref_logp[a][:, None], adv, mask, 0.2, beta)
+            else:
+                loss, _ = ppo.policy_loss(logp, old_logp[a][:, None], adv, mask, 0.2)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    assert start > 0.05 and kl_to_opt() < 0.5 * start, (start, kl_to_opt())
+
+
 # ----------------------------------------------------------------------------- end to end
 def write_tiny_checkpoints(out_dir, seed=0):
     """A tiny random SFT model whose answers use mostly 16 tokens (their embedding rows scaled up, so they dominate
@@ -379,6 +472,29 @@ def test_the_critic_starts_in_the_units_of_its_targets(hh_dir, tmp_path, monkeyp
     for k in ("scalar_head.weight", "scalar_head.bias"):
         torch.testing.assert_close(ckpt["critic"][k], rm[k] / scale)
     assert torch.equal(ckpt["critic"]["transformer.h.0.attn.c_attn.weight"], rm["transformer.h.0.attn.c_attn.weight"])
+
+
+@pytest.mark.parametrize("estimator", ["rloo", "grpo"])
+def test_tiny_critic_free_run_builds_no_critic(estimator, hh_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = str(tmp_path / "out")
+    write_tiny_checkpoints(out)
+    ppo.main(TINY + [f"--data_dir={hh_dir}", f"--out_dir={out}", "--iterations=2", "--eval_prompts=4",
+                     f"--advantage_estimator={estimator}", "--samples_per_prompt=4", "--batch_size=4"])
+    rows = [json.loads(line) for line in open(os.path.join(out, "ppo_log.jsonl"))]
+    assert len(rows) == 2 and all("policy_loss" in r and "score" in r for r in rows)
+    assert not any(k in r for r in rows for k in ("value_loss", "value_clipfrac", "explained_var"))
+    ckpt = torch.load(os.path.join(out, "ppo.pt"))
+    assert "critic" not in ckpt and set(ckpt["optimizers"]) == {"policy"}
+    for f in ("ppo.png", "eval_ppo.json", "frontier.png"):
+        assert os.path.exists(os.path.join(out, f))
+
+
+def test_critic_free_estimators_need_two_samples_per_prompt(tmp_path):
+    with pytest.raises(common.ConfigError, match="samples_per_prompt >= 2"):
+        ppo.main(["--device=cpu", f"--out_dir={tmp_path}", "--advantage_estimator=grpo"])
+    with pytest.raises(common.ConfigError, match="gae, rloo or grpo"):
+        ppo.main(["--device=cpu", f"--out_dir={tmp_path}", "--advantage_estimator=a2c"])
 
 
 def test_bad_kl_estimator_is_a_clear_error(tmp_path):
