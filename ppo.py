@@ -55,6 +55,7 @@ Flags (each switches one implementation detail on or off, so a reader can see wh
 Logged each iteration (out/ppo_log.jsonl, out/ppo.png; score, kl and beta also in the tqdm postfix).
 Rollout figures are means over the batch's sequences; update figures are means over every minibatch step:
   score            reward-model score s of the rollout's responses (before the missing-EOS penalty): the proxy
+                   (with --reward=gold: the gold judge's log-odds, the score PPO maximises)
   gold             imdb: the gold judge's log-odds of the same responses: the truth the proxy stands in for
   kl               KL(pi || pi_ref) per sequence: sum over response tokens of kl_t (kl_estimator), in nats
   objective        what PPO maximises, the RLHF objective: sum_t r_t = s (normalised, with penalty) - beta * kl
@@ -99,6 +100,7 @@ config = dict(common.SHARED,  # out_dir, data_dir, device, block_size, max_new_t
     adaptive_kl=False,        # adapt beta towards target_kl (Ziegler et al. 2019, section 2.2)
     target_kl=6.0,            # adaptive_kl: target KL per sequence, nats
     kl_horizon=10000,         # adaptive_kl: horizon in samples
+    reward="rm",              # rm: the learned reward model (RLHF) | gold: imdb's gold judge itself ("PPO-GT")
     normalize_scores=True,    # divide the scores by their std on the first rollout (the SFT policy's samples)
     missing_eos_penalty=0.0,  # subtracted from the (normalised) score of a response without EOS (0 = off; see above)
     # PPO update
@@ -405,12 +407,14 @@ def make_missing_checkpoints(cfg):
 
 
 def check_choices(cfg):
-    """ConfigError for a choice ppo.py does not know: the KL estimator, the advantage estimator, or rloo / grpo
-    with fewer than two samples per prompt (their baseline comes from the other samples)."""
+    """ConfigError for a choice ppo.py does not know: the KL estimator, the reward, the advantage estimator, or
+    rloo / grpo with fewer than two samples per prompt (their baseline comes from the other samples)."""
     if cfg.kl_estimator not in ("k1", "k3"):
         raise common.ConfigError(f"--kl_estimator={cfg.kl_estimator}: expected k1 or k3")
     if cfg.advantage_estimator not in ("gae", "rloo", "grpo"):
         raise common.ConfigError(f"--advantage_estimator={cfg.advantage_estimator}: expected gae, rloo or grpo")
+    if cfg.reward not in ("rm", "gold") or (cfg.reward == "gold" and cfg.task != "imdb"):
+        raise common.ConfigError(f"--reward={cfg.reward}: expected rm, or gold on the imdb task (hh has no judge)")
     if cfg.advantage_estimator != "gae" and cfg.samples_per_prompt < 2:
         raise common.ConfigError(f"--advantage_estimator={cfg.advantage_estimator} needs --samples_per_prompt >= 2 "
                                  f"(got {cfg.samples_per_prompt}): its baseline is the prompt's other samples")
@@ -482,6 +486,9 @@ def main(argv=None):
                     for _ in range(cfg.samples_per_prompt)]  # k samples of each prompt, consecutive
         batch = rollout(policy, reference, critic, reward_model, data.collate_prompts(examples), rt,
                         cfg.max_new_tokens, cfg.temperature, sampler)
+        gold = data.gold_scores(task.judge, [e["prompt"] for e in examples], responses(batch)) if task.judge else None
+        if cfg.reward == "gold":  # the truth as the reward: what RL achieves when the reward model is perfect
+            batch.scores = gold.to(rt.device)
         if score_scale is None:  # Ziegler et al. 2019: the RM normalised to std 1 on the initial policy's samples
             score_scale = common.global_std(batch.scores, rt) if cfg.normalize_scores else 1.0
             # One scale for the critic and its targets: normalised score units, s / score_scale. The critic starts
@@ -511,8 +518,8 @@ def main(argv=None):
         # ------------------------------------------------------------------- 6. beta, logging, checkpoint
         metrics = dict(rollout_metrics(batch, rewards, returns, beta, cfg.kl_estimator), lr=cfg.lr * lr_scale,
                        rollout_s=t_update - t_rollout, update_s=time.time() - t_update, **stats)
-        if task.judge is not None:  # the truth behind the proxy score: does the policy really get more positive?
-            metrics["gold"] = data.gold_scores(task.judge, [e["prompt"] for e in examples], responses(batch)).mean()
+        if gold is not None:  # the truth behind the proxy score: does the policy really get more positive?
+            metrics["gold"] = gold.mean()
         metrics = {k: common.all_reduce_mean(v, rt) for k, v in metrics.items()}  # means over the ranks
         if kl_ctl:
             kl_ctl.update(metrics["kl"], len(batch.idx) * rt.world_size)

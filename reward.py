@@ -69,7 +69,8 @@ config = dict(common.SHARED, # out_dir, data_dir, device, block_size, checkpoint
     n_show=4,                # test pairs printed with their scores in the report
 )
 cuda_config = dict(common.SHARED_CUDA,
-    max_iters=1500, batch_size=32, lr=2e-5,  # 48k pairs: ~half an epoch of the full helpful + harmless train
+    n_pairs=20000, n_test_pairs=1000,  # imdb: more pairs, of the longer answers of the CUDA preset
+    max_iters=1500, batch_size=32, lr=2e-5,  # 48k pairs: ~1.2 epochs of imdb's 20k, half of the full HH train
     eval_interval=250, norm_examples=0,
 )
 
@@ -168,7 +169,26 @@ def gold_agreement(pairs, chosen, rejected):
 
 
 @torch.no_grad()
-def make_pairs(policy, task, cfg, rt):
+def pairs_recipe(cfg, sft_path):
+    """What the imdb pairs depend on: the SFT checkpoint (its file's size and time) and the sampling settings."""
+    return dict(sft=f"{os.path.getsize(sft_path)}:{os.path.getmtime(sft_path)}", n_pairs=cfg.n_pairs,
+                n_test_pairs=cfg.n_test_pairs, seed=cfg.seed, max_new_tokens=cfg.max_new_tokens)
+
+
+def same_pairs(cfg, recipe):
+    """True when out/<task>/pairs.pt exists and was made by this recipe: reuse it (e.g. a second reward model on the
+    same pairs, or a resumed run) instead of sampling again."""
+    path = data.tasks.pairs_path(cfg)
+    if not os.path.exists(path):
+        return False
+    info = torch.load(path, weights_only=False).get("info", {})
+    if {k: info.get(k) for k in recipe} != recipe:
+        return False
+    print(f"reusing {path}: made from the same sft.pt with the same settings")
+    return True
+
+
+def make_pairs(policy, task, cfg, rt, recipe):
     """imdb (Ziegler et al. 2019; DPO paper, section 6.1): the preference pairs a human would have labelled. For
     n_pairs train prompts and n_test_pairs test prompts, two answers each from the SFT policy; the gold judge
     labels each pair like a noisy human, the first answer chosen with probability sigmoid(g1 - g2) (Bradley-Terry,
@@ -188,8 +208,7 @@ def make_pairs(policy, task, cfg, rt):
                 pairs[split].append(dict(prompt=p["prompt"], chosen=answers[w][i], rejected=answers[l][i],
                                          gold_chosen=gold[w][i].item(), gold_rejected=gold[l][i].item()))
         dropped[split] = len(prompts) - len(pairs[split])
-    data.save_pairs(cfg, pairs, dict(n_pairs=cfg.n_pairs, n_test_pairs=cfg.n_test_pairs, seed=cfg.seed,
-                                     max_new_tokens=cfg.max_new_tokens, dropped_identical=dropped))
+    data.save_pairs(cfg, pairs, dict(recipe, dropped_identical=dropped))
     print(f"sampled and labelled {len(pairs['train'])} train / {len(pairs['test'])} test pairs (two SFT answers per "
           f"prompt, Bradley-Terry labels from the gold judge; {sum(dropped.values())} identical pairs dropped) in "
           f"{time.time() - t0:.0f} s -> {data.tasks.pairs_path(cfg)}")
@@ -227,9 +246,10 @@ def main(argv=None):
         raise common.UserError(f"--block_size={cfg.block_size} exceeds the block_size "
                                f"{sft_ckpt['model_args']['block_size']} of {sft_path}")
     task = data.load_task(cfg, verbose=rt.master)
-    if task.judge is not None and not (ckpt and os.path.exists(data.tasks.pairs_path(cfg))):
+    recipe = pairs_recipe(cfg, sft_path)
+    if task.judge is not None and not same_pairs(cfg, recipe):
         if rt.master:  # imdb: the pairs are made here, from the SFT policy's answers and the judge's labels
-            make_pairs(model_from_checkpoint(sft_ckpt).to(rt.device), task, cfg, rt)
+            make_pairs(model_from_checkpoint(sft_ckpt).to(rt.device), task, cfg, rt, recipe)
         if rt.ddp:
             torch.distributed.barrier()
     train, test = data.load_pairs(cfg, task)

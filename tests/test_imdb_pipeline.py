@@ -2,6 +2,7 @@
 files, the pairs carry the judge's gold scores and Bradley-Terry labels, and every report has the gold score."""
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -46,6 +47,14 @@ def test_every_stage_runs_on_imdb(imdb_root, tmp_path, monkeypatch, capsys, one_
     rows = [json.loads(line) for line in open(os.path.join(out, "ppo_log.jsonl"))]
     assert len(rows) == 2 and all("gold" in r and "score" in r for r in rows)
     assert {"gold", "positive", "score", "kl"} <= set(report["ppo"]) and "gold_win_rate" in report
+
+    os.makedirs(os.path.join(out, "gold"))
+    for name in ("sft.pt", "rm.pt"):
+        shutil.copy(os.path.join(out, name), os.path.join(out, "gold", name))
+    ppo.main(argv(task="imdb", data_dir=imdb_root, out_dir=os.path.join(out, "gold"), iterations=1, batch_size=4, minibatch_size=2,
+                  ptx_coef=0, reward="gold"))  # PPO against the judge itself: its score IS the gold score
+    row = json.loads(open(os.path.join(out, "gold", "ppo_log.jsonl")).readline())
+    assert row["score"] == pytest.approx(row["gold"], abs=1e-5)
 
     report = dpo.main(argv(**common, max_iters=2, batch_size=2, eval_interval=0, log_interval=1, eval_pairs=4))
     assert "gold" in report["dpo"] and report["dpo"]["gold"] == pytest.approx(
