@@ -15,6 +15,7 @@ truth every reward model stands in for, and (KL, mean reward-model score) on hh,
 log pi(y_t | x, y_<t) - log pi_ref(y_t | x, y_<t) (the k1 estimator), averaged over prompts.
 """
 import json
+import math
 import os
 
 import torch
@@ -130,7 +131,8 @@ def summarize(result):
             out[f"{name}_se"] = x.std().item() / len(x) ** 0.5 if len(x) > 1 else 0.0
     if "gold" in result:
         out["positive"] = (result["gold"] > 0).float().mean().item()
-    out.update(length=result["lengths"].float().mean().item(), eos_rate=result["eos"].mean().item())
+    if "lengths" in result:
+        out.update(length=result["lengths"].float().mean().item(), eos_rate=result["eos"].mean().item())
     return out
 
 
@@ -145,6 +147,32 @@ def print_summary(name, s):
         parts.append(f"KL {s['kl']:6.2f} nats")
     parts.append(f"length {s['length']:5.1f}  EOS rate {s['eos_rate']:.2f}")
     print("  " + "  ".join(parts))
+
+
+def best_of_n_kl(n):
+    """KL(best-of-n || base) in nats when the n samples are distinct: log n - (n - 1) / n (Stiennon et al. 2020,
+    appendix; an upper bound in general). n >= 1 -> float (0 for n = 1)."""
+    return math.log(n) - (n - 1) / n
+
+
+def best_of_n(policy, reward_model, prompts, rt, cfg, n_max=64, judge=None):
+    """Best-of-n from `policy`: for each prompt the answer the reward model scores highest among n samples, for
+    n = 1, 2, 4, ..., n_max. One pass: n_max rounds of sample_and_score (round j seeded with eval_seed + j, so round
+    0 is the plain evaluation), and the smaller n take the first n rounds. Returns a list of dicts, one per n: n, kl
+    (best_of_n_kl), score (+ score_se) the proxy of the chosen answers, and gold (+ gold_se, positive) with a judge."""
+    rounds = [sample_and_score(policy, None, reward_model, prompts, rt, cfg.eval_batch_size, cfg.max_new_tokens,
+                               seed=cfg.eval_seed + j, judge=judge) for j in range(n_max)]
+    proxy = torch.stack([r["scores"] for r in rounds])  # (n_max, N)
+    gold = torch.stack([r["gold"] for r in rounds]) if judge is not None else None
+    rows, n = [], 1
+    while n <= n_max:
+        pick = proxy[:n].argmax(0, keepdim=True)  # (1, N) the reward model's favourite among the first n
+        chosen = dict(scores=proxy[:n].gather(0, pick)[0])  # (N,)
+        if gold is not None:
+            chosen["gold"] = gold[:n].gather(0, pick)[0]
+        rows.append(dict(n=n, kl=best_of_n_kl(n), kl_se=0.0, **summarize(chosen)))
+        n *= 2
+    return rows
 
 
 def save_point(out_dir, stage, summary, settings):

@@ -72,6 +72,8 @@ Rollout figures are means over the batch's sequences; update figures are means o
   lr               policy learning rate of this iteration (the critic's follows the same schedule)
   rollout_s, update_s  seconds spent in steps 1-4 and in step 5
   sample_<i>       every sample_every iterations: the policy's answer to fixed test prompt i (text, printed)
+  eval_<figure>    every eval_every iterations: evaluate.summarize of the policy's answers to the evaluation prompts
+                   (eval_score the proxy, eval_gold the truth, eval_kl): the over-optimisation curve
 """
 import importlib
 import os
@@ -125,6 +127,8 @@ config = dict(common.SHARED,  # out_dir, data_dir, device, block_size, max_new_t
     ptx_block_size=64,        # tokens per pretraining window
     # logging
     sample_every=10,          # print and log the answers to a few fixed test prompts every N iterations
+    eval_every=0,             # every N iterations, evaluate on the evaluation prompts (eval_score, eval_gold, eval_kl:
+                              # a run traces a curve on the reward-versus-KL chart); 0 = only the final report
     n_sample_prompts=2,       # how many
 )
 cuda_config = dict(common.SHARED_CUDA, checkpoint_every=25, iterations=300, batch_size=128, minibatch_size=32,
@@ -378,6 +382,21 @@ def responses(batch):
     return [row[:int(n)] for row, n in zip(batch.idx[:, batch.P:].tolist(), batch.mask.sum(1).tolist())]
 
 
+def score_scale_from(batch, critic, cfg, rt):
+    """Ziegler et al. 2019: the reward model normalised to std 1 on the initial policy's answers. Returns the std of
+    the first rollout's scores over every DDP rank (1 with normalize_scores off). One scale for the critic and its
+    targets, normalised score units s / scale: the critic starts as the reward model, so its head is divided by the
+    same scale, and so are this batch's values."""
+    scale = common.global_std(batch.scores, rt) if cfg.normalize_scores else 1.0
+    with torch.no_grad():
+        for p in (critic.scalar_head.parameters() if critic else ()):
+            p /= scale
+    batch.values /= scale
+    if rt.master:
+        tqdm.write(f"std of the SFT policy's scores {scale:.4f}: rewards and critic use s / {scale:.4f}")
+    return scale
+
+
 def rollout_metrics(batch, rewards, returns, beta, kl_estimator):
     """The rollout's figures logged each iteration (see the module docstring), means over the batch."""
     kl = (kl_estimate(batch.logprobs, batch.ref_logprobs, kl_estimator) * batch.mask).sum(1)  # (B,) per sequence
@@ -489,15 +508,8 @@ def main(argv=None):
         gold = data.gold_scores(task.judge, [e["prompt"] for e in examples], responses(batch)) if task.judge else None
         if cfg.reward == "gold":  # the truth as the reward: what RL achieves when the reward model is perfect
             batch.scores = gold.to(rt.device)
-        if score_scale is None:  # Ziegler et al. 2019: the RM normalised to std 1 on the initial policy's samples
-            score_scale = common.global_std(batch.scores, rt) if cfg.normalize_scores else 1.0
-            # One scale for the critic and its targets: normalised score units, s / score_scale. The critic starts
-            # as the reward model, so its head is divided by the same scale (and so are this batch's values).
-            with torch.no_grad():
-                for p in (critic.scalar_head.parameters() if critic else ()):
-                    p /= score_scale
-            batch.values /= score_scale
-            tqdm.write(f"std of the SFT policy's scores {score_scale:.4f}: rewards and critic use s / {score_scale:.4f}")
+        if score_scale is None:  # the first rollout: the SFT policy's answers
+            score_scale = score_scale_from(batch, critic, cfg, rt)
 
         # ------------------------------------------------------------------- 3-4. rewards, advantages
         scores = batch.scores / score_scale - cfg.missing_eos_penalty * (1 - batch.has_eos)  # penalty when no EOS
@@ -529,6 +541,10 @@ def main(argv=None):
             for i, answer in enumerate(evaluate.answers_text(policy, watch, rt, cfg.max_new_tokens, seed=cfg.seed)):
                 metrics[f"sample_{i}"] = answer
                 tqdm.write(f"[iter {it}] sample {i}: {answer!r}")
+        if rt.master and cfg.eval_every and (it + 1) % cfg.eval_every == 0:  # the curve for the over-optimisation chart
+            metrics.update({f"eval_{k}": v for k, v in evaluate.summarize(evaluate.sample_and_score(
+                policy, reference, reward_model, evaluate.eval_prompts(task.prompts_test, cfg), rt, cfg.eval_batch_size,
+                cfg.max_new_tokens, seed=cfg.eval_seed, judge=task.judge)).items()})
         logger.log(it, **metrics)
         if common.checkpoint_due(it + 1, cfg, cfg.iterations):
             common.save_training_state(path, "ppo", cfg, it + 1, cfg.iterations, rt, **state, score_scale=score_scale,

@@ -1,0 +1,78 @@
+"""Best-of-n and the lab: the KL of best-of-n against an exact enumeration, best-of-n's choice against a max over
+independent samples, and the sweep on a tiny imdb fixture writing every point and both charts."""
+import json
+import math
+import os
+import types
+
+import pytest
+import torch
+
+import common
+import evaluate
+import lab
+import reward
+import sft
+from model import GPT, GPTConfig
+
+
+def exact_best_of_n_kl(p, n):
+    """KL(q || p) for q the distribution of the best of n draws from the categorical p, outcome i ranked i-th (all
+    rewards distinct, ascending in i): q_i = F_i^n - F_{i-1}^n with F the cumulative distribution."""
+    cdf = torch.cumsum(p.double(), 0)
+    q = cdf ** n - torch.cat([torch.zeros(1, dtype=torch.float64), cdf[:-1]]) ** n
+    keep = q > 0
+    return (q[keep] * (q[keep] / p.double()[keep]).log()).sum().item()
+
+
+@pytest.mark.parametrize("n", [1, 2, 4, 16, 64])
+def test_best_of_n_kl_equals_the_closed_form_and_an_exact_enumeration(n):
+    assert evaluate.best_of_n_kl(n) == pytest.approx(math.log(n) - (n - 1) / n)
+    fine = torch.full((20000,), 1 / 20000)  # many equally likely outcomes: the continuous limit
+    assert exact_best_of_n_kl(fine, n) == pytest.approx(evaluate.best_of_n_kl(n), abs=2e-3)
+    lumpy = torch.softmax(torch.randn(12, generator=torch.Generator().manual_seed(n)), 0)
+    assert exact_best_of_n_kl(lumpy, n) <= evaluate.best_of_n_kl(n) + 1e-9  # an upper bound for any categorical
+
+
+def test_best_of_n_takes_the_reward_models_favourite_and_n_1_is_plain_sampling(one_thread):
+    torch.manual_seed(0)
+    policy = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=64)).eval()
+    rm = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=64, scalar_head=True)).eval()
+    prompts = [{"prompt": [5 + i, 6, 7 + i]} for i in range(6)]
+    rt = common.setup_runtime(types.SimpleNamespace(device="cpu", dtype="float32", seed=0))
+    cfg = types.SimpleNamespace(eval_batch_size=4, max_new_tokens=6, eval_seed=3)
+    rows = evaluate.best_of_n(policy, rm, prompts, rt, cfg, n_max=4)
+    assert [r["n"] for r in rows] == [1, 2, 4] and [r["kl"] for r in rows] == [evaluate.best_of_n_kl(n) for n in (1, 2, 4)]
+    plain = [evaluate.sample_and_score(policy, None, rm, prompts, rt, 4, 6, seed=3 + j)["scores"] for j in range(4)]
+    assert rows[0]["score"] == pytest.approx(plain[0].mean().item(), abs=1e-6)  # n = 1: the plain evaluation
+    for row in rows[1:]:  # the chosen answer's proxy score is the best of the first n samples, prompt by prompt
+        best = torch.stack(plain[:row["n"]]).max(0).values
+        assert row["score"] == pytest.approx(best.mean().item(), abs=1e-6)
+    assert rows[2]["score"] >= rows[1]["score"] >= rows[0]["score"]
+
+
+@pytest.mark.slow
+def test_the_sweep_writes_every_point_and_both_charts(imdb_root, tmp_path, monkeypatch, one_thread):
+    monkeypatch.chdir(tmp_path)
+    out = str(tmp_path / "out")
+    shared = dict(task="imdb", device="cpu", data_dir=imdb_root, out_dir=out, block_size=64, max_new_tokens=6,
+                  eval_prompts=4, eval_batch_size=4)
+    argv = lambda **kw: [f"--{k}={v}" for k, v in {**shared, **kw}.items()]
+    sft.main(argv(n_layer=1, n_head=2, n_embd=32, pretrain_iters=4, pretrain_batch_size=2, sft_iters=4, batch_size=4,
+                  eval_interval=0, eval_examples=4, n_answers=1))
+    reward.main(argv(n_pairs=8, n_test_pairs=4, max_iters=2, batch_size=4, eval_interval=0, norm_examples=4, n_show=0))
+    report = lab.main(argv(ppo_betas="0.05,0.2", dpo_betas="0.1", bon_max_n=4, eval_every=1,
+                           ppo_args="--iterations=2 --batch_size=4 --minibatch_size=2 --ptx_coef=0",
+                           dpo_args="--max_iters=2 --batch_size=2 --eval_interval=0 --eval_pairs=4"))
+    rows = [json.loads(line) for line in open(os.path.join(out, "lab", "points.jsonl"))]
+    methods = [(r["method"], r.get("beta", r.get("n"))) for r in rows]
+    assert methods[:4] == [("sft", 0.0), ("ppo", 0.05), ("ppo", 0.2), ("dpo", 0.1)]
+    assert [r["n"] for r in rows if r["method"] == "best-of-n"] == [1, 2, 4]
+    curve = [r for r in rows if r["method"] == "ppo-curve"]
+    assert len(curve) == 3 and curve[0]["kl"] == 0 and all(r["beta"] == 0.05 for r in curve)  # SFT + 2 evaluations
+    assert all({"gold", "gold_se", "score", "kl"} <= set(r) for r in rows if r["method"] in ("sft", "ppo", "dpo"))
+    for f in ("frontier.png", "overoptimisation.png"):
+        assert os.path.getsize(os.path.join(out, "lab", f)) > 1000, f
+    assert len(report["points"]) == 4
+    again = lab.main(argv(ppo_betas="0.05,0.2", dpo_betas="0.1", bon_max_n=4))  # finished runs are kept, not redone
+    assert [p["gold"] for p in again["points"]] == [p["gold"] for p in report["points"]]
