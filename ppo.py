@@ -30,6 +30,11 @@ One iteration, as main() reads (rollout() and update() are one screen each):
 Checkpoints: out/ppo.pt every checkpoint_every iterations and at the end (policy, critic, both optimisers, beta,
 the score scale, RNG states); `--resume=True` continues a killed run to the same final iteration.
 
+Critic-free (--advantage_estimator=rloo|grpo, samples_per_prompt = k): the rollout samples k answers per prompt,
+consecutive in the batch; every token of an answer takes the answer's advantage (rloo_advantages, grpo_advantages);
+no critic is built, trained or logged; the clipped ratio, epochs, minibatches and ptx are PPO's. To compare with gae
+at the same budget, keep batch_size * samples_per_prompt equal.
+
 Layout: sequences = cat([prompt (B, P) left-padded, response (B, R)], 1); everything per token is the (B, R)
 response slice [:, P:] with response_mask (1 up to and including the first EOS, 0 after it).
 Value convention: V_t = the critic's scalar at sequence position P + t - 1, i.e. at the token BEFORE response
@@ -50,6 +55,11 @@ Flags (each switches one implementation detail on or off, so a reader can see wh
                             stop emitting EOS (eos_rate falls, length rises to max_new_tokens). With the penalty on,
                             PPO learns to finish its answers instead, and that reward model's score does not rise
   grad_clip=0               no gradient clipping
+  advantage_estimator=rloo  no critic: each answer's advantage is its reward minus the mean reward of the prompt's
+    (or grpo)               other samples (rloo), or its score normalised within the prompt's samples, with the KL
+                            as a loss term (grpo); needs samples_per_prompt >= 2 (section "Critic-free" below)
+  reward=gold               (imdb) PPO against the gold judge itself instead of the learned reward model: what RL
+                            reaches when the reward model is perfect (the DPO paper's "PPO-GT")
   decay_lr=False            constant learning rates instead of cosine decay to 10%
 
 Logged each iteration (out/ppo_log.jsonl, out/ppo.png; score, kl and beta also in the tqdm postfix).
