@@ -22,8 +22,6 @@ import json
 import math
 import os
 
-import torch
-
 import common
 import data
 import dpo

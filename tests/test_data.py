@@ -5,8 +5,6 @@ import json
 import os
 import urllib.error
 import urllib.request
-from pathlib import Path
-
 
 import pytest
 import tiktoken
