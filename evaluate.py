@@ -2,7 +2,7 @@
 The evaluation every report shares: answer the evaluation prompts, score the answers with the reward model,
 measure their KL to the reference, compare two policies by win rate, and draw the reward-versus-KL chart.
 
-    python evaluate.py                 # evaluate every policy checkpoint in out/<task>/ (sft, ppo, dpo), draw frontier.png
+    python evaluate.py       # evaluate every policy checkpoint in out/<task>/ (sft, ppo, dpo), draw frontier.png
 
 The evaluation set is one for every point of the chart: the first `eval_prompts` test prompts, answered at
 temperature 1 with the sampler seeded by `eval_seed` (both in common.SHARED), so SFT, PPO and DPO are compared on

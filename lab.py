@@ -1,7 +1,8 @@
 """
 The lab: how much gold reward each method buys per nat of KL, and where a reward model starts being gamed.
 
-    python lab.py                                          # imdb CPU preset: PPO and DPO at three betas each, best-of-n
+    python lab.py                                          # imdb CPU preset: PPO and DPO at three betas each, RLOO,
+                                                           # GRPO, best-of-n
     python lab.py --ppo_betas=0.02,0.1 --dpo_betas=0.1 --bon_max_n=16
 
 It reuses out/<task>/sft.pt, rm.pt and (imdb) pairs.pt (running sft.py and reward.py first if they are missing),
@@ -32,6 +33,9 @@ from model import load_checkpoint, model_from_checkpoint
 config = dict(common.SHARED,
     ppo_betas="0.01,0.05,0.2",   # one PPO run per beta (the smallest one also draws the over-optimisation curve)
     dpo_betas="0.05,0.1,0.5",    # one DPO run per beta
+    critic_free="rloo,grpo",     # one ppo.py run of each critic-free estimator, at critic_free_beta ("" = none) ...
+    critic_free_beta=0.05,       # ... with samples_per_prompt answers to each of batch_size / samples_per_prompt
+    samples_per_prompt=4,        #     prompts: as many answers per iteration as GAE's run
     ppo_args="",                 # more ppo.py flags for every PPO run, e.g. "--iterations=60 --reward=gold"
     dpo_args="",                 # more dpo.py flags for every DPO run
     eval_every=5,                # PPO iterations between the evaluations of its curve
@@ -51,19 +55,24 @@ def run_folder(cfg, method, beta):
     return folder
 
 
-def run(module, method, beta, cfg, extra):
-    """One run of ppo.py or dpo.py at `beta` in its own folder (kept if it already finished); returns its point."""
-    folder = run_folder(cfg, method, beta)
+def run(method, beta, cfg, extra):
+    """One run of ppo.py (method ppo, rloo or grpo) or dpo.py at `beta` in its own folder (kept if it already
+    finished); returns its point and the folder."""
+    folder, stage = run_folder(cfg, method, beta), "dpo" if method == "dpo" else "ppo"
     shared = [f"--{k}={getattr(cfg, k)}" for k in common.SHARED if k not in ("out_dir", "resume", "checkpoint_every")]
-    argv = shared + [f"--out_dir={folder}", f"--beta={beta}"] + extra.split()
-    if method == "ppo":
+    argv = shared + [f"--out_dir={folder}", f"--beta={beta}"]
+    if stage == "ppo":
         argv.append(f"--eval_every={cfg.eval_every}")
-    done = os.path.exists(os.path.join(folder, f"{method}.pt")) and \
-        load_checkpoint(os.path.join(folder, f"{method}.pt"), stage=method)["finished"]
-    if not done:
+    if method in ("rloo", "grpo"):  # k answers per prompt, as many answers per iteration as GAE
+        k = cfg.samples_per_prompt
+        argv += [f"--advantage_estimator={method}", f"--samples_per_prompt={k}",
+                 f"--batch_size={max(1, ppo.config['batch_size'] // k)}"]
+    argv += extra.split()
+    path = os.path.join(folder, f"{stage}.pt")
+    if not (os.path.exists(path) and load_checkpoint(path, stage=stage)["finished"]):
         print(f"\n===== {method} beta={beta} -> {folder}")
-        module.main(argv)
-    point = json.load(open(os.path.join(folder, f"eval_{method}.json")))
+        (dpo if stage == "dpo" else ppo).main(argv)
+    point = json.load(open(os.path.join(folder, f"eval_{stage}.json")))
     return dict(method=method, beta=beta, **{k: v for k, v in point.items() if k != "eval"}), folder
 
 
@@ -86,7 +95,7 @@ def plot(cfg, points, bon, curve, y):
                 capsize=2, color="grey", label="best-of-n (SFT + reward model)")
     for b in bon:
         ax.annotate(f"n={b['n']}", (b["kl"], b[y]), textcoords="offset points", xytext=(3, -10), fontsize=7)
-    for method, marker in (("sft", "*"), ("ppo", "o"), ("dpo", "s")):
+    for method, marker in (("sft", "*"), ("ppo", "o"), ("rloo", "^"), ("grpo", "v"), ("dpo", "s")):
         pts = [p for p in points if p["method"] == method]
         if pts:
             ax.errorbar([p["kl"] for p in pts], [p[y] for p in pts], yerr=[p[f"{y}_se"] for p in pts],
@@ -125,12 +134,14 @@ def main(argv=None):
     ppo_betas, dpo_betas = ([float(b) for b in s.split(",") if b] for s in (cfg.ppo_betas, cfg.dpo_betas))
     points, curve = [], []
     for beta in sorted(ppo_betas):
-        point, folder = run(ppo, "ppo", beta, cfg, cfg.ppo_args)
+        point, folder = run("ppo", beta, cfg, cfg.ppo_args)
         points.append(point)
         if not curve:  # the smallest beta: the longest way from the reference
             curve = [dict(c, beta=beta) for c in [dict(step=-1, kl=0.0, score=None, gold=None)] + ppo_curve(folder)]
+    for estimator in [e for e in cfg.critic_free.split(",") if e]:
+        points.append(run(estimator, cfg.critic_free_beta, cfg, cfg.ppo_args)[0])
     for beta in sorted(dpo_betas):
-        points.append(run(dpo, "dpo", beta, cfg, cfg.dpo_args)[0])
+        points.append(run("dpo", beta, cfg, cfg.dpo_args)[0])
 
     # best-of-n from the SFT policy, ranked by the reward model: no training, the baseline every method must beat
     task = data.load_task(cfg, verbose=False)
@@ -152,8 +163,9 @@ def main(argv=None):
     print(f"\nthe lab on {cfg.task}, {len(prompts)} test prompts (seed {cfg.eval_seed}); {y} +- standard error:")
     print(f"  {'method':10s} {'beta / n':>8s} {'KL':>7s} {y + ' (se)':>18s} {'proxy (se)':>18s}")
     for p in points + [dict(method="best-of-n", beta=b["n"], **b) for b in bon]:
+        positive = f"  positive {p['positive']:.2f}" if "positive" in p else ""
         print(f"  {p['method']:10s} {p['beta']:>8g} {p['kl']:7.2f} {p[y]:+9.3f} ({p[f'{y}_se']:.3f})"
-              f" {p['score']:+9.3f} ({p['score_se']:.3f})" + (f"  positive {p['positive']:.2f}" if "positive" in p else ""))
+              f" {p['score']:+9.3f} ({p['score_se']:.3f}){positive}")
     print(f"wrote {cfg.out_dir}/lab/frontier.png, overoptimisation.png, points.jsonl")
     common.cleanup(rt)
     return dict(points=points, best_of_n=bon, curve=curve)

@@ -195,7 +195,8 @@ def make_pairs(policy, task, cfg, rt, recipe):
     data.bradley_terry_labels). Pairs of identical answers are dropped. Writes out/imdb/pairs.pt with both gold
     scores of every pair (so a reward model can also be checked against the noiseless order)."""
     t0, pairs, dropped = time.time(), {}, {}
-    for split, prompts, n in (("train", task.prompts_train, cfg.n_pairs), ("test", task.prompts_test, cfg.n_test_pairs)):
+    for split, prompts, n in (("train", task.prompts_train, cfg.n_pairs),
+                              ("test", task.prompts_test, cfg.n_test_pairs)):
         prompts = common.subset(prompts, n, cfg.seed)
         answers = [evaluate.generate_answers(policy, prompts, rt, cfg.max_new_tokens, seed=cfg.seed + k,
                                              batch_size=cfg.eval_batch_size) for k in (1, 2)]

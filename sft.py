@@ -210,7 +210,8 @@ def main(argv=None):
     answer_prompts = sorted(test, key=lambda e: len(e["prompt"]))[:cfg.n_answers]  # the shortest: fixed
     model, n_pretrain = build_model(cfg, ckpt)
     if model.config.block_size < cfg.block_size:
-        raise common.UserError(f"--block_size={cfg.block_size} exceeds the model's block_size {model.config.block_size}")
+        raise common.UserError(f"--block_size={cfg.block_size} exceeds the model's block_size "
+                               f"{model.config.block_size}")
     model.to(rt.device).train()
     trunk = torch.compile(model.hidden_states) if cfg.compile else model.hidden_states
     gen = torch.Generator().manual_seed(cfg.seed + rt.rank)  # each rank samples its own batches

@@ -51,8 +51,8 @@ def test_every_stage_runs_on_imdb(imdb_root, tmp_path, monkeypatch, capsys, one_
     os.makedirs(os.path.join(out, "gold"))
     for name in ("sft.pt", "rm.pt"):
         shutil.copy(os.path.join(out, name), os.path.join(out, "gold", name))
-    ppo.main(argv(task="imdb", data_dir=imdb_root, out_dir=os.path.join(out, "gold"), iterations=1, batch_size=4, minibatch_size=2,
-                  ptx_coef=0, reward="gold"))  # PPO against the judge itself: its score IS the gold score
+    ppo.main(argv(task="imdb", data_dir=imdb_root, out_dir=os.path.join(out, "gold"), iterations=1, batch_size=4,
+                  minibatch_size=2, ptx_coef=0, reward="gold"))  # PPO against the judge itself: its score IS the gold score
     row = json.loads(open(os.path.join(out, "gold", "ppo_log.jsonl")).readline())
     assert row["score"] == pytest.approx(row["gold"], abs=1e-5)
 

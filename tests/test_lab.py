@@ -42,7 +42,8 @@ def test_best_of_n_takes_the_reward_models_favourite_and_n_1_is_plain_sampling(o
     rt = common.setup_runtime(types.SimpleNamespace(device="cpu", dtype="float32", seed=0))
     cfg = types.SimpleNamespace(eval_batch_size=4, max_new_tokens=6, eval_seed=3)
     rows = evaluate.best_of_n(policy, rm, prompts, rt, cfg, n_max=4)
-    assert [r["n"] for r in rows] == [1, 2, 4] and [r["kl"] for r in rows] == [evaluate.best_of_n_kl(n) for n in (1, 2, 4)]
+    assert [r["n"] for r in rows] == [1, 2, 4]
+    assert [r["kl"] for r in rows] == [evaluate.best_of_n_kl(n) for n in (1, 2, 4)]
     plain = [evaluate.sample_and_score(policy, None, rm, prompts, rt, 4, 6, seed=3 + j)["scores"] for j in range(4)]
     assert rows[0]["score"] == pytest.approx(plain[0].mean().item(), abs=1e-6)  # n = 1: the plain evaluation
     for row in rows[1:]:  # the chosen answer's proxy score is the best of the first n samples, prompt by prompt
@@ -61,18 +62,23 @@ def test_the_sweep_writes_every_point_and_both_charts(imdb_root, tmp_path, monke
     sft.main(argv(n_layer=1, n_head=2, n_embd=32, pretrain_iters=4, pretrain_batch_size=2, sft_iters=4, batch_size=4,
                   eval_interval=0, eval_examples=4, n_answers=1))
     reward.main(argv(n_pairs=8, n_test_pairs=4, max_iters=2, batch_size=4, eval_interval=0, norm_examples=4, n_show=0))
-    report = lab.main(argv(ppo_betas="0.05,0.2", dpo_betas="0.1", bon_max_n=4, eval_every=1,
+    report = lab.main(argv(ppo_betas="0.05,0.2", dpo_betas="0.1", bon_max_n=4, eval_every=1, critic_free="grpo",
+                           samples_per_prompt=2,
                            ppo_args="--iterations=2 --batch_size=4 --minibatch_size=2 --ptx_coef=0",
                            dpo_args="--max_iters=2 --batch_size=2 --eval_interval=0 --eval_pairs=4"))
     rows = [json.loads(line) for line in open(os.path.join(out, "lab", "points.jsonl"))]
     methods = [(r["method"], r.get("beta", r.get("n"))) for r in rows]
-    assert methods[:4] == [("sft", 0.0), ("ppo", 0.05), ("ppo", 0.2), ("dpo", 0.1)]
+    assert methods[:5] == [("sft", 0.0), ("ppo", 0.05), ("ppo", 0.2), ("grpo", 0.05), ("dpo", 0.1)]
     assert [r["n"] for r in rows if r["method"] == "best-of-n"] == [1, 2, 4]
     curve = [r for r in rows if r["method"] == "ppo-curve"]
     assert len(curve) == 3 and curve[0]["kl"] == 0 and all(r["beta"] == 0.05 for r in curve)  # SFT + 2 evaluations
-    assert all({"gold", "gold_se", "score", "kl"} <= set(r) for r in rows if r["method"] in ("sft", "ppo", "dpo"))
+    policies = [r for r in rows if r["method"] in ("sft", "ppo", "grpo", "dpo")]
+    assert all({"gold", "gold_se", "score", "kl"} <= set(r) for r in policies)
+    grpo = [json.loads(line) for line in open(os.path.join(out, "lab", "grpo_beta0.05", "ppo_log.jsonl"))]
+    assert "value_loss" not in grpo[0]  # the critic-free run builds no critic
     for f in ("frontier.png", "overoptimisation.png"):
         assert os.path.getsize(os.path.join(out, "lab", f)) > 1000, f
-    assert len(report["points"]) == 4
-    again = lab.main(argv(ppo_betas="0.05,0.2", dpo_betas="0.1", bon_max_n=4))  # finished runs are kept, not redone
+    assert len(report["points"]) == 5
+    # finished runs are kept, not redone
+    again = lab.main(argv(ppo_betas="0.05,0.2", dpo_betas="0.1", bon_max_n=4, critic_free="grpo", samples_per_prompt=2))
     assert [p["gold"] for p in again["points"]] == [p["gold"] for p in report["points"]]
