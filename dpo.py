@@ -2,12 +2,13 @@
 DPO: fit the SFT policy to the human comparisons directly, with no reward model and no sampling
 (Rafailov et al. 2023, "Direct Preference Optimization: Your Language Model is Secretly a Reward Model").
 
-    python dpo.py                                # CPU preset; needs out/sft.pt (python sft.py)
+    python dpo.py                                # CPU preset, imdb; needs out/imdb/sft.pt and pairs.pt (reward.py)
     python dpo.py --loss_type=ipo --beta=0.5     # any config key: --key=value
     torchrun --nproc_per_node=2 dpo.py           # DDP (gloo on CPU, nccl on CUDA)
 
-The policy pi_theta and the frozen reference pi_ref both start from out/sft.pt. For a prompt x with a chosen
-response y_w and a rejected one y_l (the `train` pairs of HH-RLHF) every loss is a function of
+The policy pi_theta and the frozen reference pi_ref both start from out/<task>/sft.pt. For a prompt x with a chosen
+response y_w and a rejected one y_l (imdb: the pairs reward.py sampled and the gold judge labelled, out/imdb/pairs.pt;
+hh: the `train` pairs of HH-RLHF) every loss is a function of
     h = beta * [ (log pi(y_w|x) - log pi_ref(y_w|x)) - (log pi(y_l|x) - log pi_ref(y_l|x)) ]    (eq. 7)
 with log pi(y|x) summed over the response tokens. r_hat(x, y) = beta * (log pi(y|x) - log pi_ref(y|x)) is
 DPO's implicit reward (section 4): the `sigmoid` loss is the reward model's Bradley-Terry loss with r_hat in
