@@ -464,8 +464,9 @@ def load_checkpoint(path, device="cpu", stage=None):
     try:
         ckpt = torch.load(path, map_location=device, weights_only=False)
     except Exception as e:  # a truncated zip, a text file, a pickle of something else
-        raise UserError(f"{path} is damaged or not a checkpoint of this project ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0][:120] if str(e) else ''}); {fix} writes it again") from None
+        why = str(e).split(". ")[0][:100]  # the first sentence of torch's message
+        raise UserError(f"{path} is damaged or not a checkpoint of this project ({type(e).__name__}: {why}); "
+                        f"{fix} writes it again") from None
     if not isinstance(ckpt, dict) or not {"model_args", "model", "stage"} <= set(ckpt):
         raise UserError(f"{path} is not a checkpoint of this project; {fix} writes it again")
     if want and ckpt["stage"] not in want:

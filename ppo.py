@@ -426,7 +426,7 @@ def make_missing_checkpoints(cfg):
     shared = {k: getattr(cfg, k) for k in common.SHARED if k not in ("resume", "checkpoint_every")}
     for stage, name in (("sft", "sft.pt"), ("reward", "rm.pt")):
         path = os.path.join(cfg.out_dir, name)
-        unfinished = os.path.exists(path) and not load_checkpoint(path).get("finished", True)
+        unfinished = os.path.exists(path) and not load_checkpoint(path, stage=name[:-3]).get("finished", True)
         if unfinished or not os.path.exists(path):
             print(f"{path} is {'unfinished' if unfinished else 'missing'}: running `python {stage}.py"
                   f"{' --resume=True' if unfinished else ''}` (its default settings) first")
