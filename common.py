@@ -35,6 +35,22 @@ class UserError(Exception):
     at fault and says what to do."""
 
 
+@contextlib.contextmanager
+def atomic_write(path):
+    """Write a file so that no reader, and no kill at any moment, ever sees half of it: yields a temporary path in
+    the same folder (created if needed) to write to, then renames it onto `path` (os.replace is atomic). If the
+    block raises, the temporary file is removed and `path` is left as it was."""
+    path = str(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def cli(main):
     """Run a stage's main() as a command: a UserError becomes `error: <message>` on stderr and exit status 2."""
     import sys

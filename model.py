@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import UserError
+from common import Diverged, UserError, atomic_write
 
 
 N_TOKENS = 50257  # GPT-2's vocabulary (tiktoken "gpt2"); ids >= N_TOKENS are padding
@@ -385,10 +385,9 @@ def _gpt2_file(name_or_path, cache_dir):
     if not os.path.exists(path):
         url = GPT2_URL.format(name_or_path)
         print(f"downloading {url} -> {path}")
-        os.makedirs(os.path.dirname(path), exist_ok=True)
         try:
-            urllib.request.urlretrieve(url, path + ".tmp")
-            os.replace(path + ".tmp", path)
+            with atomic_write(path) as tmp:
+                urllib.request.urlretrieve(url, tmp)
         except Exception as e:
             raise UserError(f"could not download {url} ({e}). Download the file by hand and pass its path: "
                             "--init_from=/path/to/model.safetensors") from None
@@ -438,7 +437,6 @@ def save_checkpoint(path, model, config, stage, **extra):
     to path, atomically: a temporary file in the same folder, then os.replace, so a kill at any moment
     leaves the previous checkpoint loadable. Raises common.Diverged (and writes nothing) if a weight is
     nan or inf: a spoiled model never overwrites a good checkpoint."""
-    from common import Diverged
     raw = _raw(model)
     sd = {k.replace("_orig_mod.", "").removeprefix("module."): v for k, v in raw.state_dict().items()}
     bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
@@ -446,10 +444,8 @@ def save_checkpoint(path, model, config, stage, **extra):
         raise Diverged(f"not saving {path}: weights {bad[:3]} hold nan/inf; the file on disk is left as it was")
     ckpt = dict(model_args=asdict(raw.config), model=sd, stage=stage,
                 config=config if isinstance(config, dict) else vars(config), tokenizer="gpt2", **extra)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        torch.save(ckpt, tmp)
 
 
 def load_checkpoint(path, device="cpu", stage=None):

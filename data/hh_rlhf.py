@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import UserError
+from common import UserError, atomic_write
 
 EOT = 50256  # <|endoftext|> of the GPT-2 BPE, appended to every response
 PAD_ID = 0  # default pad id; no code may rely on its value (the masks say what is real)
@@ -78,7 +78,7 @@ def _find(folder, subset, split):
 
 
 def _download(subsets):
-    """Download the missing HH-RLHF files into DEFAULT_DATA_DIR once (atomic: tmp then os.replace)."""
+    """Download the missing HH-RLHF files into DEFAULT_DATA_DIR once (common.atomic_write)."""
     for subset in subsets:
         for split in ("train", "test"):
             dest = DEFAULT_DATA_DIR / subset / f"{split}.jsonl.gz"
@@ -86,17 +86,13 @@ def _download(subsets):
                 continue
             url = URL.format(subset=subset, split=split)
             print(f"downloading {url} -> {dest}")
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            tmp = dest.with_name(dest.name + ".tmp")
             try:
-                with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
+                with atomic_write(dest) as tmp, urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
                     f.write(r.read())
             except OSError as e:  # URLError, HTTPError, timeouts are all OSErrors
-                tmp.unlink(missing_ok=True)
                 raise UserError(f"could not download {url} ({e}). Offline? Point the loader at a local "
                                 "copy of HH-RLHF: set RLHF_DATA_DIR=/path/to/data (holding hh-rlhf/) or pass "
                                 "--data_dir=/path/to/data") from None
-            os.replace(tmp, dest)
 
 
 def find_files(data_dir=None, subsets=SUBSETS):
@@ -273,11 +269,8 @@ def load_hh_rlhf(data_dir=None, block_size=256, max_prompt_len=128, cache_dir="d
         if verbose:
             print_summary(summary)
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-            with open(tmp, "w") as f:
+            with atomic_write(path) as tmp, open(tmp, "w") as f:  # a reader never sees a half-written cache
                 json.dump(blob, f)
-            os.replace(tmp, path)  # atomic: a reader never sees a half-written cache
     data = {"train": blob["train"], "test": blob["test"]}
     return (data, blob["summary"]) if return_summary else data
 

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import UserError
+from common import UserError, atomic_write
 from data.hh_rlhf import EOT, get_tokenizer
 
 URL = "https://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz"
@@ -42,19 +42,15 @@ MEMBER = re.compile(r"aclImdb/(train|test)/(pos|neg|unsup)/(\d+)_(\d+)\.txt")  #
 
 # ----------------------------------------------------------------------------- the archive
 def _download(dest):
-    """Download the archive to dest once (atomic: a tmp file, then os.replace). Raises UserError if it fails."""
+    """Download the archive to dest once (common.atomic_write). Raises UserError if it fails."""
     print(f"downloading {URL} -> {dest} (84 MB, once)")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f"{dest.name}.{os.getpid()}.tmp")
     try:
-        with urllib.request.urlopen(URL, timeout=60) as r, open(tmp, "wb") as f:
+        with atomic_write(dest) as tmp, urllib.request.urlopen(URL, timeout=60) as r, open(tmp, "wb") as f:
             while chunk := r.read(1 << 20):
                 f.write(chunk)
     except OSError as e:  # URLError, HTTPError, timeouts, a full disk
-        tmp.unlink(missing_ok=True)
         raise UserError(f"could not download {URL} ({e}); download it by hand to {dest}, or pass "
                         f"--data_dir (or set RLHF_DATA_DIR) to the folder holding imdb/{ARCHIVE}") from None
-    os.replace(tmp, dest)
 
 
 def find_archive(data_dir=None):
@@ -205,13 +201,10 @@ def _build(archive, max_response_len, min_prompt_len, max_prompt_len, seed, max_
 
 
 def _save_cache(path, splits, stream, summary):
-    """Write the cache .npz atomically (a tmp file, then os.replace: a reader never sees half a file)."""
+    """Write the cache .npz atomically (common.atomic_write: a reader never sees half a file)."""
     arrays = {f"{s}_{k}": v for s in splits for k, v in _flat(splits[s]).items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:  # a file object, so that numpy adds no .npz suffix
+    with atomic_write(path) as tmp, open(tmp, "wb") as f:  # a file object, so that numpy adds no .npz suffix
         np.savez(f, text_tokens=stream, summary=np.array(json.dumps(summary)), **arrays)
-    os.replace(tmp, path)
 
 
 def _load_cache(path):

@@ -29,7 +29,6 @@ reads written ratings too: its strongest n-grams include "7 10" and "4 10" (from
 """
 import hashlib
 import json
-import os
 import re
 import time
 import warnings
@@ -38,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import UserError
+from common import UserError, atomic_write
 from data.imdb import find_archive, read_reviews
 
 JUDGE_VERSION = 1  # bump when the features or the fit change
@@ -180,13 +179,11 @@ class GoldJudge:
         return judge
 
     def save(self, path):
-        """torch.save the judge to path (atomic: a tmp file, then os.replace)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        torch.save(dict(version=JUDGE_VERSION, words=self.words, ngrams=torch.from_numpy(self.ngrams),
-                        coef=torch.from_numpy(self.coef), bias=float(self.bias), info=json.dumps(self.info)), tmp)
-        os.replace(tmp, path)
+        """torch.save the judge to path (common.atomic_write)."""
+        with atomic_write(path) as tmp:
+            torch.save(dict(version=JUDGE_VERSION, words=self.words, ngrams=torch.from_numpy(self.ngrams),
+                            coef=torch.from_numpy(self.coef), bias=float(self.bias), info=json.dumps(self.info)),
+                       tmp)
 
     @classmethod
     def load(cls, path):

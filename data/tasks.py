@@ -16,7 +16,7 @@ from types import SimpleNamespace
 
 import torch
 
-from common import UserError
+from common import UserError, atomic_write
 from data.hh_rlhf import decode, load_hh_rlhf, pretraining_tokens
 from data.imdb import load_imdb
 from data.judge import load_judge
@@ -62,11 +62,8 @@ def pairs_path(cfg):
 def save_pairs(cfg, pairs, info):
     """Write the sampled and labelled pairs (dict "train"/"test" -> list of pair dicts) to out/<task>/pairs.pt,
     atomically, with `info` (how they were made)."""
-    path = pairs_path(cfg)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    torch.save(dict(pairs, info=info), tmp)
-    os.replace(tmp, path)
+    with atomic_write(pairs_path(cfg)) as tmp:
+        torch.save(dict(pairs, info=info), tmp)
 
 
 def load_pairs(cfg, task):
