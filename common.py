@@ -426,21 +426,22 @@ def start_training(model, cfg, rt, ckpt, log_name, generators):
 
 
 def resume_checkpoint(cfg, path, stage, final_step):
-    """What --resume=True continues from: None for a fresh run (cfg.resume False); else the checkpoint dict
-    of `path` (model.load_checkpoint checks it). Its "step" says where to go on; a checkpoint already at
-    final_step means there is nothing to do: the stage prints so and returns. Raises UserError when there
-    is nothing to resume (no file, a damaged one, another stage's)."""
+    """What --resume=True continues from. Returns (ckpt, done): (None, False) for a fresh run (cfg.resume False);
+    else the checkpoint dict of `path` (model.load_checkpoint checks it), whose "step" says where to go on, and
+    done = True when that step has already reached final_step: the stage then has nothing to do (it says so
+    here) and returns. Raises UserError when there is nothing to resume (no file, a damaged one, another
+    stage's)."""
     if not cfg.resume:
-        return None
+        return None, False
     from model import load_checkpoint
     if not os.path.exists(path):
         raise UserError(f"--resume=True: there is no {path} to resume from; run without --resume to start afresh")
     ckpt = load_checkpoint(path, stage=stage)
+    done = ckpt["step"] >= final_step
     if int(os.environ.get("RANK", 0)) == 0:
-        done = ckpt.get("step", 0) >= final_step
-        print(f"resuming {path} at step {ckpt.get('step', 0)} of {final_step}" +
+        print(f"resuming {path} at step {ckpt['step']} of {final_step}" +
               (": already finished, nothing to do (raise the step count to train longer)" if done else ""))
-    return ckpt
+    return ckpt, done
 
 
 # ----------------------------------------------------------------------------- logging

@@ -156,8 +156,8 @@ def main(argv=None):
         raise common.ConfigError(f"--loss_type={cfg.loss_type}: expected one of {', '.join(LOSS_TYPES)}")
     rt = common.setup_runtime(cfg)
     path = os.path.join(cfg.out_dir, "dpo.pt")
-    ckpt = common.resume_checkpoint(cfg, path, "dpo", cfg.max_iters)
-    if ckpt and ckpt["finished"]:
+    ckpt, done = common.resume_checkpoint(cfg, path, "dpo", cfg.max_iters)
+    if done:
         return common.cleanup(rt) or {}
     sft_path = os.path.join(cfg.out_dir, "sft.pt")
     sft_ckpt = load_checkpoint(sft_path, stage="sft")

@@ -474,6 +474,10 @@ def main(argv=None):
     make_missing_checkpoints(cfg)
     rt = common.setup_runtime(cfg)
     t0 = time.time()
+    path = os.path.join(cfg.out_dir, "ppo.pt")
+    ckpt, done = common.resume_checkpoint(cfg, path, "ppo", cfg.iterations)
+    if done:
+        return common.cleanup(rt) or {}
     task = data.load_task(cfg, verbose=rt.master)  # train prompts, pretraining text for ptx, the judge (imdb)
     train, text = task.prompts_train, task.text
     watch = sorted(task.prompts_test, key=lambda e: len(e["prompt"]))[:cfg.n_sample_prompts]  # the shortest
@@ -488,17 +492,14 @@ def main(argv=None):
     sampler = torch.Generator(device=rt.device).manual_seed(cfg.seed + rt.rank)
 
     # resume: the policy, critic, optimisers, beta, score scale and RNG states of ppo.pt
-    path, start, score_scale = os.path.join(cfg.out_dir, "ppo.pt"), 0, None
+    start, score_scale = 0, None
     state = dict(models=dict(model=policy, critic=critic), optimizers=dict(policy=opt_policy, critic=opt_critic),
                  generators=dict(gen=gen, sampler=sampler))
     state = {k: {name: x for name, x in v.items() if x is not None} for k, v in state.items()}  # no critic: none
-    ckpt = common.resume_checkpoint(cfg, path, "ppo", cfg.iterations)
     if ckpt:
         start, score_scale = common.restore_training_state(ckpt, rt, **state), ckpt["score_scale"]
         if kl_ctl:
             kl_ctl.value = ckpt["beta"]
-        if start >= cfg.iterations:
-            return common.cleanup(rt) or {}
     logger = common.Logger(cfg.out_dir, "ppo", rt.master, start_step=start)
 
     pbar = tqdm(range(start, cfg.iterations), desc="ppo", disable=not rt.master)

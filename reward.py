@@ -238,8 +238,8 @@ def main(argv=None):
     rt = common.setup_runtime(cfg)
     t_start = time.time()
     path = os.path.join(cfg.out_dir, "rm.pt")
-    ckpt = common.resume_checkpoint(cfg, path, "rm", cfg.max_iters)
-    if ckpt and ckpt["finished"]:
+    ckpt, done = common.resume_checkpoint(cfg, path, "rm", cfg.max_iters)
+    if done:
         return common.cleanup(rt) or {}
     sft_path = cfg.sft_ckpt or os.path.join(cfg.out_dir, "sft.pt")
     sft_ckpt = load_checkpoint(sft_path, stage="sft")

@@ -201,8 +201,8 @@ def main(argv=None):
     t_start = time.time()
     path = os.path.join(cfg.out_dir, "sft.pt")
     n_pretrain = cfg.pretrain_iters if cfg.init_from == "scratch" else 0
-    ckpt = common.resume_checkpoint(cfg, path, "sft", n_pretrain + cfg.sft_iters)
-    if ckpt and ckpt["step"] >= ckpt["n_pretrain"] + cfg.sft_iters:
+    ckpt, done = common.resume_checkpoint(cfg, path, "sft", n_pretrain + cfg.sft_iters)
+    if done:
         return common.cleanup(rt) or {}
     task = data.load_task(cfg, verbose=rt.master)
     train, test = task.sft_train, task.sft_test
