@@ -81,6 +81,13 @@ SHARED = dict(
     checkpoint_every=100,    # steps between checkpoints (and one at the end); 0 = only at the end
     resume=False,            # continue from <out_dir>/<stage>.pt up to the same final step
 )
+def shared_flags(cfg, accepted=SHARED):
+    """The --key=value flags of the settings every stage shares (SHARED, those also in `accepted`), as one
+    stage passes them on to another it runs (ppo.py to sft.py and reward.py, lab.py to ppo.py and dpo.py);
+    resume and checkpoint_every belong to each run and are not passed on."""
+    return [f"--{k}={getattr(cfg, k)}" for k in SHARED if k in accepted and k not in ("resume", "checkpoint_every")]
+
+
 SHARED_CUDA = dict(compile=True, dtype="bfloat16", block_size=512, max_prompt_len=256, max_new_tokens=128,
                    eval_prompts=1024, eval_batch_size=128, checkpoint_every=500)
 

@@ -38,22 +38,11 @@ def eval_settings(prompts, cfg):
     return dict(n_prompts=len(prompts), seed=cfg.eval_seed, max_new_tokens=cfg.max_new_tokens, temperature=TEMPERATURE)
 
 
-@torch.no_grad()
 def generate_answers(policy, prompts, rt, max_new_tokens, temperature=TEMPERATURE, seed=0, batch_size=32):
     """Answers of `policy` to `prompts` (examples with a "prompt" token list), batch_size at a time, the sampler
-    seeded once with `seed` (temperature 0 = greedy). Returns a list of N token lists, each answer through
-    its EOS (if it has one)."""
-    gen = torch.Generator(device=rt.device).manual_seed(seed)
-    out = []
-    with common.eval_mode(policy):
-        for i in range(0, len(prompts), batch_size):
-            batch = common.to_device(data.collate_prompts(prompts[i:i + batch_size]), rt)
-            with rt.autocast():
-                tokens, mask = policy.generate(batch["idx"], batch["attention_mask"], max_new_tokens,
-                                               temperature=temperature, generator=gen)  # (B, R) x2
-            for j, n in enumerate(mask.sum(1).long().tolist()):
-                out.append(tokens[j, :n].tolist())
-    return out
+    seeded once with `seed` (temperature 0 = greedy): sample_and_score with nothing to score. Returns a list of N
+    token lists, each answer through its EOS (if it has one)."""
+    return sample_and_score(policy, None, None, prompts, rt, batch_size, max_new_tokens, temperature, seed)["responses"]
 
 
 def answers_text(policy, prompts, rt, max_new_tokens, temperature=TEMPERATURE, seed=0):

@@ -59,8 +59,7 @@ def run(method, beta, cfg, extra):
     """One run of ppo.py (method ppo, rloo or grpo) or dpo.py at `beta` in its own folder (kept if it already
     finished); returns its point and the folder."""
     folder, stage = run_folder(cfg, method, beta), "dpo" if method == "dpo" else "ppo"
-    shared = [f"--{k}={getattr(cfg, k)}" for k in common.SHARED if k not in ("out_dir", "resume", "checkpoint_every")]
-    argv = shared + [f"--out_dir={folder}", f"--beta={beta}"]
+    argv = common.shared_flags(cfg) + [f"--out_dir={folder}", f"--beta={beta}"]  # the last --out_dir wins
     if stage == "ppo":
         argv.append(f"--eval_every={cfg.eval_every}")
     if method in ("rloo", "grpo"):  # k answers per prompt, as many answers per iteration as GAE

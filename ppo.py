@@ -423,7 +423,6 @@ def make_missing_checkpoints(cfg):
     """`python ppo.py` on a fresh machine: run sft.py and/or reward.py (their own defaults plus the settings every
     stage shares, common.SHARED) for whichever of out/sft.pt, out/rm.pt is missing, or resume one that a killed
     run left unfinished."""
-    shared = {k: getattr(cfg, k) for k in common.SHARED if k not in ("resume", "checkpoint_every")}
     for stage, name in (("sft", "sft.pt"), ("reward", "rm.pt")):
         path = os.path.join(cfg.out_dir, name)
         unfinished = os.path.exists(path) and not load_checkpoint(path, stage=name[:-3]).get("finished", True)
@@ -431,8 +430,7 @@ def make_missing_checkpoints(cfg):
             print(f"{path} is {'unfinished' if unfinished else 'missing'}: running `python {stage}.py"
                   f"{' --resume=True' if unfinished else ''}` (its default settings) first")
             module = importlib.import_module(stage)  # imported here only: ppo.py uses none of their math
-            module.main([f"--{k}={v}" for k, v in shared.items() if k in module.config] +
-                        (["--resume=True"] if unfinished else []))
+            module.main(common.shared_flags(cfg, module.config) + (["--resume=True"] if unfinished else []))
 
 
 def check_choices(cfg):
