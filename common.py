@@ -69,15 +69,16 @@ SHARED = dict(
     out_dir="",              # checkpoints, logs and charts of every stage; "" = out/<task>
     data_dir="",             # the data root (holding imdb/, hh-rlhf/); "" = $RLHF_DATA_DIR, else download into data/
     device="auto",           # auto | cpu | cuda | cuda:N
-    dtype="auto",            # auto (bfloat16 on CUDA, float32 elsewhere) | float32 | bfloat16 | float16
+    dtype="auto",            # auto (bfloat16 on CUDA, float32 elsewhere) | float32 | bfloat16
     compile=False,           # torch.compile the training forward (helps on CUDA, not on CPU)
     seed=1337,
+    vocab_size=8192,         # tokens: GPT-2's BPE cut to its first merges (data/tokenizer.py); 50257 = all of GPT-2's
     block_size=256,          # tokens of prompt + response the models see
     max_prompt_len=128,      # prompts are cut to their last max_prompt_len tokens
     max_new_tokens=48,       # answer length cap: PPO's rollouts and every evaluation
     eval_prompts=256,        # the evaluation set: the first eval_prompts test prompts, for every policy
     eval_seed=0,             # ... answered with this sampler seed, at temperature 1
-    eval_batch_size=32,      # sequences per no-grad forward in evaluations
+    eval_batch_size=128,     # sequences per no-grad forward in evaluations and sampling
     checkpoint_every=100,    # steps between checkpoints (and one at the end); 0 = only at the end
     resume=False,            # continue from <out_dir>/<stage>.pt up to the same final step
 )
@@ -88,7 +89,7 @@ def shared_flags(cfg, accepted=SHARED):
     return [f"--{k}={getattr(cfg, k)}" for k in SHARED if k in accepted and k not in ("resume", "checkpoint_every")]
 
 
-SHARED_CUDA = dict(compile=True, dtype="bfloat16", block_size=512, max_prompt_len=256, max_new_tokens=128,
+SHARED_CUDA = dict(vocab_size=50257, compile=True, dtype="bfloat16", block_size=512, max_prompt_len=256, max_new_tokens=128,
                    eval_prompts=1024, eval_batch_size=128, checkpoint_every=500)
 
 
@@ -202,7 +203,10 @@ def setup_runtime(cfg):
     CPU, takes cuda:LOCAL_RANK, and gets seed cfg.seed + rank (so ranks sample different data).
     Raises ConfigError for an unknown dtype.
     """
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+    if cfg.dtype == "float16":  # fp16 gradients underflow unless the loss is scaled, which no stage does
+        raise ConfigError("--dtype=float16 is not supported (its gradients underflow without loss scaling): "
+                          "use --dtype=bfloat16, which has float32's range")
     if cfg.dtype not in dtypes:
         raise ConfigError(f"--dtype={cfg.dtype}: expected one of {', '.join(dtypes)}")
     ddp = "RANK" in os.environ
@@ -255,14 +259,18 @@ def all_reduce_grads(model, rt):
 
 def global_std(x, rt):
     """Sample standard deviation (n - 1) of a 1-D tensor over the union of every DDP rank's entries (not the
-    mean of the ranks' standard deviations): all-reduces n, sum x and sum x^2. Returns a float."""
+    mean of the ranks' standard deviations): all-reduces n and sum x, then the sum of squares about the global mean
+    (two passes: the one-pass Sx2 - Sx^2 / n cancels catastrophically, e.g. seven scores of 3.3 gave 5e-8, not ~0).
+    Returns a float."""
     x = x.detach().double().flatten()
-    stats = torch.stack([torch.tensor(float(x.numel()), dtype=torch.float64, device=x.device), x.sum(),
-                         (x * x).sum()])
+    stats = torch.stack([torch.tensor(float(x.numel()), dtype=torch.float64, device=x.device), x.sum()])
     if rt.ddp:
         dist.all_reduce(stats, op=dist.ReduceOp.SUM)
-    n, total, total_sq = stats.tolist()
-    return (max(total_sq - total * total / n, 0.0) / max(n - 1, 1)) ** 0.5  # Var = (Sx2 - Sx^2 / n) / (n - 1)
+    n, total = stats.tolist()
+    sq = ((x - total / n) ** 2).sum()  # this rank's squares about the global mean
+    if rt.ddp:
+        dist.all_reduce(sq, op=dist.ReduceOp.SUM)
+    return (sq.item() / max(n - 1, 1)) ** 0.5  # Var = sum (x - mean)^2 / (n - 1)
 
 
 def all_reduce_mean(x, rt):
@@ -443,7 +451,7 @@ def resume_checkpoint(cfg, path, stage, final_step):
     from model import load_checkpoint
     if not os.path.exists(path):
         raise UserError(f"--resume=True: there is no {path} to resume from; run without --resume to start afresh")
-    ckpt = load_checkpoint(path, stage=stage)
+    ckpt = load_checkpoint(path, stage=stage, vocab_size=getattr(cfg, "vocab_size", None))
     done = ckpt["step"] >= final_step
     if int(os.environ.get("RANK", 0)) == 0:
         print(f"resuming {path} at step {ckpt['step']} of {final_step}" +

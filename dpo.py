@@ -43,6 +43,8 @@ config = dict(common.SHARED, # out_dir, data_dir, device, block_size, eval_promp
     loss_type="sigmoid",     # sigmoid (DPO) | ipo | hinge
     beta=0.1,                # DPO's beta: the weight of the KL constraint to the reference (higher = closer)
     label_smoothing=0.0,     # conservative DPO: assumed probability that a label is flipped (sigmoid only)
+    pairs_of_ranking="all",  # imdb's K-wise rankings as pairs: all C(K,2) of each (the reward model's data), or
+                             # best_worst (one per prompt, the clearest); hh has K = 2: one pair either way
     train_pairs=320,         # train pairs used, a fixed random subset (0 = all of `train`)
     batch_size=8,            # pairs per micro-batch (2 * batch_size sequences)
     grad_accum=1,            # micro-batches per optimiser step
@@ -160,13 +162,14 @@ def main(argv=None):
     if done:
         return common.cleanup(rt) or {}
     sft_path = os.path.join(cfg.out_dir, "sft.pt")
-    sft_ckpt = load_checkpoint(sft_path, stage="sft")
+    sft_ckpt = load_checkpoint(sft_path, stage="sft", vocab_size=cfg.vocab_size)
     sft_ckpt["model_args"]["dropout"] = 0.0  # pi(.) is then deterministic and equals pi_ref at the start
     if cfg.block_size > sft_ckpt["model_args"]["block_size"]:
         raise common.UserError(f"--block_size={cfg.block_size} exceeds the block_size "
                                f"{sft_ckpt['model_args']['block_size']} of {sft_path}")
     task = data.load_task(cfg, verbose=rt.master)
-    train_pairs, test_pairs = data.load_pairs(cfg, task)  # imdb: the pairs reward.py sampled and the judge labelled
+    # every pair of each ranking (imdb: the comparisons reward.py sampled and the judge ranked; hh: K = 2, its pairs)
+    train_pairs, test_pairs = (data.ranking_pairs(r, cfg.pairs_of_ranking) for r in data.load_rankings(cfg, task))
     train = common.subset(train_pairs, cfg.train_pairs, cfg.seed)[rt.rank::rt.world_size]  # a shard per rank
     test = common.subset(test_pairs, cfg.eval_pairs, cfg.seed)
     if len(train) < cfg.batch_size:
@@ -257,7 +260,8 @@ def make_report(policy, test_pairs, ref_test, task, logger, cfg, rt):
               "`python reward.py`; skipped (DPO itself does not need a reward model)")
         return report
     reference = model_from_checkpoint(load_checkpoint(os.path.join(cfg.out_dir, "sft.pt"), stage="sft"))
-    reward_model = model_from_checkpoint(load_checkpoint(rm_path, stage="rm"), scalar_head=True)
+    reward_model = model_from_checkpoint(load_checkpoint(rm_path, stage="rm", vocab_size=cfg.vocab_size),
+                                         scalar_head=True)
     report.update(evaluate.compare("dpo", policy, reference.to(rt.device), reward_model.to(rt.device),
                                    evaluate.eval_prompts(task.prompts_test, cfg), rt, cfg, judge=task.judge))
     return report

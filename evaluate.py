@@ -19,6 +19,7 @@ import math
 import os
 
 import torch
+from tqdm import tqdm
 
 import common
 import data
@@ -38,21 +39,23 @@ def eval_settings(prompts, cfg):
     return dict(n_prompts=len(prompts), seed=cfg.eval_seed, max_new_tokens=cfg.max_new_tokens, temperature=TEMPERATURE)
 
 
-def generate_answers(policy, prompts, rt, max_new_tokens, temperature=TEMPERATURE, seed=0, batch_size=32):
+def generate_answers(policy, prompts, rt, max_new_tokens, temperature=TEMPERATURE, seed=0, batch_size=32, desc=None):
     """Answers of `policy` to `prompts` (examples with a "prompt" token list), batch_size at a time, the sampler
     seeded once with `seed` (temperature 0 = greedy): sample_and_score with nothing to score. Returns a list of N
-    token lists, each answer through its EOS (if it has one)."""
-    return sample_and_score(policy, None, None, prompts, rt, batch_size, max_new_tokens, temperature, seed)["responses"]
+    token lists, each answer through its EOS (if it has one). desc: show a progress bar with this label."""
+    return sample_and_score(policy, None, None, prompts, rt, batch_size, max_new_tokens, temperature, seed,
+                            desc=desc)["responses"]
 
 
 def answers_text(policy, prompts, rt, max_new_tokens, temperature=TEMPERATURE, seed=0):
     """Decoded answers (text without <|endoftext|>) of `policy` to `prompts`: what reports print."""
-    return [data.decode(t) for t in generate_answers(policy, prompts, rt, max_new_tokens, temperature, seed)]
+    return [data.decode(t, policy.config.n_tokens)
+            for t in generate_answers(policy, prompts, rt, max_new_tokens, temperature, seed)]
 
 
 @torch.no_grad()
 def sample_and_score(policy, reference, reward_model, prompts, rt, batch_size=16, max_new_tokens=64,
-                     temperature=TEMPERATURE, seed=0, judge=None):
+                     temperature=TEMPERATURE, seed=0, judge=None, desc=None):
     """Answer each prompt once with `policy`; score the answer with the reward model (the proxy) and, where the task
     has one, the gold judge; measure its KL to `reference`.
 
@@ -64,6 +67,7 @@ def sample_and_score(policy, reference, reward_model, prompts, rt, batch_size=16
         max_new_tokens, temperature: sampling settings; logprobs use the same temperature.
         seed: seeds the sampler, so every policy sees the same random numbers.
         judge: the task's gold judge (data.judge.GoldJudge) or None.
+        desc: show a tqdm progress bar over the batches with this label (None: no bar).
     Returns:
         dict of CPU tensors, one entry per prompt: "scores" (N,) reward-model score at the last response token,
         "gold" (N,) the judge's log-odds of positive for prompt + answer, "kl" (N,) sequence KL estimate in nats,
@@ -74,7 +78,7 @@ def sample_and_score(policy, reference, reward_model, prompts, rt, batch_size=16
     out = {"scores": [], "kl": [], "lengths": [], "eos": [], "responses": []}
     models = [m for m in (policy, reference, reward_model) if m is not None]
     with common.eval_mode(*models):
-        for i in range(0, len(prompts), batch_size):
+        for i in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=desc is None, dynamic_ncols=True):
             batch = common.to_device(data.collate_prompts(prompts[i:i + batch_size]), rt)
             prompt_idx, prompt_mask = batch["idx"], batch["attention_mask"]  # (B, P) left-padded
             with rt.autocast():
@@ -93,11 +97,11 @@ def sample_and_score(policy, reference, reward_model, prompts, rt, batch_size=16
             lengths = response_mask.sum(1).long()
             out["lengths"].append(lengths.cpu())
             last = tokens.gather(1, (lengths - 1).clamp(min=0)[:, None])[:, 0]
-            out["eos"].append(((last == data.EOT) & (lengths > 0)).float().cpu())
+            out["eos"].append(((last == policy.eot_id) & (lengths > 0)).float().cpu())
             out["responses"] += [t[:n].tolist() for t, n in zip(tokens.cpu(), lengths.cpu())]
     out = {k: (v if k == "responses" else torch.cat(v)) for k, v in out.items() if len(v)}
     if judge is not None:
-        out["gold"] = data.gold_scores(judge, [p["prompt"] for p in prompts], out["responses"])
+        out["gold"] = data.gold_scores(judge, [p["prompt"] for p in prompts], out["responses"], policy.config.n_tokens)
     return out
 
 
@@ -192,11 +196,12 @@ def compare(name, policy, reference, reward_model, prompts, rt, cfg, judge=None,
         print_summary(stage, report[stage])
     print(f"  win rate of {name.upper()} over SFT (ties count 1/2): {report['win_rate']:.3f} under the reward model"
           + (f", {report['gold_win_rate']:.3f} under the gold judge" if judge is not None else ""))
+    V = policy.config.n_tokens
     for i in range(min(n_show, len(prompts))):
-        print(f"  PROMPT ...{data.decode(prompts[i]['prompt'])[-100:]!r}")
+        print(f"  PROMPT ...{data.decode(prompts[i]['prompt'], V)[-100:]!r}")
         for stage in ("sft", name):
             gold = f" (gold {results[stage]['gold'][i]:+.2f})" if judge is not None else ""
-            print(f"    {stage:4s}{gold} {data.decode(results[stage]['responses'][i])[:200]!r}")
+            print(f"    {stage:4s}{gold} {data.decode(results[stage]['responses'][i], V)[:200]!r}")
     print("  wrote", plot_frontier(cfg.out_dir))
     return report
 
@@ -236,23 +241,23 @@ def plot_frontier(out_dir):
     return png
 
 
-def load_models(out_dir, rt, stages=STAGES):
+def load_models(out_dir, rt, stages=STAGES, vocab_size=None):
     """Load the reference (out/sft.pt), the reward model (out/rm.pt) and every policy checkpoint that exists
     among `stages`, in eval mode on rt.device. Raises UserError (naming the command that writes it) when
-    sft.pt or rm.pt is missing or damaged."""
-    load = lambda name, stage, **kw: model_from_checkpoint(load_checkpoint(os.path.join(out_dir, f"{name}.pt"),
-                                                                           stage=stage), **kw).to(rt.device).eval()
+    sft.pt or rm.pt is missing or damaged, or of a vocabulary other than vocab_size (None: any)."""
+    load = lambda name, stage, **kw: model_from_checkpoint(load_checkpoint(
+        os.path.join(out_dir, f"{name}.pt"), stage=stage, vocab_size=vocab_size), **kw).to(rt.device).eval()
     reference, reward_model = load("sft", "sft"), load("rm", "rm", scalar_head=True)
     policies = {s: load(s, s) for s in stages if os.path.exists(os.path.join(out_dir, f"{s}.pt"))}
     return reference, reward_model, policies
 
 
 def main(argv=None):
-    keys = ("task", "out_dir", "data_dir", "device", "dtype", "seed", "block_size", "max_prompt_len", "max_new_tokens",
+    keys = ("task", "out_dir", "data_dir", "device", "dtype", "seed", "vocab_size", "block_size", "max_prompt_len", "max_new_tokens",
             "eval_prompts", "eval_seed", "eval_batch_size")
     cfg = common.parse_config({k: common.SHARED[k] for k in keys}, argv)
     rt = common.setup_runtime(cfg)
-    reference, reward_model, policies = load_models(cfg.out_dir, rt)
+    reference, reward_model, policies = load_models(cfg.out_dir, rt, vocab_size=cfg.vocab_size)
     task = data.load_task(cfg)
     prompts = eval_prompts(task.prompts_test, cfg)
     kw = dict(batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens, seed=cfg.eval_seed, judge=task.judge)

@@ -45,14 +45,22 @@ cuda_config = dict(common.SHARED_CUDA)
 
 
 def run_folder(cfg, method, beta):
-    """out/<task>/lab/<method>_beta<beta>/ with links to the shared sft.pt, rm.pt and pairs.pt."""
+    """out/<task>/lab/<method>_beta<beta>/ with links to the shared sft.pt, rm.pt and comparisons.pt."""
     folder = os.path.join(cfg.out_dir, "lab", f"{method}_beta{beta}")
     os.makedirs(folder, exist_ok=True)
-    for name in ("sft.pt", "rm.pt", "pairs.pt"):
+    for name in ("sft.pt", "rm.pt", "comparisons.pt"):
         src, dst = os.path.abspath(os.path.join(cfg.out_dir, name)), os.path.join(folder, name)
         if os.path.exists(src) and not os.path.lexists(dst):
             os.symlink(src, dst)
     return folder
+
+
+def gae_answers(cfg, extra):
+    """Answers per iteration of the GAE runs: the batch_size ppo.py really uses with this lab's flags (its preset for
+    the device, then the shared flags and --ppo_args), not the CPU default."""
+    argv = common.shared_flags(cfg, ppo.config) + [a for a in extra.split() if a.split("=")[0][2:] in ppo.config]
+    ppo_cfg = common.parse_config(ppo.config, argv, cuda_overrides=ppo.cuda_config, verbose=False)
+    return ppo_cfg.batch_size * ppo_cfg.samples_per_prompt
 
 
 def run(method, beta, cfg, extra):
@@ -62,11 +70,11 @@ def run(method, beta, cfg, extra):
     argv = common.shared_flags(cfg) + [f"--out_dir={folder}", f"--beta={beta}"]  # the last --out_dir wins
     if stage == "ppo":
         argv.append(f"--eval_every={cfg.eval_every}")
-    if method in ("rloo", "grpo"):  # k answers per prompt, as many answers per iteration as GAE
-        k = cfg.samples_per_prompt
-        argv += [f"--advantage_estimator={method}", f"--samples_per_prompt={k}",
-                 f"--batch_size={max(1, ppo.config['batch_size'] // k)}"]
     argv += extra.split()
+    if method in ("rloo", "grpo"):  # k answers per prompt, as many answers per iteration as GAE (after `extra`, whose
+        k = cfg.samples_per_prompt  # --batch_size is the GAE run's: the last flag wins)
+        argv += [f"--advantage_estimator={method}", f"--samples_per_prompt={k}",
+                 f"--batch_size={max(1, gae_answers(cfg, extra) // k)}"]
     path = os.path.join(folder, f"{stage}.pt")
     if not (os.path.exists(path) and load_checkpoint(path, stage=stage)["finished"]):
         print(f"\n===== {method} beta={beta} -> {folder}")

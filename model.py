@@ -25,13 +25,14 @@ import torch.nn.functional as F
 from common import Diverged, UserError, atomic_write
 
 
-N_TOKENS = 50257  # GPT-2's vocabulary (tiktoken "gpt2"); ids >= N_TOKENS are padding
+GPT2_TOKENS = 50257  # GPT-2's vocabulary (tiktoken "gpt2"), <|endoftext|> its last id
 
 
 @dataclass
 class GPTConfig:
     block_size: int = 256
-    vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 64
+    vocab_size: int = 50304  # rows of the embedding: n_tokens padded up to a multiple of 64 (50257 -> 50304)
+    n_tokens: int = GPT2_TOKENS  # real tokens; <|endoftext|> is the last, n_tokens - 1; ids >= n_tokens are padding
     n_layer: int = 4
     n_head: int = 4
     n_embd: int = 128
@@ -191,12 +192,18 @@ class GPT(nn.Module):
         return self.transformer.ln_f(x)  # (B, T, C)
 
     def lm_logits(self, h):
-        """Tied output head: h (..., C) -> logits (..., V) float32. The ids past GPT-2's 50257 tokens
-        (vocab_size is padded to 50304 for speed) are not tokens: their logit is -1e9, so they are never
-        sampled and carry no probability (a finite value keeps 0 * log 0 = 0 in the entropy)."""
+        """Tied output head: h (..., C) -> logits (..., V) float32. The ids past the n_tokens real tokens
+        (vocab_size is padded to a multiple of 64 for speed) are not tokens: their logit is -1e9, so they are
+        never sampled and carry no probability (a finite value keeps 0 * log 0 = 0 in the entropy)."""
         logits = self.lm_head(h).float()
-        logits[..., N_TOKENS:] = -1e9
+        if self.config.n_tokens < self.config.vocab_size:
+            logits[..., self.config.n_tokens:] = -1e9
         return logits
+
+    @property
+    def eot_id(self):
+        """The id of <|endoftext|> in this model's vocabulary: its last real token, n_tokens - 1."""
+        return self.config.n_tokens - 1
 
     def forward(self, idx, attention_mask=None):
         """Full logits: idx (B, T) long, attention_mask (B, T) 0/1 or None -> (B, T, V) float32.
@@ -245,9 +252,10 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, attention_mask, max_new_tokens, temperature=1.0, top_k=None,
-                 eos_token_id=50256, generator=None, use_cache=True, return_logits=False):
+                 eos_token_id="eot", generator=None, use_cache=True, return_logits=False):
         """Sample continuations of LEFT-padded prompts. idx (B, P) long; attention_mask (B, P) 0/1 (None:
-        no padding). temperature 0 means greedy; eos_token_id None never stops. With use_cache=False
+        no padding). temperature 0 means greedy; eos_token_id "eot" stops at the model's <|endoftext|>
+        (self.eot_id), an int at that id, None never. With use_cache=False
         every step recomputes the whole forward (for tests and benchmarks).
         Returns tokens (B, R) long, response_mask (B, R) float32 (1 up to and including each row's first
         EOS; tokens after it are EOS fillers), and with return_logits the logits (B, R, V) float32 each
@@ -255,6 +263,7 @@ class GPT(nn.Module):
         row has emitted EOS. Raises ValueError if P + max_new_tokens > block_size."""
         B, P = idx.shape
         L = P + max_new_tokens
+        eos_token_id = self.eot_id if eos_token_id == "eot" else eos_token_id
         if max_new_tokens <= 0:  # nothing to generate: empty (B, 0) tokens and mask
             empty = idx.new_zeros(B, 0), torch.zeros(B, 0, device=idx.device)
             return empty + (torch.zeros(B, 0, self.config.vocab_size, device=idx.device),) if return_logits else empty
@@ -433,7 +442,8 @@ STAGE_COMMANDS = {"sft": "python sft.py", "rm": "python reward.py", "ppo": "pyth
 
 def save_checkpoint(path, model, config, stage, **extra):
     """Save {"model_args", "model" (state_dict without "_orig_mod."/"module." prefixes), "config" (the
-    stage's config: dict or namespace), "stage" (a key of STAGE_COMMANDS), "tokenizer": "gpt2", **extra}
+    stage's config: dict or namespace), "stage" (a key of STAGE_COMMANDS), **extra}; model_args.n_tokens
+    records the vocabulary
     to path, atomically: a temporary file in the same folder, then os.replace, so a kill at any moment
     leaves the previous checkpoint loadable. Raises common.Diverged (and writes nothing) if a weight is
     nan or inf: a spoiled model never overwrites a good checkpoint."""
@@ -443,16 +453,17 @@ def save_checkpoint(path, model, config, stage, **extra):
     if bad:
         raise Diverged(f"not saving {path}: weights {bad[:3]} hold nan/inf; the file on disk is left as it was")
     ckpt = dict(model_args=asdict(raw.config), model=sd, stage=stage,
-                config=config if isinstance(config, dict) else vars(config), tokenizer="gpt2", **extra)
+                config=config if isinstance(config, dict) else vars(config), **extra)
     with atomic_write(path) as tmp:
         torch.save(ckpt, tmp)
 
 
-def load_checkpoint(path, device="cpu", stage=None):
+def load_checkpoint(path, device="cpu", stage=None, vocab_size=None):
     """Load a checkpoint dict written by save_checkpoint (tensors on device). Only load files you trust
     (pickle). stage: the stage (or tuple of stages) the caller expects, e.g. "rm"; None accepts any.
     Raises common.UserError, one line naming the file and the command that writes it, when the file is
-    missing, damaged (truncated, not a torch file) or not a checkpoint of this project, or of another stage."""
+    missing, damaged (truncated, not a torch file) or not a checkpoint of this project, or of another stage, or
+    (vocab_size given) of another vocabulary: its tokens would mean other words."""
     want = (stage,) if isinstance(stage, str) else tuple(stage or ())
     fix = " or ".join(f"`{STAGE_COMMANDS[s]}`" for s in want) or "the stage that wrote it"
     if not os.path.exists(path):
@@ -468,6 +479,10 @@ def load_checkpoint(path, device="cpu", stage=None):
     if want and ckpt["stage"] not in want:
         raise UserError(f"{path} is a {ckpt['stage']} checkpoint (written by `{STAGE_COMMANDS.get(ckpt['stage'])}`), "
                         f"but a {' or '.join(want)} checkpoint is expected here: {fix} writes one")
+    n_tokens = ckpt["model_args"].get("n_tokens", GPT2_TOKENS)
+    if vocab_size is not None and n_tokens != vocab_size:
+        raise UserError(f"{path} was trained with a vocabulary of {n_tokens} tokens, but --vocab_size={vocab_size} "
+                        f"here: pass --vocab_size={n_tokens}, or write it again with --vocab_size={vocab_size}")
     return ckpt
 
 

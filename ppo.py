@@ -129,6 +129,7 @@ config = dict(common.SHARED,  # out_dir, data_dir, device, block_size, max_new_t
     gamma=1.0,                # discount
     lam=0.95,                 # GAE lambda
     whiten_advantages=True,   # advantages to mean 0, std 1 over the batch's response tokens (gae)
+    critic_warmup=0,          # gae: the first N iterations train only the critic, the policy does not move yet
     advantage_estimator="gae",  # gae (a learned critic) | rloo | grpo (critic-free: the other samples of the prompt)
     samples_per_prompt=1,     # k responses per prompt, consecutive in the batch (k >= 2 for rloo and grpo)
     # PPO-ptx
@@ -338,18 +339,20 @@ def rollout(policy, reference, critic, reward_model, prompts, rt, max_new_tokens
         values = critic.scalar(idx, attn)[:, P - 1:-1] * mask if critic else torch.zeros_like(mask)  # (B, R) V_t
         scores = reward_model.score(idx, attn)  # (B,) r(x, y) at the last real token
     lengths = mask.sum(1).long()  # (B,)
-    has_eos = (response.gather(1, (lengths - 1).clamp(min=0)[:, None])[:, 0] == data.EOT).float() * (lengths > 0)
+    last = response.gather(1, (lengths - 1).clamp(min=0)[:, None])[:, 0]  # (B,) each response's last token
+    has_eos = (last == policy.eot_id).float() * (lengths > 0)
     return SimpleNamespace(idx=idx, attn=attn, target=target, P=P, mask=mask, logprobs=logprobs[:, P:],
                            ref_logprobs=ref_logprobs[:, P:], entropy=entropy[:, P:], values=values,
                            scores=scores.float(), has_eos=has_eos)
 
 
 def update(policy, critic, opt_policy, opt_critic, batch, advantages, returns, beta, cfg, rt, gen, text, it,
-           train_logprobs=None):
+           train_logprobs=None, train_policy=True):
     """Step 5: ppo_epochs passes over shuffled minibatches of the rollout: the clipped policy loss (grpo: GRPO's
     loss, with its KL term) plus the ptx loss, and (gae) the (clipped) value loss, one optimiser step each per
     minibatch. batch: rollout()'s namespace; advantages, returns (B, R) (returns None and critic None without a
-    critic); text: the pretraining token stream for ptx; it: the iteration (for error messages). Returns the mean
+    critic); text: the pretraining token stream for ptx; it: the iteration (for error messages); train_policy False:
+    only the critic learns (its warm-up, critic_warmup). Returns the mean
     of each loss / diagnostic over the minibatch steps (floats)."""
     train_logprobs = train_logprobs or policy.logprobs
     cliprange_value = cfg.cliprange_value if cfg.clip_value_loss else None
@@ -357,27 +360,32 @@ def update(policy, critic, opt_policy, opt_critic, batch, advantages, returns, b
     for _ in range(cfg.ppo_epochs):
         for mb in torch.randperm(len(batch.idx), generator=gen).to(rt.device).split(cfg.minibatch_size):
             m, idx, attn = batch.mask[mb], batch.idx[mb], batch.attn[mb]  # (b, R), (b, P+R) x2
-            with rt.autocast():
-                logprobs = train_logprobs(idx, attn, batch.target[mb], cfg.temperature)[:, P:]  # (b, R)
-                if cfg.advantage_estimator == "grpo":  # the KL to the reference is a loss term, not a reward
-                    pg_loss, pg_clipfrac = grpo_loss(logprobs, batch.logprobs[mb], batch.ref_logprobs[mb],
-                                                     advantages[mb], m, cfg.cliprange, beta)
-                else:
-                    pg_loss, pg_clipfrac = policy_loss(logprobs, batch.logprobs[mb], advantages[mb], m, cfg.cliprange)
-                ptx_loss = torch.zeros((), device=rt.device)
-                if cfg.ptx_coef > 0:  # PPO-ptx, InstructGPT eq. 2: + gamma E_pretrain[log pi(x)] (gamma = ptx_coef)
-                    tb = common.to_device(data.sample_text_batch(text, cfg.ptx_batch_size, cfg.ptx_block_size, gen), rt)
-                    text_logprobs = policy.logprobs(tb["idx"], tb["attention_mask"], tb["loss_mask"])  # (b, T)
-                    ptx_loss = -cfg.ptx_coef * masked_mean(text_logprobs, tb["loss_mask"])
-                if critic is not None:
+            step_stats = {}
+            if train_policy:
+                with rt.autocast():
+                    logprobs = train_logprobs(idx, attn, batch.target[mb], cfg.temperature)[:, P:]  # (b, R)
+                    if cfg.advantage_estimator == "grpo":  # the KL to the reference is a loss term, not a reward
+                        pg_loss, pg_clipfrac = grpo_loss(logprobs, batch.logprobs[mb], batch.ref_logprobs[mb],
+                                                         advantages[mb], m, cfg.cliprange, beta)
+                    else:
+                        pg_loss, pg_clipfrac = policy_loss(logprobs, batch.logprobs[mb], advantages[mb], m,
+                                                           cfg.cliprange)
+                    ptx_loss = torch.zeros((), device=rt.device)
+                    if cfg.ptx_coef > 0:  # PPO-ptx, InstructGPT eq. 2: + gamma E_pretrain[log pi(x)], gamma = ptx_coef
+                        tb = common.to_device(data.sample_text_batch(text, cfg.ptx_batch_size, cfg.ptx_block_size,
+                                                                     gen), rt)
+                        text_logprobs = policy.logprobs(tb["idx"], tb["attention_mask"], tb["loss_mask"])  # (b, T)
+                        ptx_loss = -cfg.ptx_coef * masked_mean(text_logprobs, tb["loss_mask"])
+                common.check_finite(it, policy_loss=pg_loss, ptx_loss=ptx_loss)
+                (pg_loss + ptx_loss).backward()
+                common.optimizer_step(policy, opt_policy, cfg.grad_clip, rt, it)
+                approx_kl = masked_mean(kl_estimate(batch.logprobs[mb], logprobs.detach(), "k3"), m)  # KL(old || new)
+                step_stats = dict(policy_loss=pg_loss, ptx_loss=ptx_loss, approx_kl=approx_kl,
+                                  policy_clipfrac=pg_clipfrac)
+            if critic is not None:
+                with rt.autocast():
                     values = critic.scalar(idx, attn)[:, P - 1:-1]  # (b, R) V_t, the rollout's convention
                     vf_loss, vf_clipfrac = value_loss(values, batch.values[mb], returns[mb], m, cliprange_value)
-            common.check_finite(it, policy_loss=pg_loss, ptx_loss=ptx_loss)
-            (pg_loss + ptx_loss).backward()
-            common.optimizer_step(policy, opt_policy, cfg.grad_clip, rt, it)
-            approx_kl = masked_mean(kl_estimate(batch.logprobs[mb], logprobs.detach(), "k3"), m)  # KL(old || new)
-            step_stats = dict(policy_loss=pg_loss, ptx_loss=ptx_loss, approx_kl=approx_kl, policy_clipfrac=pg_clipfrac)
-            if critic is not None:
                 common.check_finite(it, value_loss=vf_loss)
                 vf_loss.backward()
                 common.optimizer_step(critic, opt_critic, cfg.grad_clip, rt, it)
@@ -398,6 +406,10 @@ def score_scale_from(batch, critic, cfg, rt):
     targets, normalised score units s / scale: the critic starts as the reward model, so its head is divided by the
     same scale, and so are this batch's values."""
     scale = common.global_std(batch.scores, rt) if cfg.normalize_scores else 1.0
+    if not scale > 1e-8:  # one answer, or all scored alike: dividing by it would make every reward inf or nan
+        if rt.master:
+            tqdm.write(f"warning: the first rollout's scores have std {scale:.3g}; not normalising them (scale 1)")
+        scale = 1.0
     with torch.no_grad():
         for p in (critic.scalar_head.parameters() if critic else ()):
             p /= scale
@@ -452,8 +464,8 @@ def load_models(cfg, rt, prompts):
     rt.device and in eval mode throughout (no dropout: the rollout's and the update's logprobs come from one and the
     same function). Raises UserError for a missing or wrong checkpoint, or when the longest of the `prompts` plus
     max_new_tokens does not fit its block_size."""
-    sft_ckpt = load_checkpoint(os.path.join(cfg.out_dir, "sft.pt"), stage="sft")
-    rm_ckpt = load_checkpoint(os.path.join(cfg.out_dir, "rm.pt"), stage="rm")
+    sft_ckpt = load_checkpoint(os.path.join(cfg.out_dir, "sft.pt"), stage="sft", vocab_size=cfg.vocab_size)
+    rm_ckpt = load_checkpoint(os.path.join(cfg.out_dir, "rm.pt"), stage="rm", vocab_size=cfg.vocab_size)
     load = lambda ckpt, head: model_from_checkpoint(ckpt, scalar_head=head).to(rt.device).eval()
     policy = load(sft_ckpt, False)
     critic = load(rm_ckpt, True) if cfg.advantage_estimator == "gae" else None  # rloo, grpo: no critic at all
@@ -514,7 +526,8 @@ def main(argv=None):
                     for _ in range(cfg.samples_per_prompt)]  # k samples of each prompt, consecutive
         batch = rollout(policy, reference, critic, reward_model, data.collate_prompts(examples), rt,
                         cfg.max_new_tokens, cfg.temperature, sampler)
-        gold = data.gold_scores(task.judge, [e["prompt"] for e in examples], responses(batch)) if task.judge else None
+        gold = data.gold_scores(task.judge, [e["prompt"] for e in examples], responses(batch),
+                                cfg.vocab_size) if task.judge else None
         if cfg.reward == "gold":  # the truth as the reward: what RL achieves when the reward model is perfect
             batch.scores = gold.to(rt.device)
         if score_scale is None:  # the first rollout: the SFT policy's answers
@@ -534,7 +547,7 @@ def main(argv=None):
         # ------------------------------------------------------------------- 5. PPO epochs over minibatches
         t_update = time.time()
         stats = update(policy, critic, opt_policy, opt_critic, batch, advantages, returns, beta, cfg, rt, gen, text,
-                       it, train_logprobs)
+                       it, train_logprobs, train_policy=it >= cfg.critic_warmup)
 
         # ------------------------------------------------------------------- 6. beta, logging, checkpoint
         metrics = dict(rollout_metrics(batch, rewards, returns, beta, cfg.kl_estimator), lr=cfg.lr * lr_scale,

@@ -55,22 +55,24 @@ from model import load_checkpoint, model_from_checkpoint
 # ----------------------------------------------------------------------------- config
 config = dict(common.SHARED, # out_dir, data_dir, device, block_size, checkpoint_every, resume, ... (common.py)
     sft_ckpt="",             # the trunk to start from; "" = <out_dir>/sft.pt
-    n_pairs=2000,            # imdb: train prompts, two SFT answers each, labelled by the gold judge
-    n_test_pairs=256,        # imdb: held-out pairs, from test prompts
-    max_iters=150,           # optimiser steps (150 x 16 pairs ~ 0.6 epoch of the 4,175 train pairs here)
-    batch_size=16,           # pairs per micro-batch (a forward of 2 x batch_size rows)
+    n_prompts=3000,          # imdb: train prompts, answers_per_prompt SFT answers each, ranked by the gold judge
+    n_test_prompts=256,      # imdb: held-out prompts, from test prompts (C(K,2) pairs each)
+    answers_per_prompt=4,    # imdb: K answers ranked per prompt (InstructGPT ranks 4-9); hh has K = 2
+    label_temperature=1.0,   # imdb: Plackett-Luce temperature of the labeller (0 = the judge's own order)
+    max_iters=300,           # optimiser steps
+    batch_size=16,           # prompts per micro-batch (a forward of batch_size * K rows)
     grad_accum=1,            # micro-batches per optimiser step (per DDP rank)
     lr=1e-3,                 # peak learning rate (warmup, then cosine to 10%)
     weight_decay=0.1, grad_clip=1.0,  # max gradient norm (0 = off)
     warmup_frac=0.1,         # linear warmup over this fraction of max_iters
-    eval_interval=75,        # evaluate on `test` every this many steps (and at the start and the end)
-    eval_pairs=0,            # test pairs per evaluation, a fixed random subset (0 = all)
-    norm_examples=512,       # train chosen responses (fixed random subset) setting the normalisation (0 = all)
+    eval_interval=100,       # evaluate on `test` every this many steps (and at the start and the end)
+    eval_rankings=0,       # test rankings per evaluation, a fixed random subset (0 = all)
+    norm_examples=512,       # train rankings (fixed random subset) whose best answers set the normalisation (0 = all)
     n_show=4,                # test pairs printed with their scores in the report
 )
 cuda_config = dict(common.SHARED_CUDA,
-    n_pairs=20000, n_test_pairs=1000,  # imdb: more pairs, of the longer answers of the CUDA preset
-    max_iters=1500, batch_size=32, lr=2e-5,  # 48k pairs: ~1.2 epochs of imdb's 20k, half of the full HH train
+    n_prompts=10000, n_test_prompts=500,  # imdb: more comparisons, of the longer answers of the CUDA preset
+    max_iters=1500, batch_size=16, lr=2e-5,
     eval_interval=250, norm_examples=0,
 )
 
@@ -98,28 +100,27 @@ def ranking_loss(rewards):
     return bt_loss(rewards[:, i].flatten(), rewards[:, j].flatten())  # (P * C(K,2),) pairs
 
 
-def pair_rewards(score, batch):
-    """Rewards of a data.collate_pairs batch: ONE forward of its 2B rows -> (chosen (B,), rejected (B,))."""
-    r = score(batch["idx"], batch["attention_mask"])  # (2B,) head at each row's last real token
-    B = r.shape[0] // 2
-    return r[:B], r[B:]
+def ranking_rewards(score, batch, K):
+    """Rewards of a data.collate_rankings batch: ONE forward of its P * K rows -> (P, K), best first."""
+    return score(batch["idx"], batch["attention_mask"]).view(-1, K)  # head at each row's last real token
 
 
-def accumulate_gradients(score, micro_batches, rt):
-    """Forward + backward of one optimiser step over its micro-batches (already on rt.device). Each
-    micro-batch's mean bt_loss over its n_i pairs is scaled by n_i / N, N = the pairs of the whole step on
-    all DDP ranks (times world_size, because all_reduce_grads then averages the ranks): the gradient is
-    that of one mean over every pair of the step, so 1 micro-batch of 8 == 8 micro-batches of 1.
-    Returns (loss, accuracy) of the step on this rank, floats."""
-    counts = [b["idx"].shape[0] // 2 for b in micro_batches]
+def accumulate_gradients(score, micro_batches, rt, K):
+    """Forward + backward of one optimiser step over its micro-batches of rankings (already on rt.device). Each
+    micro-batch's mean ranking_loss over its n_i prompts is scaled by n_i / N, N = the prompts of the whole step on
+    all DDP ranks (times world_size, because all_reduce_grads then averages the ranks): the gradient is that of one
+    mean over every prompt of the step, so 1 micro-batch of 8 == 8 micro-batches of 1.
+    Returns (loss, accuracy) of the step on this rank, floats; accuracy over the step's C(K,2) pairs per prompt."""
+    counts = [b["idx"].shape[0] // K for b in micro_batches]
     total = common.all_reduce_mean(sum(counts), rt) * rt.world_size  # N
     loss_sum, correct = 0.0, 0.0
+    i, j = torch.triu_indices(K, K, offset=1)  # every pair (i above j) of a ranking
     for b, n in zip(micro_batches, counts):
         with rt.autocast():
-            chosen, rejected = pair_rewards(score, b)
-        loss = bt_loss(chosen.float(), rejected.float())
+            rewards = ranking_rewards(score, b, K).float()  # (n, K)
+        loss = ranking_loss(rewards)
         (loss * n / total * rt.world_size).backward()
-        loss_sum, correct = loss_sum + loss.item() * n, correct + (chosen > rejected).sum().item()
+        loss_sum, correct = loss_sum + loss.item() * n, correct + (rewards[:, i] > rewards[:, j]).float().mean().item() * n
     return loss_sum / sum(counts), correct / sum(counts)
 
 
@@ -131,16 +132,32 @@ def pair_metrics(chosen, rejected):
 
 # ----------------------------------------------------------------------------- evaluation
 @torch.no_grad()
-def score_pairs(model, examples, rt, batch_size):
-    """Rewards of every pair of examples -> (chosen (N,), rejected (N,)) float32 on the CPU."""
-    out = [], []
+def score_rankings(model, rankings, rt, batch_size):
+    """The reward of every response of `rankings` (lists of K responses each), batch_size sequences per forward ->
+    list of K-lists of floats, in the rankings' order."""
+    flat = [dict(prompt=r["prompt"], chosen=y) for r in rankings for y in r["responses"]]  # one row per response
+    out = []
     with common.eval_mode(model):
-        for i in range(0, len(examples), batch_size):
+        for a in range(0, len(flat), batch_size):
+            batch = common.to_device(data.collate_sft(flat[a:a + batch_size]), rt)
             with rt.autocast():
-                c, r = pair_rewards(model.score, common.to_device(data.collate_pairs(examples[i:i + batch_size]), rt))
-            out[0].append(c.float().cpu())
-            out[1].append(r.float().cpu())
-    return torch.cat(out[0]), torch.cat(out[1])
+                out += model.score(batch["idx"], batch["attention_mask"]).float().cpu().tolist()
+    it = iter(out)
+    return [[next(it) for _ in r["responses"]] for r in rankings]
+
+
+def pair_scores(rankings, rewards):
+    """The pairs of every ranking (data.ranking_pairs order) and the rewards of their two answers:
+    (pairs, chosen (N,), rejected (N,))."""
+    pairs = data.ranking_pairs(rankings)
+    c, r = [], []
+    for rw in rewards:
+        K = len(rw)
+        for a in range(K):
+            for b in range(a + 1, K):
+                c.append(rw[a])
+                r.append(rw[b])
+    return pairs, torch.tensor(c), torch.tensor(r)
 
 
 @torch.no_grad()
@@ -155,30 +172,36 @@ def mean_chosen_reward(model, examples, rt, batch_size):
     return total / len(examples)
 
 
-def gold_agreement(pairs, chosen, rejected):
+def gold_agreement(pairs, chosen, rejected, margin=1.0):
     """imdb: how the reward model's order of each test pair compares with the gold judge's. pairs carry the gold
     scores of both answers; chosen, rejected (N,) the reward model's scores. Returns gold_accuracy = P(the reward
-    model prefers the answer the judge scores higher) and label_ceiling = P(the noisy label agrees with the judge),
-    ties 1/2."""
+    model prefers the answer the judge scores higher), the same on the pairs the judge separates by at least
+    `margin` log-odds (gold_accuracy_clear, and their count n_clear), and label_ceiling = P(the noisy label agrees
+    with the judge), ties 1/2."""
     g_c = torch.tensor([p["gold_chosen"] for p in pairs])
     g_r = torch.tensor([p["gold_rejected"] for p in pairs])
     judge_picks_chosen = g_c > g_r
     better = torch.where(judge_picks_chosen, chosen, rejected)  # the reward of the answer the judge prefers
     worse = torch.where(judge_picks_chosen, rejected, chosen)
-    return dict(gold_accuracy=win_rate(better, worse), label_ceiling=win_rate(g_c, g_r))
+    clear = (g_c - g_r).abs() >= margin
+    return dict(gold_accuracy=win_rate(better, worse), label_ceiling=win_rate(g_c, g_r),
+                gold_accuracy_clear=win_rate(better[clear], worse[clear]) if clear.any() else float("nan"),
+                n_clear=int(clear.sum()))
 
 
-@torch.no_grad()
-def pairs_recipe(cfg, sft_path):
-    """What the imdb pairs depend on: the SFT checkpoint (its file's size and time) and the sampling settings."""
-    return dict(sft=f"{os.path.getsize(sft_path)}:{os.path.getmtime(sft_path)}", n_pairs=cfg.n_pairs,
-                n_test_pairs=cfg.n_test_pairs, seed=cfg.seed, max_new_tokens=cfg.max_new_tokens)
+def comparisons_recipe(cfg, sft_path):
+    """What the imdb comparisons depend on: the SFT checkpoint (its file's size and time) and the sampling and
+    labelling settings."""
+    return dict(sft=f"{os.path.getsize(sft_path)}:{os.path.getmtime(sft_path)}", n_prompts=cfg.n_prompts,
+                n_test_prompts=cfg.n_test_prompts, answers_per_prompt=cfg.answers_per_prompt,
+                label_temperature=cfg.label_temperature, seed=cfg.seed, max_new_tokens=cfg.max_new_tokens,
+                vocab_size=cfg.vocab_size)
 
 
-def same_pairs(cfg, recipe):
-    """True when out/<task>/pairs.pt exists and was made by this recipe: reuse it (e.g. a second reward model on the
-    same pairs, or a resumed run) instead of sampling again."""
-    path = data.tasks.pairs_path(cfg)
+def same_comparisons(cfg, recipe):
+    """True when out/<task>/comparisons.pt exists and was made by this recipe: reuse it (e.g. a second reward model
+    on the same comparisons, or a resumed run) instead of sampling again."""
+    path = data.tasks.rankings_path(cfg)
     if not os.path.exists(path):
         return False
     info = torch.load(path, weights_only=False).get("info", {})
@@ -188,31 +211,34 @@ def same_pairs(cfg, recipe):
     return True
 
 
-def make_pairs(policy, task, cfg, rt, recipe):
-    """imdb (Ziegler et al. 2019; DPO paper, section 6.1): the preference pairs a human would have labelled. For
-    n_pairs train prompts and n_test_pairs test prompts, two answers each from the SFT policy; the gold judge
-    labels each pair like a noisy human, the first answer chosen with probability sigmoid(g1 - g2) (Bradley-Terry,
-    data.bradley_terry_labels). Pairs of identical answers are dropped. Writes out/imdb/pairs.pt with both gold
-    scores of every pair (so a reward model can also be checked against the noiseless order)."""
-    t0, pairs, dropped = time.time(), {}, {}
-    for split, prompts, n in (("train", task.prompts_train, cfg.n_pairs),
-                              ("test", task.prompts_test, cfg.n_test_pairs)):
+def make_comparisons(policy, task, cfg, rt, recipe):
+    """imdb (InstructGPT section 3.5; Ziegler et al. 2019; DPO paper, section 6.1): the comparisons a human would
+    have made. For n_prompts train prompts and n_test_prompts test prompts, K = answers_per_prompt answers each
+    from the SFT policy; the gold judge ranks each prompt's K answers like a noisy human (Plackett-Luce at
+    label_temperature, data.plackett_luce_ranking). Rankings with two identical answers are dropped. Writes
+    out/imdb/comparisons.pt with every answer's gold score (so a reward model can also be checked against the
+    noiseless order)."""
+    t0, rankings, dropped, K = time.time(), {}, {}, cfg.answers_per_prompt
+    labeller = torch.Generator().manual_seed(cfg.seed)
+    for split, prompts, n in (("train", task.prompts_train, cfg.n_prompts),
+                              ("test", task.prompts_test, cfg.n_test_prompts)):
         prompts = common.subset(prompts, n, cfg.seed)
-        answers = [evaluate.generate_answers(policy, prompts, rt, cfg.max_new_tokens, seed=cfg.seed + k,
-                                             batch_size=cfg.eval_batch_size) for k in (1, 2)]
-        gold = [data.gold_scores(task.judge, [p["prompt"] for p in prompts], a) for a in answers]  # (N,) x2
-        first = data.bradley_terry_labels(gold[0], gold[1], torch.Generator().manual_seed(cfg.seed))  # (N,) bool
-        pairs[split] = []
+        repeated = [p for p in prompts for _ in range(K)]  # K consecutive samples of each prompt, one sampler stream
+        answers = evaluate.generate_answers(policy, repeated, rt, cfg.max_new_tokens, seed=cfg.seed + 1,
+                                            batch_size=cfg.eval_batch_size, desc=f"sampling {split} answers")
+        gold = data.gold_scores(task.judge, [p["prompt"] for p in repeated], answers, cfg.vocab_size).view(-1, K)
+        order = data.plackett_luce_ranking(gold, cfg.label_temperature, labeller)  # (n, K) best first
+        rankings[split] = []
         for i, p in enumerate(prompts):
-            w, l = (0, 1) if first[i] else (1, 0)
-            if answers[0][i] != answers[1][i]:
-                pairs[split].append(dict(prompt=p["prompt"], chosen=answers[w][i], rejected=answers[l][i],
-                                         gold_chosen=gold[w][i].item(), gold_rejected=gold[l][i].item()))
-        dropped[split] = len(prompts) - len(pairs[split])
-    data.save_pairs(cfg, pairs, dict(recipe, dropped_identical=dropped))
-    print(f"sampled and labelled {len(pairs['train'])} train / {len(pairs['test'])} test pairs (two SFT answers per "
-          f"prompt, Bradley-Terry labels from the gold judge; {sum(dropped.values())} identical pairs dropped) in "
-          f"{time.time() - t0:.0f} s -> {data.tasks.pairs_path(cfg)}")
+            ys = answers[i * K:(i + 1) * K]
+            if len({tuple(y) for y in ys}) == K:
+                rankings[split].append(dict(prompt=p["prompt"], responses=[ys[k] for k in order[i].tolist()],
+                                            gold=[gold[i, k].item() for k in order[i].tolist()]))
+        dropped[split] = len(prompts) - len(rankings[split])
+    data.save_rankings(cfg, rankings, dict(recipe, dropped_identical=dropped))
+    print(f"sampled and ranked {len(rankings['train'])} train / {len(rankings['test'])} test prompts x {K} SFT answers "
+          f"(Plackett-Luce labels from the gold judge at temperature {cfg.label_temperature}; {sum(dropped.values())} "
+          f"prompts with identical answers dropped) in {time.time() - t0:.0f} s -> {data.tasks.rankings_path(cfg)}")
 
 
 def longer_wins(examples):
@@ -222,9 +248,8 @@ def longer_wins(examples):
     return pair_metrics(c, r)["accuracy"]
 
 
-def show_pairs(examples, chosen, rejected, n):
-    enc = data.get_tokenizer()
-    text = lambda toks: enc.decode([t for t in toks if t != data.EOT]).replace("\n", " ")
+def show_pairs(examples, chosen, rejected, n, vocab_size):
+    text = lambda toks: data.decode(toks, vocab_size).replace("\n", " ")
     clip = lambda t, k: t if len(t) <= k else t[:k] + "..."
     for e, c, r in list(zip(examples, chosen.tolist(), rejected.tolist()))[:n]:
         print(f"  PROMPT   ...{text(e['prompt'])[-110:]}")
@@ -242,35 +267,41 @@ def main(argv=None):
     if done:
         return common.cleanup(rt) or {}
     sft_path = cfg.sft_ckpt or os.path.join(cfg.out_dir, "sft.pt")
-    sft_ckpt = load_checkpoint(sft_path, stage="sft")
+    sft_ckpt = load_checkpoint(sft_path, stage="sft", vocab_size=cfg.vocab_size)
     if cfg.block_size > sft_ckpt["model_args"]["block_size"]:
         raise common.UserError(f"--block_size={cfg.block_size} exceeds the block_size "
                                f"{sft_ckpt['model_args']['block_size']} of {sft_path}")
+    if cfg.answers_per_prompt < 2:
+        raise common.ConfigError(f"--answers_per_prompt={cfg.answers_per_prompt}: a comparison needs at least 2")
     task = data.load_task(cfg, verbose=rt.master)
-    recipe = pairs_recipe(cfg, sft_path)
-    if task.judge is not None and not same_pairs(cfg, recipe):
-        if rt.master:  # imdb: the pairs are made here, from the SFT policy's answers and the judge's labels
-            make_pairs(model_from_checkpoint(sft_ckpt).to(rt.device), task, cfg, rt, recipe)
+    recipe = comparisons_recipe(cfg, sft_path)
+    if task.judge is not None and not same_comparisons(cfg, recipe):
+        if rt.master:  # imdb: the comparisons are made here, from the SFT policy's answers and the judge's rankings
+            make_comparisons(model_from_checkpoint(sft_ckpt).to(rt.device), task, cfg, rt, recipe)
         if rt.ddp:
             torch.distributed.barrier()
-    train, test = data.load_pairs(cfg, task)
+    train, test = data.load_rankings(cfg, task)  # rankings: K responses per prompt, best first
+    K = len(train[0]["responses"])
     torch.manual_seed(cfg.seed)  # the same fresh head on every DDP rank
     model = model_from_checkpoint(sft_ckpt, scalar_head=True).to(rt.device).train()  # SFT trunk + fresh head
     del sft_ckpt
     score = torch.compile(model.score) if cfg.compile else model.score
-    test_eval = common.subset(test, cfg.eval_pairs)
+    test_eval = common.subset(test, cfg.eval_rankings)
     gen = torch.Generator().manual_seed(cfg.seed + rt.rank)  # each rank samples its own batches
     optimizer, state, start, logger = common.start_training(model, cfg, rt, ckpt, "rm", dict(gen=gen))
     if rt.master:
         print(f"reward model: {sft_path} trunk + fresh scalar head, {model.num_params() / 1e6:.2f}M parameters; "
-              f"{len(train)} train / {len(test)} test pairs")
+              f"{len(train)} train / {len(test)} test prompts x K = {K} ranked answers ({K * (K - 1) // 2} pairs each)")
 
     def run_eval(step):
-        c, r = score_pairs(model, test_eval, rt, cfg.eval_batch_size)
+        pairs, c, r = pair_scores(test_eval, score_rankings(model, test_eval, rt, cfg.eval_batch_size))
         m = pair_metrics(c, r)
-        print(f"\nstep {step}: test accuracy {m['accuracy']:.3f}, margin {m['margin']:+.3f}, loss {m['loss']:.4f}")
+        if "gold_chosen" in pairs[0]:
+            m.update(gold_agreement(pairs, c, r))
+        print(f"\nstep {step}: test accuracy {m['accuracy']:.3f}, margin {m['margin']:+.3f}, loss {m['loss']:.4f}"
+              + (f", gold agreement {m['gold_accuracy']:.3f}" if "gold_accuracy" in m else ""))
         logger.log(step, **{f"test_{k}": v for k, v in m.items()})
-        return m, c, r
+        return m, pairs, c, r
 
     before = run_eval(start)[0] if rt.master else None
     losses = []
@@ -279,10 +310,10 @@ def main(argv=None):
     for step in bar:
         lr = common.lr_at(step, cfg.max_iters, cfg.lr, warmup)
         common.set_lr(optimizer, lr)
-        micro = [data.collate_pairs([train[i] for i in torch.randint(len(train), (cfg.batch_size,),
-                                                                     generator=gen)]) for _ in range(cfg.grad_accum)]
+        micro = [data.collate_rankings([train[i] for i in torch.randint(len(train), (cfg.batch_size,),
+                                                                        generator=gen)]) for _ in range(cfg.grad_accum)]
         micro = [common.to_device(b, rt) for b in micro]
-        loss, acc = accumulate_gradients(score, micro, rt)
+        loss, acc = accumulate_gradients(score, micro, rt, K)
         common.check_finite(step, loss=loss)
         grad_norm = common.optimizer_step(model, optimizer, cfg.grad_clip, rt, step)
         losses.append(loss)
@@ -297,9 +328,10 @@ def main(argv=None):
 
     report = {}
     if rt.master:
-        after, c, r = run_eval(cfg.max_iters)
-        # InstructGPT normalisation: shift the head's bias so the train chosen responses have mean reward 0
-        norm = common.subset(train, cfg.norm_examples)
+        after, pairs, c, r = run_eval(cfg.max_iters)
+        # InstructGPT normalisation: shift the head's bias so that the best answer of each train prompt (the
+        # stand-in for the labeller demonstrations) has mean reward 0
+        norm = [dict(prompt=x["prompt"], chosen=x["responses"][0]) for x in common.subset(train, cfg.norm_examples)]
         mean = mean_chosen_reward(model, norm, rt, cfg.eval_batch_size)
         with torch.no_grad():
             model.scalar_head.bias -= mean
@@ -308,30 +340,31 @@ def main(argv=None):
     common.save_training_state(path, "rm", cfg, cfg.max_iters, cfg.max_iters, rt, **state,
                                reward_bias=-mean if rt.master else None)  # normalised: finished
     if rt.master:
-        floor = longer_wins(test_eval)
+        floor = longer_wins(pairs)
         report = dict(**{f"{k}_before": v for k, v in before.items()},
                       **{f"{k}_after": v for k, v in after.items()}, longer_wins=floor, reward_bias=-mean)
         if losses:
             report.update(train_loss_first=sum(losses[:10]) / len(losses[:10]),
                           train_loss_last=sum(losses[-10:]) / len(losses[-10:]))
-        pairs = cfg.batch_size * cfg.grad_accum * rt.world_size
-        print(f"\n=== reward model report ({cfg.max_iters} steps x {pairs} pairs, {time.time() - t_start:.0f} s) ===")
+        prompts = cfg.batch_size * cfg.grad_accum * rt.world_size
+        print(f"\n=== reward model report ({cfg.max_iters} steps x {prompts} prompts x {K} answers, "
+              f"{time.time() - t_start:.0f} s) ===")
         if losses:
             print(f"  train loss {report['train_loss_first']:.4f} -> {report['train_loss_last']:.4f} "
                   "(mean of the first 10 steps -> of the last 10)")
-        print(f"  test pairs: {len(test_eval)}")
+        print(f"  test pairs: {len(pairs)} ({len(test_eval)} prompts x {K * (K - 1) // 2})")
         for k in ("accuracy", "margin", "loss"):
             print(f"  test {k:8s} {before[k]:+.4f} -> {after[k]:+.4f}")
         print(f"  floor 'the longer response wins' on the same pairs: {floor:.3f} (shorter wins {1 - floor:.3f})")
-        if "gold_chosen" in test_eval[0]:  # imdb: the truth behind the noisy labels
-            report.update(gold_agreement(test_eval, c, r))
-            print(f"  against the gold judge: the reward model orders {report['gold_accuracy']:.3f} of the test pairs "
-                  f"as the judge does (noiseless gold order); the noisy labels themselves agree with the judge on "
-                  f"{report['label_ceiling']:.3f} (the ceiling of the accuracy above)")
-        print(f"  normalisation: mean reward of {len(norm)} train chosen responses was {mean:+.4f}; "
+        if "gold_accuracy" in after:  # imdb: the truth behind the noisy labels
+            print(f"  against the gold judge: the reward model orders {after['gold_accuracy']:.3f} of the test pairs "
+                  f"as the judge does (noiseless gold order; {after['gold_accuracy_clear']:.3f} of the "
+                  f"{after['n_clear']} pairs the judge separates by >= 1 log-odds); the noisy labels themselves "
+                  f"agree with the judge on {after['label_ceiling']:.3f} (the ceiling of the accuracy above)")
+        print(f"  normalisation: mean reward of {len(norm)} best train answers was {mean:+.4f}; "
               f"scalar_head.bias shifted by {-mean:+.4f} (ckpt['reward_bias'])")
         print("  test pairs (normalised rewards):")
-        show_pairs(test_eval, c, r, cfg.n_show)
+        show_pairs(pairs, c, r, cfg.n_show, cfg.vocab_size)
         print(f"  wrote {cfg.out_dir}/rm.pt, rm_log.jsonl, rm.png")
     common.cleanup(rt)
     return report

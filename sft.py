@@ -54,19 +54,19 @@ from model import GPT, GPTConfig, model_from_checkpoint
 # ----------------------------------------------------------------------------- config
 config = dict(common.SHARED, # out_dir, data_dir, device, block_size, max_new_tokens, checkpoint_every, ... (common.py)
     init_from="scratch",     # "scratch" | "gpt2" | "gpt2-medium" ... | a local GPT-2 file/folder
-    n_layer=4, n_head=4, n_embd=128, dropout=0.0,  # model shape (from scratch only)
-    # phase 1, pretraining (from scratch only): every token of the train dialogues is a target
-    pretrain_iters=150,      # optimiser steps (0 skips the phase)
-    pretrain_batch_size=4,   # windows of block_size tokens per micro-batch
+    n_layer=4, n_head=4, n_embd=192, dropout=0.0,  # model shape (from scratch only)
+    # phase 1, pretraining (from scratch only): every token of the task's text is a target
+    pretrain_iters=450,      # optimiser steps (0 skips the phase)
+    pretrain_batch_size=16,  # windows of block_size tokens per micro-batch
     pretrain_lr=3e-3,        # peak learning rate of the phase
     # phase 2, SFT: prompt -> chosen response, the prompt masked out
-    sft_iters=250,           # optimiser steps
-    batch_size=8,            # (prompt, chosen) examples per micro-batch
+    sft_iters=100,           # optimiser steps
+    batch_size=32,           # (prompt, chosen) examples per micro-batch
     lr=1e-3,                 # peak learning rate of the phase (from GPT-2 weights use ~3e-5)
     grad_accum=1,            # micro-batches per optimiser step (per DDP rank)
     weight_decay=0.1, grad_clip=1.0,  # AdamW decoupled weight decay on matrices; max gradient norm (0 = off)
     warmup_frac=0.1,         # linear warmup over this fraction of each phase, then cosine to 10%
-    eval_interval=150,       # evaluate on `test` every this many steps (also at the start, the end of
+    eval_interval=0,         # evaluate on `test` every this many steps (also at the start, the end of
                              # pretraining and the end; 0 = only those)
     eval_examples=128,       # test examples per evaluation, a fixed random subset (0 = all)
     n_answers=2,             # fixed test prompts answered at each evaluation (greedy and sampled)
@@ -156,20 +156,24 @@ def peak_flops(rt):
 @torch.no_grad()
 def response_loss(model, examples, rt, batch_size):
     """Response loss on examples (prompt -> chosen): nats per response token over all of them (a
-    token-level mean), and the perplexity exp(loss)."""
+    token-level mean), the perplexity exp(loss), and bits per byte of the response text,
+        bpb = sum_t -log2 pi(y_t) / (UTF-8 bytes of the responses)
+    which, unlike nats per token, compares models of different vocabularies (an EOT counts in the sum, not in
+    the bytes)."""
     nll, count = 0.0, 0.0
     with common.eval_mode(model):
         for i in range(0, len(examples), batch_size):
             with rt.autocast():
                 loss, n = target_loss(model, common.to_device(data.collate_sft(examples[i:i + batch_size]), rt))
             nll, count = nll + loss.item() * n.item(), count + n.item()
+    n_bytes = sum(len(data.decode(e["chosen"], model.config.n_tokens).encode("utf-8")) for e in examples)
     loss = nll / max(count, 1)
-    return loss, math.exp(min(loss, 50))
+    return loss, math.exp(min(loss, 50)), nll / math.log(2) / max(n_bytes, 1)
 
 
 def answers(model, prompts, rt, max_new_tokens, temperature, seed=0):
     """Greedy and sampled answers to the prompts (examples): list of dict(prompt, greedy, sampled) text."""
-    out = [dict(prompt=data.decode(p["prompt"])) for p in prompts]
+    out = [dict(prompt=data.decode(p["prompt"], model.config.n_tokens)) for p in prompts]
     for name, temp in (("greedy", 0.0), ("sampled", temperature)):
         for o, text in zip(out, evaluate.answers_text(model, prompts, rt, max_new_tokens, temp, seed)):
             o[name] = text
@@ -189,9 +193,13 @@ def build_model(cfg, ckpt=None):
     if ckpt is not None:
         return model_from_checkpoint(ckpt), ckpt["n_pretrain"]
     if cfg.init_from == "scratch":
-        model = GPT(GPTConfig(block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
-                              n_embd=cfg.n_embd, dropout=cfg.dropout))
+        model = GPT(GPTConfig(block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
+                              dropout=cfg.dropout, n_tokens=cfg.vocab_size,
+                              vocab_size=64 * math.ceil(cfg.vocab_size / 64)))  # rows padded to a multiple of 64
         return model, cfg.pretrain_iters
+    if cfg.vocab_size != data.GPT2_VOCAB:
+        raise common.UserError(f"--init_from={cfg.init_from} needs GPT-2's whole vocabulary: pass "
+                               f"--vocab_size={data.GPT2_VOCAB} (got {cfg.vocab_size})")
     return GPT.from_pretrained(cfg.init_from, block_size=cfg.block_size, dropout=cfg.dropout), 0
 
 
@@ -224,13 +232,13 @@ def main(argv=None):
               f"{cfg.sft_iters} SFT steps; {len(train)} train / {len(test)} test examples")
 
     def run_eval(step):
-        loss, ppl = response_loss(model, test_eval, rt, cfg.eval_batch_size)
+        loss, ppl, bpb = response_loss(model, test_eval, rt, cfg.eval_batch_size)
         ans = answers(model, answer_prompts, rt, cfg.max_new_tokens, cfg.temperature, seed=cfg.seed)
-        print(f"\nstep {step}: test response loss {loss:.4f}, perplexity {ppl:.1f}")
+        print(f"\nstep {step}: test response loss {loss:.4f}, perplexity {ppl:.1f}, {bpb:.3f} bits per byte")
         print_answers(ans)
-        logger.log(step, test_loss=loss, test_ppl=ppl,
+        logger.log(step, test_loss=loss, test_ppl=ppl, test_bpb=bpb,
                    **{f"answer{i}_{k}": a[k] for i, a in enumerate(ans) for k in ("greedy", "sampled")})
-        return loss, ppl, ans
+        return loss, ppl, ans, bpb
 
     before = run_eval(step) if rt.master else None
     tokens_seen, flops, train_time, losses = 0, 0.0, 0.0, {"pretrain": [], "sft": []}
@@ -280,7 +288,7 @@ def main(argv=None):
         achieved = flops / max(train_time, 1e-9)
         mfu = achieved / peak if peak else None
         report = dict(test_loss_before=before[0], test_ppl_before=before[1], test_loss_after=after[0],
-                      test_ppl_after=after[1], answers=after[2], tokens_per_s=tok_s, flops_per_s=achieved,
+                      test_ppl_after=after[1], test_bpb_before=before[3], test_bpb_after=after[3], answers=after[2], tokens_per_s=tok_s, flops_per_s=achieved,
                       mfu=mfu, **{f"{p}_loss_{w}": sum(x) / len(x) for p, v in losses.items() if v
                                   for w, x in (("first", v[:5]), ("last", v[-5:]))})
         print(f"\n=== SFT report ({cfg.init_from}, {n_pretrain} pretraining + {cfg.sft_iters} SFT steps, "
@@ -290,7 +298,8 @@ def main(argv=None):
                 print(f"  {p} train loss: {report[f'{p}_loss_first']:.3f} -> {report[f'{p}_loss_last']:.3f} "
                       "(mean of the first 5 steps -> of the last 5)")
         print(f"  test response loss {before[0]:.4f} -> {after[0]:.4f} nats/token "
-              f"(perplexity {before[1]:.1f} -> {after[1]:.1f}) on {len(test_eval)} test examples")
+              f"(perplexity {before[1]:.1f} -> {after[1]:.1f}; {before[3]:.3f} -> {after[3]:.3f} bits per byte) on "
+              f"{len(test_eval)} test examples")
         speed = f"  {tok_s:.0f} tokens/s, {achieved / 1e9:.1f} GFLOP/s achieved on {device_name}"
         print(speed + (f", MFU {100 * mfu:.1f}% of {peak / 1e12:.0f} TFLOP/s bf16 peak" if peak
                        else " (peak unknown, no MFU)"))

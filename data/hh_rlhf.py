@@ -1,13 +1,11 @@
 r"""
-Anthropic HH-RLHF (Bai et al. 2022, arXiv 2204.05862): read, split, tokenise, cache and batch.
+Anthropic HH-RLHF (Bai et al. 2022, arXiv 2204.05862): read, split, tokenise and cache.
 
 Each line of `<subset>/<split>.jsonl.gz` is {"chosen": str, "rejected": str}, two whole dialogues
 "\n\nHuman: ...\n\nAssistant: ..." that share everything up to the last Assistant turn. We split each
 into a prompt (the text through the LAST "\n\nAssistant:") and a response (the rest), skip and count the
-pairs that cannot be used, tokenise with the GPT-2 BPE (tiktoken "gpt2"), append EOT to every response,
-truncate to fit block_size and cache the result on disk. The collate functions turn examples into the
-padded tensors each stage needs (the conventions are in the README):
-masks are float32 0/1 aligned to token positions, mask[:, t] = 1 means token t is a target.
+pairs that cannot be used, tokenise with GPT-2's BPE (whole, or cut to vocab_size tokens: data/tokenizer.py),
+append EOT to every response, truncate to fit block_size and cache the result on disk.
 
 Data dir: the `data_dir` argument, else $RLHF_DATA_DIR, else a one-time download into data/hh-rlhf/. It is
 the data root that holds every task's folder (`<root>/hh-rlhf/<subset>/<split>.jsonl.gz`), or the
@@ -22,39 +20,20 @@ import hashlib
 import json
 import os
 import urllib.request
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from common import UserError, atomic_write
+from data.tokenizer import GPT2_VOCAB, eot_id, get_tokenizer
 
-EOT = 50256  # <|endoftext|> of the GPT-2 BPE, appended to every response
-PAD_ID = 0  # default pad id; no code may rely on its value (the masks say what is real)
 SUBSETS = ("helpful-base", "harmless-base")
 ASSISTANT = "\n\nAssistant:"
 URL = "https://huggingface.co/datasets/Anthropic/hh-rlhf/resolve/main/{subset}/{split}.jsonl.gz"
 DEFAULT_DATA_DIR = Path(__file__).resolve().parent / "hh-rlhf"  # download target (git-ignored)
 CACHE_VERSION = 2  # bump when the tokenised format or the rules change
 SKIP_REASONS = ("prompt_mismatch", "empty_response", "identical")
-
-
-@lru_cache(maxsize=None)
-def get_tokenizer():
-    """The GPT-2 BPE (tiktoken "gpt2", 50,257 tokens, EOT = 50256).
-    Raises UserError if it can be neither loaded from TIKTOKEN_CACHE_DIR nor downloaded."""
-    import tiktoken
-    try:
-        return tiktoken.get_encoding("gpt2")
-    except Exception as e:  # tiktoken raises requests' errors when offline with no cache
-        raise UserError("could not load the GPT-2 BPE (tiktoken 'gpt2'): offline, set TIKTOKEN_CACHE_DIR to a "
-                        f"folder holding tiktoken's cached gpt2 files ({type(e).__name__})") from None
-
-
-def decode(tokens):
-    """Text of a token list (an answer), without its <|endoftext|>: what every report prints."""
-    return get_tokenizer().decode([t for t in tokens if t != EOT])
 
 
 def split_dialogue(text):
@@ -195,13 +174,13 @@ def read_pairs(data_dir=None, subsets=SUBSETS, test_fraction=0.1, verbose=True):
 
 
 # ----------------------------------------------------------------------------- tokens + cache
-def _cache_key(files, block_size, max_prompt_len, test_fraction, subsets, min_response_len):
+def _cache_key(files, block_size, max_prompt_len, test_fraction, subsets, min_response_len, vocab_size=GPT2_VOCAB):
     """sha1 of the source files (path, size, mtime) and every setting that changes the output."""
     srcs = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns)
             for f in files.values() for p in f.values() if p is not None]
     info = dict(version=CACHE_VERSION, files=srcs, block_size=block_size, max_prompt_len=max_prompt_len,
                 test_fraction=test_fraction, subsets=list(subsets), min_response_len=min_response_len,
-                tokenizer="gpt2")
+                tokenizer=f"gpt2[:{vocab_size}]")
     return hashlib.sha1(json.dumps(info, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -210,20 +189,20 @@ def _pct(x):
         if len(x) else {}
 
 
-def tokenize_pairs(splits, block_size=256, max_prompt_len=128, min_response_len=8):
+def tokenize_pairs(splits, block_size=256, max_prompt_len=128, min_response_len=8, vocab_size=GPT2_VOCAB):
     """Tokenise text pairs (as from read_pairs). Returns (token splits, stats):
     dict "train"/"test" -> list[dict(prompt=list[int], chosen=list[int], rejected=list[int])] where
     prompt = last max_prompt_len prompt tokens (left truncation), chosen/rejected = first
     block_size - len(prompt) tokens of (response + [EOT]) (so EOT may be cut). A pair whose prompt leaves
     fewer than min_response_len tokens of room is skipped and counted as "prompt_too_long"."""
-    enc = get_tokenizer()
+    enc, eot = get_tokenizer(vocab_size), eot_id(vocab_size)
     out, stats = {}, {"prompt_too_long": 0, "truncated_prompts": 0, "truncated_responses": 0}
     lens = {"prompt": [], "response": []}
     for name, pairs in splits.items():
         toks = [enc.encode_ordinary_batch([p[k] for p in pairs]) for k in ("prompt", "chosen", "rejected")]
         out[name] = []
         for prompt, chosen, rejected in zip(*toks):
-            chosen, rejected = chosen + [EOT], rejected + [EOT]
+            chosen, rejected = chosen + [eot], rejected + [eot]
             lens["prompt"].append(len(prompt))
             lens["response"] += [len(chosen), len(rejected)]
             stats["truncated_prompts"] += len(prompt) > max_prompt_len
@@ -239,7 +218,7 @@ def tokenize_pairs(splits, block_size=256, max_prompt_len=128, min_response_len=
 
 
 def load_hh_rlhf(data_dir=None, block_size=256, max_prompt_len=128, cache_dir="data/cache", verbose=True,
-                 subsets=SUBSETS, test_fraction=0.1, min_response_len=8, return_summary=False):
+                 subsets=SUBSETS, test_fraction=0.1, min_response_len=8, return_summary=False, vocab_size=GPT2_VOCAB):
     """Tokenised HH-RLHF, cached on disk. Returns dict "train"/"test" -> list[dict(prompt=list[int],
     chosen=list[int], rejected=list[int])] (see tokenize_pairs for the truncation rules); with
     return_summary=True returns (that dict, summary dict). The cache file (json, written atomically)
@@ -250,7 +229,7 @@ def load_hh_rlhf(data_dir=None, block_size=256, max_prompt_len=128, cache_dir="d
         raise UserError(f"need 0 < max_prompt_len ({max_prompt_len}) <= block_size ({block_size}), "
                          f"min_response_len ({min_response_len}) >= 1, 0 <= test_fraction ({test_fraction}) < 1")
     _, files = find_files(data_dir, subsets)
-    key = _cache_key(files, block_size, max_prompt_len, test_fraction, subsets, min_response_len)
+    key = _cache_key(files, block_size, max_prompt_len, test_fraction, subsets, min_response_len, vocab_size)
     path = Path(cache_dir) / f"hh_rlhf_{key}.json" if cache_dir else None
     if path is not None and path.is_file():
         with open(path) as f:
@@ -260,11 +239,11 @@ def load_hh_rlhf(data_dir=None, block_size=256, max_prompt_len=128, cache_dir="d
             print_summary(blob["summary"])
     else:
         text, summary = read_pairs(data_dir, subsets, test_fraction, verbose=False)
-        tokens, stats = tokenize_pairs(text, block_size, max_prompt_len, min_response_len)
+        tokens, stats = tokenize_pairs(text, block_size, max_prompt_len, min_response_len, vocab_size)
         summary["skipped"]["prompt_too_long"] = stats.pop("prompt_too_long")
         summary.update(stats, sizes={k: len(v) for k, v in tokens.items()},
                        settings=dict(block_size=block_size, max_prompt_len=max_prompt_len,
-                                     min_response_len=min_response_len))
+                                     min_response_len=min_response_len, vocab_size=vocab_size))
         blob = dict(summary=summary, **tokens)
         if verbose:
             print_summary(summary)
@@ -293,81 +272,23 @@ def print_summary(s):
               f"{s['truncated_prompts']} prompts, {s['truncated_responses']} responses")
 
 
-# ----------------------------------------------------------------------------- batches
-def _pad(rows, pad_id, left=False):
-    """rows: list of token lists -> (idx (B, T) long, attention_mask (B, T) float32), T = longest row."""
-    if not rows:
-        raise ValueError("cannot collate an empty list of examples")
-    T = max(len(r) for r in rows)
-    idx = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(rows), T, dtype=torch.float32)
-    for i, r in enumerate(rows):
-        s = slice(T - len(r), T) if left else slice(0, len(r))
-        idx[i, s] = torch.tensor(r, dtype=torch.long)
-        mask[i, s] = 1.0
-    return idx, mask
-
-
-def _response_batch(prompts, responses, pad_id):
-    """Right-padded prompt+response rows and a target mask that is 1 on the response tokens."""
-    idx, attention_mask = _pad([p + r for p, r in zip(prompts, responses)], pad_id)
-    target = torch.zeros_like(attention_mask)
-    for i, (p, r) in enumerate(zip(prompts, responses)):
-        target[i, max(len(p), 1):len(p) + len(r)] = 1.0  # token 0 is never a target
-    return idx, attention_mask, target
-
-
-def collate_sft(examples, pad_id=PAD_ID):
-    """SFT batch of prompt + chosen, right-padded. Returns dict idx (B, T) long, attention_mask (B, T)
-    float32 (1 on real tokens), loss_mask (B, T) float32 (1 on chosen-response tokens: targets)."""
-    idx, am, lm = _response_batch([e["prompt"] for e in examples], [e["chosen"] for e in examples], pad_id)
-    return dict(idx=idx, attention_mask=am, loss_mask=lm)
-
-
-def collate_pairs(examples, pad_id=PAD_ID):
-    """Preference batch: rows [:B] prompt + chosen, rows [B:] prompt + rejected, right-padded to one T.
-    Returns dict idx (2B, T) long, attention_mask (2B, T) float32, response_mask (2B, T) float32."""
-    prompts = [e["prompt"] for e in examples] * 2
-    responses = [e["chosen"] for e in examples] + [e["rejected"] for e in examples]
-    idx, am, rm = _response_batch(prompts, responses, pad_id)
-    return dict(idx=idx, attention_mask=am, response_mask=rm)
-
-
-def collate_prompts(examples, pad_id=PAD_ID):
-    """Prompts for generation, LEFT-padded. Returns dict idx (B, P) long, attention_mask (B, P) float32."""
-    idx, am = _pad([e["prompt"] for e in examples], pad_id, left=True)
-    return dict(idx=idx, attention_mask=am)
-
-
-def pretraining_tokens(examples):
-    """Pretraining text: every dialogue of the examples, prompt + chosen then prompt + rejected, each
-    followed by exactly one EOT. Returns a 1-D LongTensor (N,)."""
-    stream = []
+# ----------------------------------------------------------------------------- pretraining text
+def pretraining_tokens(examples, vocab_size=GPT2_VOCAB):
+    """Pretraining text of hh: the CHOSEN dialogue of every example (prompt + chosen), each followed by exactly one
+    EOT. The rejected answers are left out: this stream is also PPO-ptx's "pretraining" text, and text that
+    carries a preference would push up the likelihood of the answers the reward model pushes down. Returns a
+    1-D LongTensor (N,)."""
+    eot, stream = eot_id(vocab_size), []
     for e in examples:
-        for resp in (e["chosen"], e["rejected"]):
-            doc = e["prompt"] + resp
-            stream += doc if doc[-1:] == [EOT] else doc + [EOT]  # a truncated response lost its EOT
+        doc = e["prompt"] + e["chosen"]
+        stream += doc if doc[-1:] == [eot] else doc + [eot]  # a truncated response lost its EOT
     return torch.tensor(stream, dtype=torch.long)
-
-
-def sample_text_batch(stream, batch_size, block_size, generator=None):
-    """batch_size random contiguous windows of block_size tokens of stream (N,) (nanoGPT's get_batch).
-    Returns dict idx (B, block_size) long, attention_mask (B, block_size) float32 (all 1), loss_mask
-    (B, block_size) float32 (1 everywhere but token 0, which has no context). Raises UserError if
-    the stream is shorter than block_size."""
-    if len(stream) < block_size:
-        raise UserError(f"text stream has {len(stream)} tokens, fewer than block_size {block_size}")
-    ix = torch.randint(len(stream) - block_size + 1, (batch_size,), generator=generator)  # (B,)
-    idx = stream[ix[:, None] + torch.arange(block_size)]  # (B, T)
-    loss_mask = torch.ones(batch_size, block_size)
-    loss_mask[:, 0] = 0.0
-    return dict(idx=idx, attention_mask=torch.ones(batch_size, block_size), loss_mask=loss_mask)
 
 
 if __name__ == "__main__":
     import argparse
     ap = argparse.ArgumentParser(description="print the HH-RLHF summary (and build the cache)")
     for k, v in dict(data_dir="", block_size=256, max_prompt_len=128, test_fraction=0.1,
-                     min_response_len=8, cache_dir="data/cache").items():
+                     min_response_len=8, cache_dir="data/cache", vocab_size=GPT2_VOCAB).items():
         ap.add_argument(f"--{k}", type=type(v), default=v)
     load_hh_rlhf(**vars(ap.parse_args()))

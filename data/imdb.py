@@ -8,7 +8,7 @@ so that a gold sentiment judge (data/judge.py) finds the continuation positive. 
   - load_imdb: a token stream of the train + unsup reviews (pretraining / SFT text), prompts cut from the
     TRAIN reviews (for PPO and pair sampling) and from the TEST reviews (for evaluation), each with the
     review's next tokens as an SFT target, cached on disk;
-  - bradley_terry_labels: a noisy labeller that prefers the response the judge scores higher.
+  - plackett_luce_ranking: a noisy labeller that ranks K responses, preferring those the judge scores higher.
 
 Data root: one folder holds both tasks, <root>/imdb/aclImdb_v1.tar.gz and <root>/hh-rlhf/... . The root
 is the `data_dir` argument, else $RLHF_DATA_DIR, else this package's folder (data/), where the archive
@@ -30,12 +30,12 @@ import numpy as np
 import torch
 
 from common import UserError, atomic_write
-from data.hh_rlhf import EOT, get_tokenizer
+from data.tokenizer import GPT2_VOCAB, eot_id, get_tokenizer
 
 URL = "https://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz"
 ARCHIVE = "aclImdb_v1.tar.gz"
 DEFAULT_ROOT = Path(__file__).resolve().parent  # data/: the archive goes to data/imdb/ (git-ignored)
-CACHE_VERSION = 1  # bump when the tokenised format or the rules change
+CACHE_VERSION = 2  # bump when the tokenised format or the rules change
 BR = re.compile(r"<br\s*/?>", re.IGNORECASE)  # the reviews' HTML line breaks: <br />, <br/>, <br>
 MEMBER = re.compile(r"aclImdb/(train|test)/(pos|neg|unsup)/(\d+)_(\d+)\.txt")  # <split>/<folder>/<id>_<stars>
 
@@ -125,10 +125,10 @@ def prompt_length(split, review, seed=0, lo=2, hi=8):
     return lo + _hash(seed, split, review["label"], review["id"]) % (hi - lo + 1)
 
 
-def make_examples(split, reviews, tokens, seed=0, lo=2, hi=8, max_response_len=56):
+def make_examples(split, reviews, tokens, seed=0, lo=2, hi=8, max_response_len=56, eot=eot_id(GPT2_VOCAB)):
     """Prompt / SFT examples, one per review: list[dict(prompt=list[int], chosen=list[int], label=int|None)].
     prompt = the first k tokens of the review (k from prompt_length, at most len - 1), chosen = the next
-    max_response_len tokens, + EOT only if the review ends within them. tokens[i] are reviews[i]'s tokens;
+    max_response_len tokens, + `eot` only if the review ends within them. tokens[i] are reviews[i]'s tokens;
     a review of lo tokens or fewer (no room for a response) is skipped, so every prompt has lo..hi tokens.
     collate_prompts reads "prompt"; collate_sft reads prompt + chosen."""
     out = []
@@ -137,18 +137,27 @@ def make_examples(split, reviews, tokens, seed=0, lo=2, hi=8, max_response_len=5
             continue
         k = min(prompt_length(split, review, seed, lo, hi), len(toks) - 1)
         rest = toks[k:]
-        chosen = rest + [EOT] if len(rest) < max_response_len else rest[:max_response_len]
+        chosen = rest + [eot] if len(rest) < max_response_len else rest[:max_response_len]
         out.append(dict(prompt=toks[:k], chosen=chosen, label=review["label"]))
     return out
 
 
-def bradley_terry_labels(gold_first, gold_second, generator=None):
-    """A noisy labeller: True where the first response is chosen, drawn with probability
-    P(first > second) = sigmoid(g1 - g2), the Bradley-Terry model (Bradley & Terry 1952) of a human who
-    prefers the more positive review, as in Ziegler et al. 2019 and the DPO paper (section 6.1).
-    gold_first, gold_second: (N,) float gold scores g(x, y) (e.g. GoldJudge.log_odds). Returns (N,) bool."""
-    p = torch.sigmoid(gold_first.double() - gold_second.double())  # (N,)
-    return torch.rand(p.shape, generator=generator, dtype=torch.float64) < p
+def plackett_luce_ranking(gold, temperature=1.0, generator=None):
+    """A noisy labeller of K answers per prompt: a ranking drawn from the Plackett-Luce model (Plackett 1975; Luce
+    1959) of a human who prefers the more positive review: the best is answer i with probability
+    softmax(g / temperature)_i, the next the same over the answers left, and so on. For K = 2 that is
+    Bradley-Terry, P(first > second) = sigmoid((g1 - g2) / temperature) (Ziegler et al. 2019). temperature 0 is the
+    judge's own order, noiseless, as in the DPO paper's IMDb setup (section 6.1).
+    Drawn with the Gumbel trick: sorting g / temperature + Gumbel noise gives exactly a Plackett-Luce ranking.
+    gold: (P, K) float gold scores g(x, y) (e.g. GoldJudge.log_odds). Returns (P, K) long, the answers' indices
+    best first. Raises ValueError for a negative temperature."""
+    if temperature < 0:
+        raise ValueError(f"plackett_luce_ranking: temperature {temperature} < 0")
+    keys = gold.double()  # (P, K)
+    if temperature > 0:
+        u = torch.rand(gold.shape, generator=generator, dtype=torch.float64).clamp(min=1e-300)
+        keys = keys / temperature - torch.log(-torch.log(u))  # g / T + Gumbel(0, 1)
+    return keys.argsort(dim=1, descending=True, stable=True)  # (P, K)
 
 
 # ----------------------------------------------------------------------------- cache
@@ -173,7 +182,7 @@ def _pct(x):
     return {q: int(np.percentile(x, int(q[1:]))) for q in ("p10", "p50", "p90", "p99")} | {"max": int(max(x))}
 
 
-def _build(archive, max_response_len, min_prompt_len, max_prompt_len, seed, max_reviews):
+def _build(archive, max_response_len, min_prompt_len, max_prompt_len, seed, max_reviews, vocab_size):
     """Read and tokenise the archive: (splits dict "train"/"test" -> examples, stream (N,) uint16, summary)."""
     t0 = time.time()
     reviews = read_reviews(archive)
@@ -181,13 +190,13 @@ def _build(archive, max_response_len, min_prompt_len, max_prompt_len, seed, max_
     for split, rows in reviews.items():  # the fixed shuffle; max_reviews keeps a prefix of it
         rows.sort(key=lambda r: _hash(split, r["label"], r["id"]))
         reviews[split] = rows[:max_reviews] if max_reviews else rows
-    enc = get_tokenizer()
+    enc, eot = get_tokenizer(vocab_size), eot_id(vocab_size)
     tokens = {s: enc.encode_ordinary_batch([r["text"] for r in rows]) for s, rows in reviews.items()}
     t2 = time.time()
-    splits = {s: make_examples(s, reviews[s], tokens[s], seed, min_prompt_len, max_prompt_len, max_response_len)
+    splits = {s: make_examples(s, reviews[s], tokens[s], seed, min_prompt_len, max_prompt_len, max_response_len, eot)
               for s in ("train", "test")}
     docs = tokens["train"] + tokens["unsup"]
-    stream = np.fromiter((t for d in docs for t in d + [EOT]), np.uint16, sum(len(d) + 1 for d in docs))
+    stream = np.fromiter((t for d in docs for t in d + [eot]), np.uint16, sum(len(d) + 1 for d in docs))
     lens = {s: [len(t) for t in toks] for s, toks in tokens.items()}
     summary = dict(archive=str(archive), reviews={s: len(r) for s, r in reviews.items()},
                    positive={s: sum(r["label"] == 1 for r in reviews[s]) for s in ("train", "test")},
@@ -221,7 +230,7 @@ def _load_cache(path):
 
 
 def load_imdb(data_dir=None, cache_dir="data/cache", verbose=True, max_response_len=56, min_prompt_len=2,
-              max_prompt_len=8, seed=0, max_reviews=0):
+              max_prompt_len=8, seed=0, max_reviews=0, vocab_size=GPT2_VOCAB):
     """The tokenised IMDb task, cached on disk. Returns a dict:
       text_tokens: (N,) LongTensor, every train and unsup review, each followed by one EOT (the format of
           data.pretraining_tokens, for data.sample_text_batch);
@@ -239,10 +248,10 @@ def load_imdb(data_dir=None, cache_dir="data/cache", verbose=True, max_response_
                         f"max_response_len ({max_response_len}) >= 1, max_reviews ({max_reviews}) >= 0")
     archive = find_archive(data_dir)
     settings = dict(max_response_len=max_response_len, min_prompt_len=min_prompt_len,
-                    max_prompt_len=max_prompt_len, seed=seed, max_reviews=max_reviews)
+                    max_prompt_len=max_prompt_len, seed=seed, max_reviews=max_reviews, vocab_size=vocab_size)
     st = archive.stat()
     key = hashlib.sha1(json.dumps(dict(version=CACHE_VERSION, archive=str(archive.resolve()), size=st.st_size,
-                                       mtime=st.st_mtime_ns, tokenizer="gpt2", **settings)).encode()).hexdigest()[:16]
+                                       mtime=st.st_mtime_ns, **settings)).encode()).hexdigest()[:16]
     path = Path(cache_dir) / f"imdb_{key}.npz" if cache_dir else None
     t0 = time.time()
     cached = _load_cache(path) if path is not None and path.is_file() else None
@@ -280,11 +289,11 @@ def main():
     import argparse
     ap = argparse.ArgumentParser(description="print the IMDb summary (and build the cache)")
     for k, v in dict(data_dir="", cache_dir="data/cache", max_response_len=56, min_prompt_len=2,
-                     max_prompt_len=8, seed=0, max_reviews=0).items():
+                     max_prompt_len=8, seed=0, max_reviews=0, vocab_size=GPT2_VOCAB).items():
         ap.add_argument(f"--{k}", type=type(v), default=v)
     t0 = time.time()
     d = load_imdb(**vars(ap.parse_args()))
-    enc = get_tokenizer()
+    enc = get_tokenizer(d["summary"]["settings"]["vocab_size"])
     for split in ("train_prompts", "test_prompts"):
         print(f"  first {split} (prompt | reference continuation):")
         for e in d[split][:4]:

@@ -200,8 +200,8 @@ def test_cache_roundtrip_and_key(quirks_dir, tmp_path, monkeypatch):
     _, files = hh_rlhf.find_files(quirks_dir)
     keys = {hh_rlhf._cache_key(files, *args) for args in [
         (64, 32, 0.5, data.SUBSETS, 8), (64, 31, 0.5, data.SUBSETS, 8), (64, 32, 0.1, data.SUBSETS, 8),
-        (64, 32, 0.5, data.SUBSETS[::-1], 8), (64, 32, 0.5, data.SUBSETS, 4)]}
-    assert len(keys) == 5
+        (64, 32, 0.5, data.SUBSETS[::-1], 8), (64, 32, 0.5, data.SUBSETS, 4), (64, 32, 0.5, data.SUBSETS, 8, 8192)]}
+    assert len(keys) == 6
     src = quirks_dir / "helpful-base/test.jsonl.gz"  # a changed source file changes the key too
     before = hh_rlhf._cache_key(files, 64, 32, 0.5, data.SUBSETS, 8)
     os.utime(src, ns=(src.stat().st_atime_ns, src.stat().st_mtime_ns + 10**9))
@@ -250,12 +250,111 @@ def test_collate_prompts_left_padded():
     assert b["attention_mask"].tolist() == [[0, 0, 1, 1, 1], [0, 0, 0, 0, 1], [1, 1, 1, 1, 1]]
 
 
-def test_pretraining_tokens():
+def test_pretraining_tokens_are_the_chosen_dialogues_only():
     stream = data.pretraining_tokens(EXAMPLES)
     assert stream.dtype == torch.long and stream.dim() == 1
-    assert stream.tolist() == [5, 6, 7, 8, 9, EOT, 5, 6, 7, 10, EOT,
-                               11, 12, EOT, 11, 13, 14, 15, 16, EOT,
-                               17, 18, 19, 20, 21, 22, EOT, 17, 18, 19, 20, 21, 23, 24, EOT]  # cut ones get EOT
+    assert stream.tolist() == [5, 6, 7, 8, 9, EOT,
+                               11, 12, EOT,
+                               17, 18, 19, 20, 21, 22, EOT]  # a cut response gets its EOT back; no rejected answer
+
+
+def test_no_rejected_token_reaches_the_pretraining_stream():
+    """The stream is also PPO-ptx's text: hand-made examples whose rejected answers use ids found nowhere else
+    (9000 and up) must leave none of them in it, with GPT-2's vocabulary and with a cut one (EOT = V - 1)."""
+    for V in (50257, 8192):
+        eot = V - 1
+        examples = [dict(prompt=[5, 6], chosen=[7, eot], rejected=[9001, 9002, eot]),
+                    dict(prompt=[8], chosen=[10, 11], rejected=[9003]),  # chosen cut before its EOT
+                    dict(prompt=[12, 13, 14], chosen=[15, eot], rejected=[9004, 9005, 9006, eot])]
+        stream = data.pretraining_tokens(examples, V).tolist()
+        want = []
+        for e in examples:  # prompt + chosen, one EOT after each
+            doc = e["prompt"] + [t for t in e["chosen"] if t != eot]
+            want += doc + [eot]
+        assert stream == want, V
+        assert not {9001, 9002, 9003, 9004, 9005, 9006} & set(stream)
+        assert stream.count(eot) == len(examples)
+
+
+def test_a_cut_vocabulary_tokenises_the_same_text(tmp_path):
+    """load_hh_rlhf(vocab_size=V): every id below V, every response ends with V - 1 (its EOT), and the tokens
+    decode to the very text GPT-2's tokens of the full vocabulary decode to."""
+    cafe = "\n\nHuman: Café? 😀\n\nAssistant:"
+    texts = [(MULTI, " It is 4.", " It is 5."), (LOCK, " I can't help with that, sorry.", " Use a pin."),
+             (cafe, " Oui.", " No.")]
+    write_jsonl(tmp_path / "helpful-base/test.jsonl.gz", [pair(*t) for t in texts[:2]])
+    write_jsonl(tmp_path / "harmless-base/test.jsonl.gz", [pair(*texts[2])])
+    kw = dict(block_size=256, max_prompt_len=128, cache_dir=tmp_path / "cache", verbose=False, test_fraction=0.0)
+    full = data.load_hh_rlhf(tmp_path, **kw)["train"]
+    cut = data.load_hh_rlhf(tmp_path, vocab_size=1024, **kw)["train"]
+    assert len(list((tmp_path / "cache").glob("*.json"))) == 2  # one cache file per vocabulary
+    for examples, V in ((full, 50257), (cut, 1024)):
+        assert sorted(tuple(data.decode(e[k], V) for k in ("prompt", "chosen", "rejected")) for e in examples) == \
+            sorted(texts)
+        for e in examples:
+            assert all(0 <= t < V - 1 for t in e["prompt"])
+            for k in ("chosen", "rejected"):
+                assert e[k][-1] == V - 1 and all(0 <= t < V - 1 for t in e[k][:-1])
+    assert sum(len(e["chosen"]) for e in cut) > sum(len(e["chosen"]) for e in full)  # fewer merges, more tokens
+    again = data.load_hh_rlhf(tmp_path, vocab_size=1024, **kw)["train"]  # from the cache
+    assert again == cut
+
+
+# ----------------------------------------------------------------------------- rankings (data/tasks.py)
+def test_ranking_pairs_all_and_best_worst():
+    r = dict(prompt=[1, 2], responses=[[10], [11], [12], [13]], gold=[2.0, 1.5, -0.5, -1.0])  # K = 4, best first
+    pairs = data.ranking_pairs([r])
+    assert [(p["chosen"][0] - 10, p["rejected"][0] - 10) for p in pairs] == \
+        [(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)]  # C(4, 2) = 6, in this order
+    for p in pairs:
+        i, j = p["chosen"][0] - 10, p["rejected"][0] - 10
+        assert p["prompt"] == [1, 2] and (p["gold_chosen"], p["gold_rejected"]) == (r["gold"][i], r["gold"][j])
+    best_worst = data.ranking_pairs([r], "best_worst")
+    assert best_worst == [dict(prompt=[1, 2], chosen=[10], rejected=[13], gold_chosen=2.0, gold_rejected=-1.0)]
+    # several rankings, K = 3, no gold (hh): the pairs of each in turn, without gold fields
+    rs = [dict(prompt=[p], responses=[[p, 0], [p, 1], [p, 2]]) for p in (7, 8)]
+    got = [(p["prompt"][0], p["chosen"][1], p["rejected"][1]) for p in data.ranking_pairs(rs, "all")]
+    assert got == [(q, i, j) for q in (7, 8) for i in range(3) for j in range(i + 1, 3)]
+    assert all(set(p) == {"prompt", "chosen", "rejected"} for p in data.ranking_pairs(rs))
+    assert [(p["chosen"][1], p["rejected"][1]) for p in data.ranking_pairs(rs, "best_worst")] == [(0, 2), (0, 2)]
+    k2 = [dict(prompt=[1], responses=[[2], [3]])]  # K = 2: one pair either way
+    assert data.ranking_pairs(k2, "all") == data.ranking_pairs(k2, "best_worst") == \
+        [dict(prompt=[1], chosen=[2], rejected=[3])]
+    with pytest.raises(ValueError, match="best_worst"):
+        data.ranking_pairs(rs, "some")
+
+
+def test_rankings_file_round_trip_and_errors(tmp_path):
+    from types import SimpleNamespace
+    cfg = SimpleNamespace(out_dir=str(tmp_path))
+    task = SimpleNamespace(name="imdb", rankings_train=None, rankings_test=None)
+    with pytest.raises(UserError, match="comparisons.pt not found.*python reward.py --task=imdb"):
+        data.load_rankings(cfg, task)
+    train = [dict(prompt=[1], responses=[[2], [3], [4]], gold=[1.0, 0.0, -1.0])]
+    test = [dict(prompt=[5], responses=[[6], [7], [8]], gold=[0.5, 0.2, 0.1])]
+    data.save_rankings(cfg, dict(train=train, test=test), dict(n_prompts=1))
+    assert os.listdir(tmp_path) == ["comparisons.pt"]
+    assert data.load_rankings(cfg, task) == (train, test)
+    (tmp_path / "comparisons.pt").write_bytes(b"damaged")
+    with pytest.raises(UserError, match="comparisons.pt is damaged"):
+        data.load_rankings(cfg, task)
+    hh = SimpleNamespace(name="hh", rankings_train=train, rankings_test=test)  # hh: its own, no file read
+    assert data.load_rankings(SimpleNamespace(out_dir=str(tmp_path / "nowhere")), hh) == (train, test)
+
+
+def test_the_hh_task_gives_each_pair_as_a_ranking_of_two(hh_dir, tmp_path, monkeypatch):
+    from types import SimpleNamespace
+    monkeypatch.chdir(tmp_path)  # the cache goes under tmp_path
+    cfg = SimpleNamespace(task="hh", data_dir=hh_dir, block_size=64, max_prompt_len=32, vocab_size=8192)
+    task = data.load_task(cfg, verbose=False)
+    assert task.name == "hh" and task.vocab_size == 8192 and task.judge is None
+    for pairs, rankings in ((task.sft_train, task.rankings_train), (task.sft_test, task.rankings_test)):
+        assert len(rankings) == len(pairs) > 0
+        assert rankings == [dict(prompt=p["prompt"], responses=[p["chosen"], p["rejected"]]) for p in pairs]
+    assert data.ranking_pairs(task.rankings_train) == \
+        [dict(prompt=p["prompt"], chosen=p["chosen"], rejected=p["rejected"]) for p in task.sft_train]
+    text = task.text.tolist()
+    assert max(text) == 8191 and text.count(8191) == len(task.sft_train)  # one chosen dialogue per example
 
 
 def test_sample_text_batch_windows_are_slices():

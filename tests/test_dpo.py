@@ -170,7 +170,8 @@ def write_checkpoints(out_dir, rm=True):
 def tiny_args(out_dir, hh_dir, **over):
     args = dict(task="hh", out_dir=out_dir, data_dir=hh_dir, device="cpu", block_size=128, max_prompt_len=64,
                 batch_size=4, max_iters=30, lr=3e-3, warmup_iters=3, eval_pairs=0, eval_interval=10,
-                eval_batch_size=8, log_interval=1, eval_prompts=8, max_new_tokens=8, train_pairs=0)
+                eval_batch_size=8, log_interval=1, eval_prompts=8, max_new_tokens=8, train_pairs=0,
+                vocab_size=50257)  # the tiny checkpoints have GPT-2's vocabulary (GPTConfig's default)
     args.update(over)
     return [f"--{k}={v}" for k, v in args.items()]
 
@@ -180,6 +181,12 @@ def test_missing_sft_checkpoint_and_bad_loss_type_are_clear_errors(tmp_path, hh_
         dpo.main(tiny_args(str(tmp_path), hh_dir))
     with pytest.raises(UserError, match=r"--loss_type=kto.*sigmoid, ipo, hinge"):
         dpo.main(tiny_args(str(tmp_path), hh_dir, loss_type="kto"))
+
+
+def test_a_checkpoint_of_another_vocabulary_is_refused(tmp_path, hh_dir):
+    write_checkpoints(str(tmp_path))  # GPT-2's 50257 tokens
+    with pytest.raises(UserError, match=r"sft\.pt.*50257 tokens.*--vocab_size=8192"):
+        dpo.main(tiny_args(str(tmp_path), hh_dir, vocab_size=8192))
 
 
 def test_tiny_end_to_end(tmp_path, hh_dir, monkeypatch, capsys):

@@ -2,6 +2,7 @@
 (no network, no real data). Expected values are written by hand or follow from the rules, never captured
 from the code under test."""
 import io
+import itertools
 import math
 import random
 import urllib.error
@@ -13,7 +14,7 @@ import conftest
 import data
 from common import UserError
 from data import imdb, judge as judge_mod
-from data.hh_rlhf import EOT, get_tokenizer
+from data.tokenizer import EOT, get_tokenizer
 
 # member name -> review text, in the published layout aclImdb/<split>/<pos|neg|unsup>/<id>_<stars>.txt
 REVIEWS = {
@@ -113,9 +114,10 @@ def test_prompt_lengths_uniform_and_fixed():
     assert ks != [imdb.prompt_length("train", r, seed=1) for r in reviews]  # another seed, other lengths
 
 
-def test_load_imdb_prompts_and_stream(root):
-    enc = get_tokenizer()
-    d = imdb.load_imdb(root, cache_dir=None, verbose=False, max_response_len=6)
+@pytest.mark.parametrize("V", [50257, 1024])  # GPT-2's whole BPE and a cut one (data/tokenizer.py)
+def test_load_imdb_prompts_and_stream(root, V):
+    enc, EOT = get_tokenizer(V), V - 1
+    d = imdb.load_imdb(root, cache_dir=None, verbose=False, max_response_len=6, vocab_size=V)
     toks = {s: [(enc.encode_ordinary(t), label) for t, label, _, _ in EXPECTED[s]] for s in EXPECTED}
     for split, n in (("train", 4), ("test", 2)):
         examples = d[f"{split}_prompts"]
@@ -129,8 +131,9 @@ def test_load_imdb_prompts_and_stream(root):
             assert len(src) == 1 and src[0][1] == e["label"]
             ends = len(src[0][0]) - len(e["prompt"]) < 6  # the review ends within max_response_len tokens
             assert e["chosen"] == (src[0][0][len(e["prompt"]):] + [EOT] if ends else body[len(e["prompt"]):][:6])
-    assert any(e["chosen"][-1] == EOT for e in d["train_prompts"])    # "Awful. Just awful." ends early
-    assert any(e["chosen"][-1] != EOT for e in d["train_prompts"])    # the others are cut
+    if V == 50257:  # with GPT-2's tokens both kinds are there (fewer merges make the short review longer)
+        assert any(e["chosen"][-1] == EOT for e in d["train_prompts"])    # "Awful. Just awful." ends early
+        assert any(e["chosen"][-1] != EOT for e in d["train_prompts"])    # the others are cut
     # the text stream: every train and unsup review, each followed by one EOT, no test review
     stream = d["text_tokens"]
     assert stream.dtype == torch.long and stream.dim() == 1 and stream[-1].item() == EOT
@@ -139,6 +142,8 @@ def test_load_imdb_prompts_and_stream(root):
         docs.append([]) if t == EOT else docs[-1].append(t)
     assert docs.pop() == []
     assert sorted(docs) == sorted([t for t, _ in toks["train"] + toks["unsup"]])
+    assert sorted(data.decode(doc, V) for doc in docs) == sorted(t for s in ("train", "unsup") for t, *_ in EXPECTED[s])
+    assert stream.max().item() == EOT and all(e["prompt"] and max(e["prompt"]) < EOT for e in d["train_prompts"])
     # the collate functions accept the examples
     assert data.collate_prompts(d["test_prompts"])["idx"].shape[0] == 2
     assert data.collate_sft(d["sft_train"])["loss_mask"].sum().item() == sum(len(e["chosen"]) for e in d["sft_train"])
@@ -159,6 +164,8 @@ def test_load_imdb_cache(root, tmp_path, monkeypatch):
         assert first[key] == second[key]
     with pytest.raises(AssertionError, match="instead of the cache"):  # another setting, another cache file
         imdb.load_imdb(root, cache_dir=cache, verbose=False, seed=1)
+    with pytest.raises(AssertionError, match="instead of the cache"):  # another vocabulary too
+        imdb.load_imdb(root, cache_dir=cache, verbose=False, vocab_size=8192)
     monkeypatch.undo()
     path, = cache.glob("imdb_*.npz")
     path.write_bytes(path.read_bytes()[:100])  # a damaged cache is rebuilt
@@ -171,15 +178,59 @@ def test_bad_settings(root):
         imdb.load_imdb(root, cache_dir=None, verbose=False, min_prompt_len=5, max_prompt_len=3)
 
 
-def test_bradley_terry_labels():
-    gen = torch.Generator().manual_seed(0)
+def plackett_luce_probability(g, order, T):
+    """P(order) under Plackett-Luce by hand: prod over positions of exp(g / T) of the answer placed there over the
+    sum of exp(g / T) of the answers not placed yet."""
+    p, left = 1.0, list(order)
+    for a in order:
+        p *= math.exp(g[a] / T) / sum(math.exp(g[b] / T) for b in left)
+        left.remove(a)
+    return p
+
+
+@pytest.mark.parametrize("T", [1.0, 0.5])
+def test_plackett_luce_order_frequencies_match_the_hand_computed_probabilities(T):
+    g, n = [0.4, -0.6, 1.1], 20_000
+    order = imdb.plackett_luce_ranking(torch.tensor([g] * n), T, torch.Generator().manual_seed(0))
+    assert order.dtype == torch.long and order.shape == (n, 3)
+    assert torch.equal(order.sort(1).values, torch.arange(3).expand(n, 3))  # every row a permutation
+    rows = [tuple(r) for r in order.tolist()]
+    total = 0.0
+    for perm in itertools.permutations(range(3)):
+        p = plackett_luce_probability(g, perm, T)
+        total += p
+        freq = rows.count(perm) / n
+        assert abs(freq - p) < 4 * math.sqrt(p * (1 - p) / n), (perm, freq, p)
+    assert total == pytest.approx(1.0)
+
+
+def test_plackett_luce_with_two_answers_is_bradley_terry():
+    gen = torch.Generator().manual_seed(1)
     n = 20_000
-    for diff in (0.0, 1.0, -2.0):
+    for diff, T in ((0.0, 1.0), (1.0, 1.0), (-2.0, 1.0), (1.0, 0.5), (1.0, 3.0)):
         g2 = torch.randn(n, generator=gen)
-        first = imdb.bradley_terry_labels(g2 + diff, g2, gen)
-        assert first.dtype == torch.bool and first.shape == (n,)
-        p = 1 / (1 + math.exp(-diff))
-        assert abs(first.float().mean().item() - p) < 4 * math.sqrt(p * (1 - p) / n), diff
+        order = imdb.plackett_luce_ranking(torch.stack([g2 + diff, g2], 1), T, gen)
+        first_wins = (order[:, 0] == 0).float().mean().item()
+        p = 1 / (1 + math.exp(-diff / T))  # sigmoid((g1 - g2) / T)
+        assert abs(first_wins - p) < 4 * math.sqrt(p * (1 - p) / n), (diff, T)
+
+
+def test_plackett_luce_at_temperature_zero_is_the_judges_order():
+    g = torch.randn(50, 5, generator=torch.Generator().manual_seed(2))
+    order = imdb.plackett_luce_ranking(g, 0.0, torch.Generator().manual_seed(3))
+    want = [sorted(range(5), key=lambda k: -row[k]) for row in g.tolist()]  # best first
+    assert order.tolist() == want
+    assert torch.equal(imdb.plackett_luce_ranking(g, 0), order)  # no randomness drawn, no generator needed
+    with pytest.raises(ValueError, match="temperature"):
+        imdb.plackett_luce_ranking(g, -0.1)
+
+
+def test_plackett_luce_draws_follow_the_generator():
+    g = torch.randn(30, 4, generator=torch.Generator().manual_seed(4))
+    a = imdb.plackett_luce_ranking(g, 1.0, torch.Generator().manual_seed(5))
+    b = imdb.plackett_luce_ranking(g, 1.0, torch.Generator().manual_seed(5))
+    c = imdb.plackett_luce_ranking(g, 1.0, torch.Generator().manual_seed(6))
+    assert torch.equal(a, b) and not torch.equal(a, c)
 
 
 # ----------------------------------------------------------------------------- the judge

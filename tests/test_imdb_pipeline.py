@@ -1,5 +1,6 @@
 """The imdb task end to end on a tiny synthetic archive (tests/conftest.py): every stage with --task=imdb writes its
-files, the pairs carry the judge's gold scores and Bradley-Terry labels, and every report has the gold score."""
+files, the comparisons are K answers per prompt ranked by the judge (with their gold scores), and every report has the
+gold score. It runs on the default cut vocabulary (common.SHARED's vocab_size, 8192 tokens)."""
 import json
 import os
 import shutil
@@ -30,17 +31,22 @@ def test_every_stage_runs_on_imdb(imdb_root, tmp_path, monkeypatch, capsys, one_
                            sft_iters=6, batch_size=4, eval_interval=0, eval_examples=8, n_answers=1))
     assert {"gold", "positive", "length", "eos_rate"} <= set(report["eval"])  # the judge's view of SFT
 
-    report = reward.main(argv(**common, n_pairs=12, n_test_pairs=6, max_iters=4, batch_size=4, eval_interval=0,
-                              norm_examples=4, n_show=1))
-    blob = torch.load(os.path.join(out, "pairs.pt"), weights_only=False)
+    report = reward.main(argv(**common, n_prompts=12, n_test_prompts=6, answers_per_prompt=3, max_iters=4,
+                              batch_size=4, eval_interval=0, norm_examples=4, n_show=1))
+    blob = torch.load(os.path.join(out, "comparisons.pt"), weights_only=False)
+    assert not os.path.exists(os.path.join(out, "pairs.pt"))
     assert len(blob["train"]) + blob["info"]["dropped_identical"]["train"] == 12
-    assert 0 < len(blob["test"]) <= 6
-    pair = blob["train"][0]
-    assert {"prompt", "chosen", "rejected", "gold_chosen", "gold_rejected"} <= set(pair)
+    assert 0 < len(blob["test"]) <= 6 and blob["info"]["answers_per_prompt"] == 3
+    assert blob["info"]["vocab_size"] == 8192
     judge = data.load_judge(imdb_root, verbose=False)  # the cached judge: the gold scores are its log-odds
-    gold = data.gold_scores(judge, [pair["prompt"]] * 2, [pair["chosen"], pair["rejected"]])
-    assert gold.tolist() == pytest.approx([pair["gold_chosen"], pair["gold_rejected"]], abs=1e-5)
-    assert 0 <= report["gold_accuracy"] <= 1 and 0 <= report["label_ceiling"] <= 1
+    for ranking in blob["train"] + blob["test"]:
+        assert set(ranking) == {"prompt", "responses", "gold"} and len(ranking["responses"]) == 3
+        assert len({tuple(y) for y in ranking["responses"]}) == 3  # rankings with two identical answers dropped
+        assert all(0 <= t < 8192 for y in ranking["responses"] for t in ranking["prompt"] + y)
+        gold = data.gold_scores(judge, [ranking["prompt"]] * 3, ranking["responses"], 8192)
+        assert gold.tolist() == pytest.approx(ranking["gold"], abs=1e-5)
+    assert 0 <= report["gold_accuracy_after"] <= 1 and 0 <= report["label_ceiling_after"] <= 1
+    assert report["n_clear_after"] <= 3 * len(blob["test"])  # C(3, 2) = 3 test pairs per prompt
 
     report = ppo.main(argv(**common, iterations=2, batch_size=4, minibatch_size=2, ptx_batch_size=2,
                            ptx_block_size=16, sample_every=1))
@@ -56,13 +62,14 @@ def test_every_stage_runs_on_imdb(imdb_root, tmp_path, monkeypatch, capsys, one_
     row = json.loads(open(os.path.join(out, "gold", "ppo_log.jsonl")).readline())
     assert row["score"] == pytest.approx(row["gold"], abs=1e-5)
 
-    report = dpo.main(argv(**common, max_iters=2, batch_size=2, eval_interval=0, log_interval=1, eval_pairs=4))
+    report = dpo.main(argv(**common, max_iters=2, batch_size=2, eval_interval=0, log_interval=1, eval_pairs=4,
+                           pairs_of_ranking="best_worst"))
     assert "gold" in report["dpo"] and report["dpo"]["gold"] == pytest.approx(
         json.load(open(os.path.join(out, "eval_dpo.json")))["gold"])
 
     evaluate.main(argv(**common))
     text = capsys.readouterr().out
     assert "win rate over sft under the gold judge" in text
-    for f in ("sft.pt", "pairs.pt", "rm.pt", "ppo.pt", "dpo.pt", "eval_sft.json", "eval_ppo.json", "eval_dpo.json",
+    for f in ("sft.pt", "comparisons.pt", "rm.pt", "ppo.pt", "dpo.pt", "eval_sft.json", "eval_ppo.json", "eval_dpo.json",
               "frontier.png", "sft.png", "rm.png", "ppo.png", "dpo.png"):
         assert os.path.getsize(os.path.join(out, f)) > 0, f

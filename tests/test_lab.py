@@ -11,6 +11,7 @@ import torch
 import common
 import evaluate
 import lab
+import ppo
 import reward
 import sft
 from model import GPT, GPTConfig
@@ -52,6 +53,44 @@ def test_best_of_n_takes_the_reward_models_favourite_and_n_1_is_plain_sampling(o
     assert rows[2]["score"] >= rows[1]["score"] >= rows[0]["score"]
 
 
+def test_gae_answers_come_from_ppos_real_config(monkeypatch):
+    """The RLOO / GRPO runs get as many answers per iteration as the GAE runs: batch_size x samples_per_prompt of
+    ppo.py's config with the lab's --ppo_args on top (flags ppo.py does not know are not ppo.py's business)."""
+    cfg = common.parse_config(lab.config, ["--device=cpu"], verbose=False)
+    assert lab.gae_answers(cfg, "--batch_size=48") == 48
+    assert lab.gae_answers(cfg, "--samples_per_prompt=2 --batch_size=8") == 16
+    assert lab.gae_answers(cfg, "--iterations=2 --batch_size=4 --minibatch_size=2 --ptx_coef=0") == 4
+    assert lab.gae_answers(cfg, "") == ppo.config["batch_size"] * ppo.config["samples_per_prompt"]  # the CPU preset
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # pretend, for the config logic only
+    gpu = common.parse_config(lab.config, ["--device=cuda"], cuda_overrides=lab.cuda_config, verbose=False)
+    assert lab.gae_answers(gpu, "") == ppo.cuda_config["batch_size"] * ppo.config["samples_per_prompt"] != \
+        ppo.config["batch_size"]  # the CUDA preset's batch, not the CPU default
+    assert lab.gae_answers(gpu, "--batch_size=6 --samples_per_prompt=3") == 18
+
+
+@pytest.mark.parametrize("ppo_args", ["", "--batch_size=48", "--iterations=2 --batch_size=12 --minibatch_size=2"])
+def test_critic_free_runs_get_as_many_answers_per_iteration_as_gae(ppo_args, tmp_path, monkeypatch):
+    """What lab.run really passes to ppo.main, parsed as ppo.py parses it: the rloo / grpo run answers
+    batch_size x samples_per_prompt = the GAE run's answers per iteration, with the lab's samples_per_prompt."""
+    passed = {}
+
+    def fake_main(argv):
+        cfg = common.parse_config(ppo.config, argv, verbose=False)
+        passed[cfg.advantage_estimator] = cfg
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        with open(os.path.join(cfg.out_dir, "eval_ppo.json"), "w") as f:
+            json.dump({"kl": 0.0, "score": 0.0}, f)
+    monkeypatch.setattr(ppo, "main", fake_main)
+    cfg = common.parse_config(lab.config, ["--device=cpu", f"--out_dir={tmp_path}", "--samples_per_prompt=4"],
+                              verbose=False)
+    for method in ("ppo", "rloo", "grpo"):
+        lab.run(method, 0.05, cfg, ppo_args)
+    gae = passed["gae"].batch_size * passed["gae"].samples_per_prompt
+    for estimator in ("rloo", "grpo"):
+        assert passed[estimator].samples_per_prompt == 4
+        assert passed[estimator].batch_size * 4 == gae, (estimator, passed[estimator].batch_size, gae)
+
+
 @pytest.mark.slow
 def test_the_sweep_writes_every_point_and_both_charts(imdb_root, tmp_path, monkeypatch, one_thread):
     monkeypatch.chdir(tmp_path)
@@ -61,7 +100,8 @@ def test_the_sweep_writes_every_point_and_both_charts(imdb_root, tmp_path, monke
     argv = lambda **kw: [f"--{k}={v}" for k, v in {**shared, **kw}.items()]
     sft.main(argv(n_layer=1, n_head=2, n_embd=32, pretrain_iters=4, pretrain_batch_size=2, sft_iters=4, batch_size=4,
                   eval_interval=0, eval_examples=4, n_answers=1))
-    reward.main(argv(n_pairs=8, n_test_pairs=4, max_iters=2, batch_size=4, eval_interval=0, norm_examples=4, n_show=0))
+    reward.main(argv(n_prompts=8, n_test_prompts=4, answers_per_prompt=3, max_iters=2, batch_size=4, eval_interval=0,
+                     norm_examples=4, n_show=0))
     report = lab.main(argv(ppo_betas="0.05,0.2", dpo_betas="0.1", bon_max_n=4, eval_every=1, critic_free="grpo",
                            samples_per_prompt=2,
                            ppo_args="--iterations=2 --batch_size=4 --minibatch_size=2 --ptx_coef=0",
@@ -76,6 +116,7 @@ def test_the_sweep_writes_every_point_and_both_charts(imdb_root, tmp_path, monke
     assert all({"gold", "gold_se", "score", "kl"} <= set(r) for r in policies)
     grpo = [json.loads(line) for line in open(os.path.join(out, "lab", "grpo_beta0.05", "ppo_log.jsonl"))]
     assert "value_loss" not in grpo[0]  # the critic-free run builds no critic
+    assert os.path.islink(os.path.join(out, "lab", "dpo_beta0.1", "comparisons.pt"))  # the shared comparisons
     for f in ("frontier.png", "overoptimisation.png"):
         assert os.path.getsize(os.path.join(out, "lab", f)) > 1000, f
     assert len(report["points"]) == 5

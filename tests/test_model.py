@@ -13,6 +13,8 @@ import model as M
 from common import Diverged, UserError
 from model import GPT, GPTConfig
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
+
 
 def tiny(seed=0, **kw):
     torch.manual_seed(seed)
@@ -244,7 +246,8 @@ def test_checkpoint_round_trip(tmp_path):
     M.save_checkpoint(path, torch.compile(m), {"lr": 1e-3}, "sft", step=5)  # a compiled model saves plain keys
     assert os.listdir(tmp_path / "out") == ["sft.pt"]  # no temporary file left
     ckpt = M.load_checkpoint(path, stage="sft")
-    assert ckpt["config"] == {"lr": 1e-3} and ckpt["tokenizer"] == "gpt2" and ckpt["step"] == 5
+    assert ckpt["config"] == {"lr": 1e-3} and ckpt["step"] == 5
+    assert ckpt["model_args"]["n_tokens"] == 50257  # the vocabulary it was trained with (GPT-2's whole BPE here)
     assert ckpt["model_args"]["n_embd"] == 32 and not any("_orig_mod" in k for k in ckpt["model"])
     assert torch.equal(M.model_from_checkpoint(ckpt).eval()(idx, mask), m(idx, mask))
     rm = M.model_from_checkpoint(ckpt, scalar_head=True).eval()
@@ -277,6 +280,48 @@ def test_damaged_or_wrong_checkpoints_are_one_line_errors(tmp_path):
             M.load_checkpoint(path, stage="rm" if path == good else "sft")
         msg = str(e.value)
         assert path in msg and "\n" not in msg and all(w in msg for w in words), msg
+
+
+def test_a_checkpoint_of_another_vocabulary_is_a_one_line_error(tmp_path):
+    """Token ids of one vocabulary mean other words in another: loading where another vocab_size is expected fails
+    with one line naming the file, both sizes and the flag that fixes it; without vocab_size any loads."""
+    path = str(tmp_path / "sft.pt")
+    M.save_checkpoint(path, tiny(n_tokens=8192, vocab_size=8192), {}, "sft")
+    assert M.load_checkpoint(path, stage="sft", vocab_size=8192)["model_args"]["n_tokens"] == 8192
+    assert M.load_checkpoint(path, stage="sft")["model_args"]["n_tokens"] == 8192
+    for expected in (50257, 1024):
+        with pytest.raises(UserError) as e:
+            M.load_checkpoint(path, stage="sft", vocab_size=expected)
+        msg = str(e.value)
+        assert "\n" not in msg and path in msg and "8192" in msg and f"--vocab_size={expected}" in msg, msg
+    old = str(tmp_path / "old.pt")  # written before n_tokens existed: GPT-2's vocabulary
+    M.save_checkpoint(old, tiny(), {}, "sft")
+    ckpt = torch.load(old, weights_only=False)
+    del ckpt["model_args"]["n_tokens"]
+    torch.save(ckpt, old)
+    assert M.load_checkpoint(old, vocab_size=50257)["stage"] == "sft"
+    with pytest.raises(UserError, match="50257"):
+        M.load_checkpoint(old, vocab_size=8192)
+
+
+def test_a_cut_vocabulary_masks_the_padding_rows_and_stops_at_its_own_eot():
+    """n_tokens = 5 real tokens in 8 embedding rows: ids 5..7 get logit -1e9 (never sampled), <|endoftext|> is id 4,
+    and generate() stops there by default, as it does with eos_token_id=4 given by hand."""
+    m = tiny(seed=2, n_tokens=5, vocab_size=8)
+    assert m.eot_id == 4 and tiny().eot_id == 50256
+    idx, mask = left_pad([torch.tensor([1, 2, 3]), torch.tensor([0])], 0)
+    logits = m(idx, mask)
+    assert torch.all(logits[..., 5:] == -1e9) and torch.all(logits[..., :5] > -1e8)
+    g = lambda: torch.Generator().manual_seed(0)
+    tokens, rmask = m.generate(idx, mask, 30, generator=g())
+    by_hand, by_hand_mask = m.generate(idx, mask, 30, eos_token_id=4, generator=g())
+    assert torch.equal(tokens, by_hand) and torch.equal(rmask, by_hand_mask)
+    free, _ = m.generate(idx, mask, 30, eos_token_id=None, generator=g())
+    assert free.max() < 5  # the padding ids never come up
+    for b in range(2):  # the mask ends at the first EOT of the free-running rows (4 is likely among 5 tokens)
+        hits = (free[b] == 4).nonzero()
+        n = hits[0, 0].item() + 1 if len(hits) else 30
+        assert rmask[b, :n].tolist() == [1.0] * n and rmask[b, n:].sum() == 0
 
 
 def test_nan_weights_are_never_saved(tmp_path):

@@ -20,6 +20,8 @@ from model import GPT, GPTConfig, save_checkpoint
 
 EOT = 50256
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
+
 
 def prefix_mask(lengths, T):
     """(B, T) float mask with the first lengths[b] entries of row b set to 1."""
@@ -337,10 +339,11 @@ def write_tiny_checkpoints(out_dir, seed=0):
     PPO has to learn which of the 16 tokens to end on."""
     torch.manual_seed(seed)
     settings = dict(block_size=128, max_prompt_len=64)
-    sft = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=128))
+    vocab = dict(n_tokens=8192, vocab_size=8192)  # common.SHARED's default vocabulary: <|endoftext|> is 8191
+    sft = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=128, **vocab))
     with torch.no_grad():
         sft.transformer.wte.weight[1000:1016] *= 50
-    rm = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=128, scalar_head=True))
+    rm = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=128, scalar_head=True, **vocab))
     rm.load_state_dict(sft.state_dict(), strict=False)
     with torch.no_grad():
         for name, p in rm.named_parameters():
@@ -379,7 +382,8 @@ def test_missing_checkpoints_run_the_earlier_stages(hh_dir, tmp_path, monkeypatc
     monkeypatch.chdir(tmp_path)
     out = str(tmp_path / "out")
     calls = []
-    shared = dict(task="", out_dir="", data_dir="", device="", dtype="", seed=0, block_size=0, max_prompt_len=0)
+    shared = dict(task="", out_dir="", data_dir="", device="", dtype="", seed=0, vocab_size=0, block_size=0,
+                  max_prompt_len=0)
 
     def fake(name):
         def main(argv):
@@ -397,7 +401,7 @@ def test_missing_checkpoints_run_the_earlier_stages(hh_dir, tmp_path, monkeypatc
     monkeypatch.setitem(sys.modules, "reward", fake("reward"))
     ppo.main(TINY + [f"--data_dir={hh_dir}", f"--out_dir={out}", "--iterations=1", "--seed=7", "--eval_prompts=4"])
     want = sorted(["--task=hh", f"--out_dir={out}", f"--data_dir={hh_dir}", "--device=cpu", "--dtype=float32", "--seed=7",
-                   "--block_size=128", "--max_prompt_len=64"])
+                   "--vocab_size=8192", "--block_size=128", "--max_prompt_len=64"])
     assert calls == [("sft", want), ("reward", want)]
     assert os.path.exists(os.path.join(out, "ppo.pt"))
 
@@ -421,16 +425,19 @@ def test_every_flag_switched_at_once(hh_dir, tmp_path, monkeypatch):
     assert all(abs(r["objective"] - (r["score"] - 1 - r["beta"] * r["kl"])) < 1e-4 for r in rows)
 
 
-def test_rollout_tensors_are_aligned_with_a_slow_per_sequence_computation(one_thread):
+@pytest.mark.parametrize("V", [50257, 8192])  # GPT-2's vocabulary (EOT 50256) and the default cut one (EOT 8191)
+def test_rollout_tensors_are_aligned_with_a_slow_per_sequence_computation(V):
     """rollout()'s [:, P:] logprob slice and [:, P - 1:-1] value slice, checked one sequence at a time without
     padding: log pi(y_t | x, y_<t) from full logits, V_t = the critic at the token before y_t, the score at the
-    last real token (the EOS if there is one)."""
+    last real token (the EOS, the vocabulary's last id V - 1, if there is one)."""
     torch.manual_seed(0)
-    policy, reference = (GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=64)).eval() for _ in range(2))
-    critic, rm = (GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=64, scalar_head=True)).eval()
+    eot, vocab = V - 1, dict(n_tokens=V, vocab_size=64 * math.ceil(V / 64))
+    policy, reference = (GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=64, **vocab)).eval()
+                         for _ in range(2))
+    critic, rm = (GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=64, scalar_head=True, **vocab)).eval()
                   for _ in range(2))
     with torch.no_grad():  # make EOS likely, so that some responses stop early and others are cut off
-        policy.transformer.wte.weight[EOT] *= 40
+        policy.transformer.wte.weight[eot] *= 40
     prompts = [[5, 6, 7], [9], [11, 12, 13, 14, 15], [20, 21]]
     batch_in = data.collate_prompts([{"prompt": p} for p in prompts])
     rt = common.setup_runtime(types.SimpleNamespace(device="cpu", dtype="float32", seed=0))
@@ -454,7 +461,8 @@ def test_rollout_tensors_are_aligned_with_a_slow_per_sequence_computation(one_th
             assert batch.ref_logprobs[b, t].item() == pytest.approx(ref[pos - 1, token].item(), abs=1e-4)
             assert batch.values[b, t].item() == pytest.approx(values[pos - 1].item(), abs=1e-4)
         assert batch.scores[b].item() == pytest.approx(score.item(), abs=1e-4)
-        assert batch.has_eos[b].item() == float(response[-1] == EOT)
+        assert batch.has_eos[b].item() == float(response[-1] == eot)
+        assert all(t < V for t in response) and eot not in response[:-1]  # nothing after the EOS is kept
         assert torch.all(batch.logprobs[b, n:] == 0) and torch.all(batch.values[b, n:] == 0) and n <= R
 
 
@@ -472,6 +480,61 @@ def test_the_critic_starts_in_the_units_of_its_targets(hh_dir, tmp_path, monkeyp
     for k in ("scalar_head.weight", "scalar_head.bias"):
         torch.testing.assert_close(ckpt["critic"][k], rm[k] / scale)
     assert torch.equal(ckpt["critic"]["transformer.h.0.attn.c_attn.weight"], rm["transformer.h.0.attn.c_attn.weight"])
+
+
+def test_score_scale_falls_back_to_one_when_every_score_is_alike(capsys):
+    """Scores all alike (one answer, or a reward model that cannot tell them apart): their std is 0, and dividing by
+    it would make every reward inf or nan; the scale is 1 instead, and the values and the critic are left as they
+    are. Otherwise the scale is the sample std, by hand."""
+    rt = common.setup_runtime(types.SimpleNamespace(device="cpu", dtype="float32", seed=0))
+    cfg = types.SimpleNamespace(normalize_scores=True)
+    torch.manual_seed(0)
+    critic = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, scalar_head=True))
+    head = {k: v.clone() for k, v in critic.scalar_head.state_dict().items()}
+    for scores in (torch.full((7,), 3.3), torch.full((1,), -0.4), torch.zeros(4)):
+        values = torch.randn(len(scores), 5)
+        batch = types.SimpleNamespace(scores=scores, values=values.clone())
+        assert ppo.score_scale_from(batch, None, cfg, rt) == 1.0
+        assert torch.equal(batch.values, values)
+        assert ppo.score_scale_from(types.SimpleNamespace(scores=scores, values=values.clone()), critic, cfg, rt) == 1.0
+        assert all(torch.equal(critic.scalar_head.state_dict()[k], v) for k, v in head.items())
+    assert "not normalising them (scale 1)" in capsys.readouterr().out
+    scores = torch.tensor([1.0, 2.0, 4.0, 7.0])  # mean 3.5, squares about it 6.25 + 2.25 + 0.25 + 12.25 = 21
+    values = torch.randn(4, 5)
+    batch = types.SimpleNamespace(scores=scores, values=values.clone())
+    scale = ppo.score_scale_from(batch, None, cfg, rt)
+    assert scale == pytest.approx(math.sqrt(21 / 3))
+    torch.testing.assert_close(batch.values, values / math.sqrt(21 / 3))
+    off = types.SimpleNamespace(normalize_scores=False)
+    assert ppo.score_scale_from(types.SimpleNamespace(scores=scores, values=values.clone()), None, off, rt) == 1.0
+
+
+def test_critic_warmup_trains_the_critic_only(hh_dir, tmp_path, monkeypatch):
+    """critic_warmup = iterations: every iteration trains the critic and none moves the policy (ptx included), so
+    ppo.pt's policy is sft.pt's weights exactly, while the critic's trunk has moved away from rm.pt's."""
+    monkeypatch.chdir(tmp_path)
+    out = str(tmp_path / "out")
+    write_tiny_checkpoints(out)
+    ppo.main(TINY + [f"--data_dir={hh_dir}", f"--out_dir={out}", "--iterations=2", "--eval_prompts=4",
+                     "--critic_warmup=2", "--batch_size=8", "--ptx_coef=1.0"])
+    ckpt = torch.load(os.path.join(out, "ppo.pt"))
+    sft, rm = torch.load(os.path.join(out, "sft.pt"))["model"], torch.load(os.path.join(out, "rm.pt"))["model"]
+    assert ckpt["model"].keys() == sft.keys()
+    for k in sft:
+        assert torch.equal(ckpt["model"][k], sft[k]), k
+    moved = [k for k in rm if not k.startswith("scalar_head") and not torch.equal(ckpt["critic"][k], rm[k])]
+    assert "transformer.h.0.attn.c_attn.weight" in moved
+    rows = [json.loads(line) for line in open(os.path.join(out, "ppo_log.jsonl"))]
+    assert len(rows) == 2 and all("value_loss" in r and "policy_loss" not in r for r in rows)
+    # critic_warmup=1: the first iteration is the critic's alone, the second moves the policy too
+    out1 = str(tmp_path / "out1")
+    write_tiny_checkpoints(out1)
+    ppo.main(TINY + [f"--data_dir={hh_dir}", f"--out_dir={out1}", "--iterations=2", "--eval_prompts=4",
+                     "--critic_warmup=1", "--batch_size=8", "--ptx_coef=1.0"])
+    rows = [json.loads(line) for line in open(os.path.join(out1, "ppo_log.jsonl"))]
+    assert "policy_loss" not in rows[0] and "policy_loss" in rows[1] and "value_loss" in rows[1]
+    policy = torch.load(os.path.join(out1, "ppo.pt"))["model"]
+    assert not torch.equal(policy["transformer.h.0.attn.c_attn.weight"], sft["transformer.h.0.attn.c_attn.weight"])
 
 
 @pytest.mark.parametrize("estimator", ["rloo", "grpo"])

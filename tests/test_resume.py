@@ -28,9 +28,13 @@ def argv(settings, **over):
     return [f"--{k}={v}" for k, v in {**settings, **over}.items()]
 
 
+VOCAB = dict(n_tokens=8192, vocab_size=8192)  # common.SHARED's default vocabulary
+
+
 def tiny_sft_checkpoint(out, block_size=128):
     torch.manual_seed(0)
-    save_checkpoint(os.path.join(out, "sft.pt"), GPT(GPTConfig(block_size=block_size, n_layer=1, n_head=2, n_embd=32)),
+    save_checkpoint(os.path.join(out, "sft.pt"),
+                    GPT(GPTConfig(block_size=block_size, n_layer=1, n_head=2, n_embd=32, **VOCAB)),
                     dict(block_size=block_size), "sft")
 
 
@@ -80,7 +84,7 @@ def test_a_run_killed_and_resumed_ends_where_an_unbroken_run_ends(stage, tmp_pat
             tiny_sft_checkpoint(out, 64)
         if stage == "ppo":
             torch.manual_seed(1)
-            rm = GPT(GPTConfig(block_size=64, n_layer=1, n_head=2, n_embd=32, scalar_head=True))
+            rm = GPT(GPTConfig(block_size=64, n_layer=1, n_head=2, n_embd=32, scalar_head=True, **VOCAB))
             save_checkpoint(os.path.join(out, "rm.pt"), rm, {}, "rm")
         args = argv(settings, out_dir=out, data_dir=hh_dir, checkpoint_every=2)
         if run == "killed":
@@ -163,6 +167,19 @@ def test_resume_of_a_finished_run_does_nothing_and_says_so(tmp_path, hh_dir, mon
     assert after == before
 
 
+def test_a_checkpoint_of_another_vocabulary_is_one_line_and_exit_status_2(tmp_path):
+    """`python reward.py --vocab_size=50257` against an sft.pt trained with the default 8192 tokens: its ids would
+    mean other words. One line naming the file, both sizes and the flag that fixes it; status 2."""
+    out = tmp_path / "out"
+    tiny_sft_checkpoint(str(out), 64)
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "reward.py"), "--vocab_size=50257", f"--out_dir={out}",
+                          "--device=cpu"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2, res.stderr[-2000:]
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
+    assert all(w in lines[0] for w in (str(out / "sft.pt"), "8192 tokens", "--vocab_size=50257")), lines[0]
+
+
 # ----------------------------------------------------------------------------- divergence
 def test_a_diverging_run_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, hh_dir, monkeypatch,
                                                                                    one_thread):
@@ -183,6 +200,7 @@ def test_a_diverging_run_stops_naming_the_step_and_keeps_the_last_good_checkpoin
     ("sft.py", ["--nope=1"], ["unknown config key --nope"]),
     ("ppo.py", ["--device=cuda"], ["CUDA is not available", "--device=cpu"]),
     ("reward.py", ["--out_dir=nowhere"], ["nowhere/sft.pt not found", "python sft.py"]),
+    ("sft.py", ["--dtype=float16"], ["--dtype=float16", "bfloat16"]),
 ])
 def test_a_users_mistake_is_one_line_and_exit_status_2(script, args, words, tmp_path):
     if "cuda" in args[0] and torch.cuda.is_available():

@@ -193,13 +193,29 @@ def test_from_gpt2_weights_the_pretraining_phase_is_skipped(tmp_path, hh_dir, mo
     write_gpt2_folder(str(tmp_path / "gpt2"), model)
     out = str(tmp_path / "out")
     report = sft.main(args(out_dir=out, data_dir=hh_dir, init_from=str(tmp_path / "gpt2"), sft_iters=3,
-                           eval_interval=0))
+                           eval_interval=0, vocab_size=50257))  # GPT-2 weights need GPT-2's vocabulary
     test = data.load_hh_rlhf(hh_dir, block_size=64, max_prompt_len=32, cache_dir=None, verbose=False)["test"]
     assert report["test_loss_before"] == pytest.approx(sft.response_loss(model, test, RT, 16)[0], rel=1e-5)
     assert "pretrain_loss_first" not in report
     rows = [json.loads(line) for line in open(os.path.join(out, "sft_log.jsonl"))]
     assert not any("pretrain_loss" in r for r in rows) and sum("sft_loss" in r for r in rows) == 3
     assert load_checkpoint(os.path.join(out, "sft.pt"))["n_pretrain"] == 0
+
+
+@pytest.mark.parametrize("V, rows", [(8192, 8192), (1000, 1024), (50257, 50304), (257, 320)])
+def test_a_model_from_scratch_has_the_task_vocabulary(V, rows):
+    """n_tokens = vocab_size real tokens (<|endoftext|> the last), the embedding padded up to a multiple of 64."""
+    cfg = sft.config | dict(vocab_size=V, n_layer=1, n_head=2, n_embd=32, block_size=64, seed=0)
+    model, n_pretrain = sft.build_model(SimpleNamespace(**cfg))
+    assert model.config.n_tokens == V and model.config.vocab_size == rows and rows % 64 == 0 and rows - V < 64
+    assert model.transformer.wte.weight.shape == (rows, 32) and model.eot_id == V - 1
+    assert n_pretrain == cfg["pretrain_iters"]
+
+
+def test_gpt2_weights_with_a_cut_vocabulary_are_a_user_error(tmp_path, hh_dir):
+    cfg = SimpleNamespace(**(sft.config | dict(init_from="gpt2", vocab_size=8192, seed=0)))
+    with pytest.raises(UserError, match="--init_from=gpt2.*--vocab_size=50257"):
+        sft.build_model(cfg)
 
 
 def test_resume_without_checkpoint_says_what_to_run(tmp_path, hh_dir):
