@@ -2,13 +2,13 @@
 DPO: fit the SFT policy to the human comparisons directly, with no reward model and no sampling
 (Rafailov et al. 2023, "Direct Preference Optimization: Your Language Model is Secretly a Reward Model").
 
-    python dpo.py                                # CPU preset, imdb; needs out/imdb/sft.pt and pairs.pt (reward.py)
+    python dpo.py                                # CPU preset, imdb; needs out/imdb/sft.pt, comparisons.pt
     python dpo.py --loss_type=ipo --beta=0.5     # any config key: --key=value
     torchrun --nproc_per_node=2 dpo.py           # DDP (gloo on CPU, nccl on CUDA)
 
 The policy pi_theta and the frozen reference pi_ref both start from out/<task>/sft.pt. For a prompt x with a chosen
-response y_w and a rejected one y_l (imdb: the pairs reward.py sampled and the gold judge labelled, out/imdb/pairs.pt;
-hh: the `train` pairs of HH-RLHF) every loss is a function of
+response y_w and a rejected one y_l (imdb: every pair of the K answers per prompt that reward.py sampled and the
+judge ranked, out/imdb/comparisons.pt; hh: the `train` pairs of HH-RLHF) every loss is a function of
     h = beta * [ (log pi(y_w|x) - log pi_ref(y_w|x)) - (log pi(y_l|x) - log pi_ref(y_l|x)) ]    (eq. 7)
 with log pi(y|x) summed over the response tokens. r_hat(x, y) = beta * (log pi(y|x) - log pi_ref(y|x)) is
 DPO's implicit reward (section 4): the `sigmoid` loss is the reward model's Bradley-Terry loss with r_hat in
@@ -45,10 +45,10 @@ config = dict(common.SHARED, # out_dir, data_dir, device, block_size, eval_promp
     label_smoothing=0.0,     # conservative DPO: assumed probability that a label is flipped (sigmoid only)
     pairs_of_ranking="all",  # imdb's K-wise rankings as pairs: all C(K,2) of each (the reward model's data), or
                              # best_worst (one per prompt, the clearest); hh has K = 2: one pair either way
-    train_pairs=320,         # train pairs used, a fixed random subset (0 = all of `train`)
-    batch_size=8,            # pairs per micro-batch (2 * batch_size sequences)
+    train_pairs=0,           # train pairs used, a fixed random subset (0 = all of `train`)
+    batch_size=16,           # pairs per micro-batch (2 * batch_size sequences)
     grad_accum=1,            # micro-batches per optimiser step
-    max_iters=100,           # optimiser steps (100 x 8 = 2.5 epochs of the 320 pairs)
+    max_iters=300,           # optimiser steps (300 x 16 = 4,800 pairs, a quarter of imdb's 18,000)
     lr=2e-4,                 # peak learning rate (AdamW, warmup then cosine to 10%)
     warmup_iters=10,
     weight_decay=0.0,

@@ -111,10 +111,18 @@ def win_rate(scores_a, scores_b):
     return ((scores_a > scores_b).float() + 0.5 * (scores_a == scores_b).float()).mean().item()
 
 
+def distinct_n(responses, n=2):
+    """Distinct-n (Li et al. 2016): the number of distinct n-grams of tokens over all the responses divided by the
+    number of n-grams, in [0, 1]. A policy that collapses into one phrase scores near 0. responses: token lists."""
+    grams = [tuple(r[i:i + n]) for r in responses for i in range(len(r) - n + 1)]
+    return len(set(grams)) / max(len(grams), 1)
+
+
 def summarize(result):
     """The figures a report prints for one policy, means over the prompts: proxy (reward-model) score and gold score
-    (log-odds) with their standard errors, the fraction the judge finds positive, KL, length, EOS rate (each
-    where the result has it)."""
+    (log-odds) with their standard errors, the fraction the judge finds positive, KL, length, EOS rate and the
+    distinct-2 of the answers, and the correlation of the reward model's and the judge's scores of them (each where
+    the result has it)."""
     out = {}
     for key in ("scores", "gold", "kl"):
         if key in result:
@@ -124,8 +132,12 @@ def summarize(result):
             out[f"{name}_se"] = x.std().item() / len(x) ** 0.5 if len(x) > 1 else 0.0
     if "gold" in result:
         out["positive"] = (result["gold"] > 0).float().mean().item()
+    if "gold" in result and "scores" in result and len(result["gold"]) > 1:  # does the proxy still track the truth?
+        out["rm_gold_corr"] = torch.corrcoef(torch.stack([result["scores"].float(), result["gold"].float()]))[0, 1].item()
     if "lengths" in result:
         out.update(length=result["lengths"].float().mean().item(), eos_rate=result["eos"].mean().item())
+    if "responses" in result:
+        out["distinct2"] = distinct_n(result["responses"], 2)
     return out
 
 
@@ -139,6 +151,10 @@ def print_summary(name, s):
     if "kl" in s:
         parts.append(f"KL {s['kl']:6.2f} nats")
     parts.append(f"length {s['length']:5.1f}  EOS rate {s['eos_rate']:.2f}")
+    if "distinct2" in s:
+        parts.append(f"distinct-2 {s['distinct2']:.2f}")
+    if "rm_gold_corr" in s:
+        parts.append(f"corr(RM, gold) {s['rm_gold_corr']:+.2f}")
     print("  " + "  ".join(parts))
 
 

@@ -5,7 +5,7 @@ The lab: how much gold reward each method buys per nat of KL, and where a reward
                                                            # GRPO, best-of-n
     python lab.py --ppo_betas=0.02,0.1 --dpo_betas=0.1 --bon_max_n=16
 
-It reuses out/<task>/sft.pt, rm.pt and (imdb) pairs.pt (running sft.py and reward.py first if they are missing),
+It reuses out/<task>/sft.pt, rm.pt and (imdb) comparisons.pt (running sft.py and reward.py first if they are missing),
 and runs every policy into its own folder, out/<task>/lab/<method>_beta<beta>/, so a second `python lab.py` only
 runs what is missing (a finished run is kept). Then it draws two charts into out/<task>/lab/:
 
@@ -31,10 +31,10 @@ import ppo
 from model import load_checkpoint, model_from_checkpoint
 
 config = dict(common.SHARED,
-    ppo_betas="0.01,0.05,0.2",   # one PPO run per beta (the smallest one also draws the over-optimisation curve)
+    ppo_betas="0.05,0.1,0.2",    # one PPO run per beta (the smallest one also draws the over-optimisation curve)
     dpo_betas="0.05,0.1,0.5",    # one DPO run per beta
     critic_free="rloo,grpo",     # one ppo.py run of each critic-free estimator, at critic_free_beta ("" = none) ...
-    critic_free_beta=0.05,       # ... with samples_per_prompt answers to each of batch_size / samples_per_prompt
+    critic_free_beta=0.2,        # ... with samples_per_prompt answers to each of batch_size / samples_per_prompt
     samples_per_prompt=4,        #     prompts: as many answers per iteration as GAE's run
     ppo_args="",                 # more ppo.py flags for every PPO run, e.g. "--iterations=60 --reward=gold"
     dpo_args="",                 # more dpo.py flags for every DPO run

@@ -4,86 +4,33 @@ with PPO (Schulman et al. 2017), a per-token KL penalty to the frozen SFT refere
 and, optionally, pretraining gradients ("PPO-ptx", InstructGPT eq. 2).
 
     python ppo.py                                  # CPU preset; runs sft.py / reward.py first if out/ lacks them
-    python ppo.py --beta=0.1 --adaptive_kl=True    # any config key as --key=value
+    python ppo.py --beta=0.1 --ptx_coef=0.5        # any config key as --key=value (each is explained where it is set)
     torchrun --nproc_per_node=2 ppo.py             # DDP: each rank rolls out its own prompts, gradients averaged
 
-Models: policy pi_theta and reference pi_ref <- out/sft.pt (pi_ref frozen); reward model r <- out/rm.pt (frozen);
-value model (critic) V <- out/rm.pt (trained). All four stay in eval mode (no dropout), so the logprobs of the
-rollout and of the update come from one and the same function.
+Models: policy pi_theta and reference pi_ref <- sft.pt (pi_ref frozen); reward model r <- rm.pt (frozen); value
+model (critic) V <- rm.pt (trained: a reward model trained on K-wise rankings already explains ~0.7 of the variance
+of the returns at the first iteration, so it needs no warm-up). All four stay in eval mode (no dropout), so the
+rollout's and the update's logprobs come from one and the same function.
 
-One iteration, as main() reads (rollout() and update() are one screen each):
-  1. rollout  y ~ pi_old(.|x) with the KV cache for `batch_size` train prompts; record log pi_old(y_t),
-              log pi_ref(y_t) and V_t for every response token, every logprob at the sampling temperature
-  2. score    s = r(x, y) at the last real response token (its EOS), divided by the std of the scores of the first
-              rollout (the SFT policy's answers; over every DDP rank's answers), as Ziegler et al. 2019 normalise
-              their reward model, so that beta means the same for any reward model. The critic starts as the reward
-              model, so its head is divided by the same std: values and returns share one scale, s / std.
-              A response cut off at max_new_tokens without EOS gets s - missing_eos_penalty: the penalty is ADDED
-              to its score (it does not replace it)
+One iteration, as main() reads it (rollout() and update() are one screen each):
+  1. rollout  y ~ pi_old(.|x) for `batch_size` train prompts (KV cache); log pi_old(y_t), log pi_ref(y_t), V_t
+  2. score    s = r(x, y) at the last real response token, divided by the std of the first rollout's scores
+              (Ziegler et al. 2019), so that beta means the same for any reward model; the critic's head is divided
+              by the same std. A response without EOS gets s - missing_eos_penalty.
   3. rewards  r_t = -beta * kl_t, plus s on the last response token                  (InstructGPT eq. 2)
-  4. GAE      A_t and returns_t = A_t + V_t, then A whitened over the batch's response tokens (under DDP, over
-              each rank's own batch)
-  5. update   ppo_epochs x shuffled minibatches: clipped policy loss (+ ptx loss), clipped value loss,
-              gradient clipping; separate AdamW optimisers for the policy and the critic
+  4. GAE      A_t and returns_t = A_t + V_t, then A whitened over the batch's response tokens; or, critic-free
+              (advantage_estimator rloo / grpo, k = samples_per_prompt answers per prompt), each answer's
+              advantage from the prompt's other answers, on every one of its tokens
+  5. update   ppo_epochs x shuffled minibatches: clipped policy loss (+ ptx loss), clipped value loss
   6. beta     fixed (default) or the adaptive controller                    (Ziegler et al. 2019, section 2.2)
-
-Checkpoints: out/ppo.pt every checkpoint_every iterations and at the end (policy, critic, both optimisers, beta,
-the score scale, RNG states); `--resume=True` continues a killed run to the same final iteration.
-
-Critic-free (--advantage_estimator=rloo|grpo, samples_per_prompt = k): the rollout samples k answers per prompt,
-consecutive in the batch; every token of an answer takes the answer's advantage (rloo_advantages, grpo_advantages);
-no critic is built, trained or logged; the clipped ratio, epochs, minibatches and ptx are PPO's. To compare with gae
-at the same budget, keep batch_size * samples_per_prompt equal.
+The logged figures (score, gold, kl, explained_var, ...) are explained in the README. ppo.pt is written every
+checkpoint_every iterations; `--resume=True` continues a killed run to the same final iteration.
 
 Layout: sequences = cat([prompt (B, P) left-padded, response (B, R)], 1); everything per token is the (B, R)
-response slice [:, P:] with response_mask (1 up to and including the first EOS, 0 after it).
+response slice [:, P:] with `mask` (1 up to and including the first EOS, 0 after it).
 Value convention: V_t = the critic's scalar at sequence position P + t - 1, i.e. at the token BEFORE response
 token t: the state s_t in which the policy chose y_t (for t = 0 that is the last prompt token). V after the
 last response token is 0 (the episode has ended).
-
-Flags (each switches one implementation detail on or off, so a reader can see what it does):
-  normalize_scores=False    raw reward-model scores: beta then trades nats against whatever scale the RM happens to have
-  whiten_advantages=False   raw GAE advantages (their scale then follows the reward's scale)
-  clip_value_loss=False     plain 0.5 * (V - returns)^2 instead of the clipped max form
-  ptx_coef=0                plain PPO: no pretraining-text loss
-  kl_estimator=k3           Schulman's k3 for the per-token penalty instead of k1 (never negative per token)
-  adaptive_kl=True          beta follows the controller towards target_kl instead of staying fixed
-  missing_eos_penalty=1.0   penalise a response cut off at max_new_tokens without EOS: its score becomes s - 1.0 (the
-                            penalty is added to the score, it does not replace it). Off (0) in the CPU preset, which
-                            lets you watch reward hacking: the small reward model, trained on finished answers only,
-                            scores an answer cut off mid-sentence higher than one that ends in EOS, so PPO learns to
-                            stop emitting EOS (eos_rate falls, length rises to max_new_tokens). With the penalty on,
-                            PPO learns to finish its answers instead, and that reward model's score does not rise
-  grad_clip=0               no gradient clipping
-  advantage_estimator=rloo  no critic: each answer's advantage is its reward minus the mean reward of the prompt's
-    (or grpo)               other samples (rloo), or its score normalised within the prompt's samples, with the KL
-                            as a loss term (grpo); needs samples_per_prompt >= 2 (section "Critic-free" below)
-  reward=gold               (imdb) PPO against the gold judge itself instead of the learned reward model: what RL
-                            reaches when the reward model is perfect (the DPO paper's "PPO-GT")
-  decay_lr=False            constant learning rates instead of cosine decay to 10%
-
-Logged each iteration (out/ppo_log.jsonl, out/ppo.png; score, kl and beta also in the tqdm postfix).
-Rollout figures are means over the batch's sequences; update figures are means over every minibatch step:
-  score            reward-model score s of the rollout's responses (before the missing-EOS penalty): the proxy
-                   (with --reward=gold: the gold judge's log-odds, the score PPO maximises)
-  gold             imdb: the gold judge's log-odds of the same responses: the truth the proxy stands in for
-  kl               KL(pi || pi_ref) per sequence: sum over response tokens of kl_t (kl_estimator), in nats
-  objective        what PPO maximises, the RLHF objective: sum_t r_t = s (normalised, with penalty) - beta * kl
-  beta             the KL coefficient used for this iteration's rewards
-  entropy          entropy of pi_old per response token (nats); a collapse to ~0 means the policy stopped exploring
-  policy_loss      clipped surrogate loss (PPO eq. 7, negated); ptx_loss: -ptx_coef * mean log pi(text)
-  value_loss       clipped value loss 0.5 * max((V - G)^2, (V_clip - G)^2)
-  policy_clipfrac  fraction of response tokens where the clipped ratio is the active side (no gradient there)
-  value_clipfrac   the same for the value loss
-  approx_kl        KL(pi_old || pi_new) per token, k3 estimate on the rollout's tokens: how far an update moved
-  explained_var    1 - Var(returns - V_old) / Var(returns) over response tokens: 1 = the critic predicts the
-                   returns, <= 0 = no better than a constant
-  length, eos_rate mean response length (tokens, EOS included) and the fraction of responses that end in EOS
-  lr               policy learning rate of this iteration (the critic's follows the same schedule)
-  rollout_s, update_s  seconds spent in steps 1-4 and in step 5
-  sample_<i>       every sample_every iterations: the policy's answer to fixed test prompt i (text, printed)
-  eval_<figure>    every eval_every iterations: evaluate.summarize of the policy's answers to the evaluation prompts
-                   (eval_score the proxy, eval_gold the truth, eval_kl): the over-optimisation curve
 """
 import importlib
 import os
@@ -103,37 +50,43 @@ from model import last_token_index, load_checkpoint, model_from_checkpoint
 config = dict(common.SHARED,  # out_dir, data_dir, device, block_size, max_new_tokens, eval_prompts, ... (common.py)
     checkpoint_every=10,      # iterations between checkpoints of ppo.pt (policy, critic, optimisers, beta, RNG)
     # rollout
-    iterations=30,            # PPO iterations (rollout + update each)
-    batch_size=32,            # prompts per rollout (per DDP rank)
+    iterations=40,            # PPO iterations (rollout + update each)
+    batch_size=64,            # prompts per rollout (per DDP rank)
     temperature=1.0,          # sampling temperature; every logprob (old, new, reference) uses the same one
     # reward
-    beta=0.05,                # KL coefficient (initial value when adaptive_kl)
-    kl_estimator="k1",        # per-token KL estimate in the reward: k1 = log pi - log pi_ref, or k3
-    adaptive_kl=False,        # adapt beta towards target_kl (Ziegler et al. 2019, section 2.2)
+    beta=0.2,                 # KL coefficient (initial value when adaptive_kl); the README's table: 0.05 -> KL 17
+                              # nats per answer, 0.1 -> 11, 0.2 -> 8
+    kl_estimator="k1",        # per-token KL estimate in the reward: k1 = log pi - log pi_ref, or k3 (Schulman's
+                              # (ratio - 1) - log ratio, never negative per token)
+    adaptive_kl=False,        # True: beta follows the controller towards target_kl (Ziegler et al. 2019, section 2.2)
     target_kl=6.0,            # adaptive_kl: target KL per sequence, nats
     kl_horizon=10000,         # adaptive_kl: horizon in samples
-    reward="rm",              # rm: the learned reward model (RLHF) | gold: imdb's gold judge itself ("PPO-GT")
-    normalize_scores=True,    # divide the scores by their std on the first rollout (the SFT policy's samples)
-    missing_eos_penalty=0.0,  # subtracted from the (normalised) score of a response without EOS (0 = off; see above)
+    reward="rm",              # rm: the learned reward model (RLHF) | gold: imdb's gold judge itself ("PPO-GT"): what
+                              # RL reaches when the reward model is perfect
+    normalize_scores=True,    # False: raw scores, so beta trades nats against whatever scale the reward model has
+    missing_eos_penalty=0.0,  # subtracted from the (normalised) score of a response cut off without EOS (0 = off: on
+                              # hh the small reward model scores unfinished answers higher, and PPO learns to stop
+                              # emitting EOS; the penalty makes it finish its answers instead)
     # PPO update
     ppo_epochs=2,             # passes over each rollout batch
     minibatch_size=16,        # sequences per gradient step
     lr=5e-4,                  # policy AdamW learning rate (a tiny model from scratch takes a large one)
     critic_lr=3e-4,           # critic AdamW learning rate
     weight_decay=0.0,
-    decay_lr=True,            # cosine decay of both learning rates to 10% over the iterations
+    decay_lr=True,            # False: constant learning rates instead of cosine decay to 10%
     grad_clip=1.0,            # max gradient norm, policy and critic each (0 = off)
     cliprange=0.2,            # PPO ratio clip epsilon
     cliprange_value=0.2,      # value clip around V_old
-    clip_value_loss=True,     # False: unclipped 0.5 * (V - returns)^2
+    clip_value_loss=True,     # False: plain 0.5 * (V - returns)^2 instead of the clipped max form
     gamma=1.0,                # discount
     lam=0.95,                 # GAE lambda
-    whiten_advantages=True,   # advantages to mean 0, std 1 over the batch's response tokens (gae)
-    critic_warmup=0,          # gae: the first N iterations train only the critic, the policy does not move yet
-    advantage_estimator="gae",  # gae (a learned critic) | rloo | grpo (critic-free: the other samples of the prompt)
+    whiten_advantages=True,   # False: raw GAE advantages (their scale then follows the reward's)
+    advantage_estimator="gae",  # gae (a learned critic) | rloo | grpo (critic-free: the other samples of the prompt;
+                              # compare at the same budget by keeping batch_size * samples_per_prompt equal)
     samples_per_prompt=1,     # k responses per prompt, consecutive in the batch (k >= 2 for rloo and grpo)
-    # PPO-ptx
-    ptx_coef=0.5,             # weight of the pretraining loss (0 = plain PPO)
+    # PPO-ptx: off in the CPU preset, where it slows the gain and keeps almost nothing (README: 0.5 -> 0.89 instead
+    # of 0.96 positive, held-out LM 1.997 instead of 2.002 bits per byte); try --ptx_coef=0.5
+    ptx_coef=0.0,             # weight of the pretraining loss (0 = plain PPO)
     ptx_batch_size=4,         # pretraining windows per gradient step
     ptx_block_size=64,        # tokens per pretraining window
     # logging
@@ -347,12 +300,11 @@ def rollout(policy, reference, critic, reward_model, prompts, rt, max_new_tokens
 
 
 def update(policy, critic, opt_policy, opt_critic, batch, advantages, returns, beta, cfg, rt, gen, text, it,
-           train_logprobs=None, train_policy=True):
+           train_logprobs=None):
     """Step 5: ppo_epochs passes over shuffled minibatches of the rollout: the clipped policy loss (grpo: GRPO's
     loss, with its KL term) plus the ptx loss, and (gae) the (clipped) value loss, one optimiser step each per
     minibatch. batch: rollout()'s namespace; advantages, returns (B, R) (returns None and critic None without a
-    critic); text: the pretraining token stream for ptx; it: the iteration (for error messages); train_policy False:
-    only the critic learns (its warm-up, critic_warmup). Returns the mean
+    critic); text: the pretraining token stream for ptx; it: the iteration (for error messages). Returns the mean
     of each loss / diagnostic over the minibatch steps (floats)."""
     train_logprobs = train_logprobs or policy.logprobs
     cliprange_value = cfg.cliprange_value if cfg.clip_value_loss else None
@@ -360,28 +312,26 @@ def update(policy, critic, opt_policy, opt_critic, batch, advantages, returns, b
     for _ in range(cfg.ppo_epochs):
         for mb in torch.randperm(len(batch.idx), generator=gen).to(rt.device).split(cfg.minibatch_size):
             m, idx, attn = batch.mask[mb], batch.idx[mb], batch.attn[mb]  # (b, R), (b, P+R) x2
-            step_stats = {}
-            if train_policy:
-                with rt.autocast():
-                    logprobs = train_logprobs(idx, attn, batch.target[mb], cfg.temperature)[:, P:]  # (b, R)
-                    if cfg.advantage_estimator == "grpo":  # the KL to the reference is a loss term, not a reward
-                        pg_loss, pg_clipfrac = grpo_loss(logprobs, batch.logprobs[mb], batch.ref_logprobs[mb],
-                                                         advantages[mb], m, cfg.cliprange, beta)
-                    else:
-                        pg_loss, pg_clipfrac = policy_loss(logprobs, batch.logprobs[mb], advantages[mb], m,
-                                                           cfg.cliprange)
-                    ptx_loss = torch.zeros((), device=rt.device)
-                    if cfg.ptx_coef > 0:  # PPO-ptx, InstructGPT eq. 2: + gamma E_pretrain[log pi(x)], gamma = ptx_coef
-                        tb = common.to_device(data.sample_text_batch(text, cfg.ptx_batch_size, cfg.ptx_block_size,
-                                                                     gen), rt)
-                        text_logprobs = policy.logprobs(tb["idx"], tb["attention_mask"], tb["loss_mask"])  # (b, T)
-                        ptx_loss = -cfg.ptx_coef * masked_mean(text_logprobs, tb["loss_mask"])
-                common.check_finite(it, policy_loss=pg_loss, ptx_loss=ptx_loss)
-                (pg_loss + ptx_loss).backward()
-                common.optimizer_step(policy, opt_policy, cfg.grad_clip, rt, it)
-                approx_kl = masked_mean(kl_estimate(batch.logprobs[mb], logprobs.detach(), "k3"), m)  # KL(old || new)
-                step_stats = dict(policy_loss=pg_loss, ptx_loss=ptx_loss, approx_kl=approx_kl,
-                                  policy_clipfrac=pg_clipfrac)
+            with rt.autocast():
+                logprobs = train_logprobs(idx, attn, batch.target[mb], cfg.temperature)[:, P:]  # (b, R)
+                if cfg.advantage_estimator == "grpo":  # the KL to the reference is a loss term, not a reward
+                    pg_loss, pg_clipfrac = grpo_loss(logprobs, batch.logprobs[mb], batch.ref_logprobs[mb],
+                                                     advantages[mb], m, cfg.cliprange, beta)
+                else:
+                    pg_loss, pg_clipfrac = policy_loss(logprobs, batch.logprobs[mb], advantages[mb], m,
+                                                       cfg.cliprange)
+                ptx_loss = torch.zeros((), device=rt.device)
+                if cfg.ptx_coef > 0:  # PPO-ptx, InstructGPT eq. 2: + gamma E_pretrain[log pi(x)], gamma = ptx_coef
+                    tb = common.to_device(data.sample_text_batch(text, cfg.ptx_batch_size, cfg.ptx_block_size,
+                                                                 gen), rt)
+                    text_logprobs = policy.logprobs(tb["idx"], tb["attention_mask"], tb["loss_mask"])  # (b, T)
+                    ptx_loss = -cfg.ptx_coef * masked_mean(text_logprobs, tb["loss_mask"])
+            common.check_finite(it, policy_loss=pg_loss, ptx_loss=ptx_loss)
+            (pg_loss + ptx_loss).backward()
+            common.optimizer_step(policy, opt_policy, cfg.grad_clip, rt, it)
+            approx_kl = masked_mean(kl_estimate(batch.logprobs[mb], logprobs.detach(), "k3"), m)  # KL(old || new)
+            step_stats = dict(policy_loss=pg_loss, ptx_loss=ptx_loss, approx_kl=approx_kl,
+                              policy_clipfrac=pg_clipfrac)
             if critic is not None:
                 with rt.autocast():
                     values = critic.scalar(idx, attn)[:, P - 1:-1]  # (b, R) V_t, the rollout's convention
@@ -547,7 +497,7 @@ def main(argv=None):
         # ------------------------------------------------------------------- 5. PPO epochs over minibatches
         t_update = time.time()
         stats = update(policy, critic, opt_policy, opt_critic, batch, advantages, returns, beta, cfg, rt, gen, text,
-                       it, train_logprobs, train_policy=it >= cfg.critic_warmup)
+                       it, train_logprobs)
 
         # ------------------------------------------------------------------- 6. beta, logging, checkpoint
         metrics = dict(rollout_metrics(batch, rewards, returns, beta, cfg.kl_estimator), lr=cfg.lr * lr_scale,

@@ -2,7 +2,7 @@ r"""
 The gold judge g(x, y) of the IMDb task: a sentiment classifier whose log-odds of "positive" score a
 prompt + response, standing in for the human whose preferences we want (Ziegler et al. 2019; DPO paper,
 Rafailov et al. 2023, section 6.1, which uses a trained sentiment classifier in the same role). Every
-reward model and policy is checked against it; data.imdb.bradley_terry_labels turns it into noisy labels.
+reward model and policy is checked against it; data.imdb.plackett_luce_ranking turns it into noisy rankings.
 
 The classifier is NB-LR, logistic regression on naive-Bayes-scaled binary n-gram features (Wang & Manning
 2012, "NBSVM", with a logistic loss in place of the SVM's hinge), fitted on the 25,000 labelled TRAIN

@@ -24,7 +24,7 @@ from common import UserError, atomic_write
 from data.hh_rlhf import load_hh_rlhf, pretraining_tokens
 from data.imdb import load_imdb
 from data.judge import load_judge
-from data.tokenizer import decode
+from data.tokenizer import check_vocab_size, decode
 
 TASKS = ("imdb", "hh")
 
@@ -42,6 +42,7 @@ def load_task(cfg, verbose=True):
     Raises UserError for an unknown task, a bad vocab_size or missing / malformed data."""
     if cfg.task not in TASKS:
         raise UserError(f"--task={cfg.task}: expected one of {', '.join(TASKS)}")
+    check_vocab_size(cfg.vocab_size)  # before reading any data
     if cfg.task == "hh":
         splits = load_hh_rlhf(cfg.data_dir or None, block_size=cfg.block_size, max_prompt_len=cfg.max_prompt_len,
                               verbose=verbose, vocab_size=cfg.vocab_size)

@@ -108,13 +108,13 @@ def test_the_sweep_writes_every_point_and_both_charts(imdb_root, tmp_path, monke
                            dpo_args="--max_iters=2 --batch_size=2 --eval_interval=0 --eval_pairs=4"))
     rows = [json.loads(line) for line in open(os.path.join(out, "lab", "points.jsonl"))]
     methods = [(r["method"], r.get("beta", r.get("n"))) for r in rows]
-    assert methods[:5] == [("sft", 0.0), ("ppo", 0.05), ("ppo", 0.2), ("grpo", 0.05), ("dpo", 0.1)]
+    assert methods[:5] == [("sft", 0.0), ("ppo", 0.05), ("ppo", 0.2), ("grpo", 0.2), ("dpo", 0.1)]
     assert [r["n"] for r in rows if r["method"] == "best-of-n"] == [1, 2, 4]
     curve = [r for r in rows if r["method"] == "ppo-curve"]
     assert len(curve) == 3 and curve[0]["kl"] == 0 and all(r["beta"] == 0.05 for r in curve)  # SFT + 2 evaluations
     policies = [r for r in rows if r["method"] in ("sft", "ppo", "grpo", "dpo")]
     assert all({"gold", "gold_se", "score", "kl"} <= set(r) for r in policies)
-    grpo = [json.loads(line) for line in open(os.path.join(out, "lab", "grpo_beta0.05", "ppo_log.jsonl"))]
+    grpo = [json.loads(line) for line in open(os.path.join(out, "lab", "grpo_beta0.2", "ppo_log.jsonl"))]
     assert "value_loss" not in grpo[0]  # the critic-free run builds no critic
     assert os.path.islink(os.path.join(out, "lab", "dpo_beta0.1", "comparisons.pt"))  # the shared comparisons
     for f in ("frontier.png", "overoptimisation.png"):

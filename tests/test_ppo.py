@@ -371,8 +371,7 @@ def test_tiny_ppo_run_raises_the_score(hh_dir, tmp_path, monkeypatch):
     rows = [json.loads(line) for line in open(os.path.join(out, "ppo_log.jsonl"))]
     assert len(rows) == 15 and {"score", "kl", "beta", "entropy", "approx_kl", "explained_var"} <= set(rows[0])
     scores = [row["score"] for row in rows]
-    first, last = sum(scores[:4]) / 4, sum(scores[-4:]) / 4
-    assert last > first + 1.0, scores
+    assert sum(scores[-4:]) / 4 > scores[0] + 1.0, scores  # the first rollout is the SFT policy's
     assert report["ppo"]["score"] > report["sft"]["score"] + 0.5 and report["win_rate"] > 0.7, report
     assert report["ppo"]["kl"] > report["sft"]["kl"]  # moved away from the reference (whose KL to itself is 0)
 
@@ -507,34 +506,6 @@ def test_score_scale_falls_back_to_one_when_every_score_is_alike(capsys):
     torch.testing.assert_close(batch.values, values / math.sqrt(21 / 3))
     off = types.SimpleNamespace(normalize_scores=False)
     assert ppo.score_scale_from(types.SimpleNamespace(scores=scores, values=values.clone()), None, off, rt) == 1.0
-
-
-def test_critic_warmup_trains_the_critic_only(hh_dir, tmp_path, monkeypatch):
-    """critic_warmup = iterations: every iteration trains the critic and none moves the policy (ptx included), so
-    ppo.pt's policy is sft.pt's weights exactly, while the critic's trunk has moved away from rm.pt's."""
-    monkeypatch.chdir(tmp_path)
-    out = str(tmp_path / "out")
-    write_tiny_checkpoints(out)
-    ppo.main(TINY + [f"--data_dir={hh_dir}", f"--out_dir={out}", "--iterations=2", "--eval_prompts=4",
-                     "--critic_warmup=2", "--batch_size=8", "--ptx_coef=1.0"])
-    ckpt = torch.load(os.path.join(out, "ppo.pt"))
-    sft, rm = torch.load(os.path.join(out, "sft.pt"))["model"], torch.load(os.path.join(out, "rm.pt"))["model"]
-    assert ckpt["model"].keys() == sft.keys()
-    for k in sft:
-        assert torch.equal(ckpt["model"][k], sft[k]), k
-    moved = [k for k in rm if not k.startswith("scalar_head") and not torch.equal(ckpt["critic"][k], rm[k])]
-    assert "transformer.h.0.attn.c_attn.weight" in moved
-    rows = [json.loads(line) for line in open(os.path.join(out, "ppo_log.jsonl"))]
-    assert len(rows) == 2 and all("value_loss" in r and "policy_loss" not in r for r in rows)
-    # critic_warmup=1: the first iteration is the critic's alone, the second moves the policy too
-    out1 = str(tmp_path / "out1")
-    write_tiny_checkpoints(out1)
-    ppo.main(TINY + [f"--data_dir={hh_dir}", f"--out_dir={out1}", "--iterations=2", "--eval_prompts=4",
-                     "--critic_warmup=1", "--batch_size=8", "--ptx_coef=1.0"])
-    rows = [json.loads(line) for line in open(os.path.join(out1, "ppo_log.jsonl"))]
-    assert "policy_loss" not in rows[0] and "policy_loss" in rows[1] and "value_loss" in rows[1]
-    policy = torch.load(os.path.join(out1, "ppo.pt"))["model"]
-    assert not torch.equal(policy["transformer.h.0.attn.c_attn.weight"], sft["transformer.h.0.attn.c_attn.weight"])
 
 
 @pytest.mark.parametrize("estimator", ["rloo", "grpo"])
