@@ -245,16 +245,22 @@ def keep_freed_memory():
 
 
 def all_reduce_grads(model, rt):
-    """Average every parameter's .grad over the DDP ranks (no-op in a single process).
+    """Average every parameter's .grad over the DDP ranks (no-op in a single process), in ONE collective: the
+    gradients are copied into one flat buffer, all-reduced, and copied back (what DistributedDataParallel's buckets
+    do, with a single bucket), instead of one all-reduce per parameter tensor.
 
     Used instead of wrapping the model in DistributedDataParallel, so that the stages may call any model
     method (hidden_states, logprobs, scalar), not just forward(), and still train in sync."""
     if not rt.ddp:
         return
-    for p in model.parameters():
-        if p.grad is not None:
-            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
-            p.grad /= rt.world_size
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])  # (sum of numels,) one buffer
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= rt.world_size
+    for g, chunk in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(chunk.view_as(g))
 
 
 def global_std(x, rt):
@@ -402,12 +408,12 @@ def set_rng_state(states, generators, rt):
 
 
 def save_training_state(path, stage, cfg, step, final_step, rt, models, optimizers, generators, **extra):
-    """Every DDP rank calls it; the master writes the stage's checkpoint (model.save_checkpoint: atomic, never
+    """Every DDP rank calls it; the master writes the stage's checkpoint (checkpoint.save_checkpoint: atomic, never
     nan weights) with everything --resume needs: models["model"] is the model later stages load, any other
     entry of `models` (e.g. PPO's critic) is stored under its name; the optimisers' states, the step
     (optimiser steps done), finished (step >= final_step), every rank's RNG states and **extra (e.g. PPO's
     beta and score scale)."""
-    from model import save_checkpoint
+    from checkpoint import save_checkpoint
     rng = rng_state(generators, rt)
     if rt.master:
         others = {name: m.state_dict() for name, m in models.items() if name != "model"}
@@ -442,13 +448,13 @@ def start_training(model, cfg, rt, ckpt, log_name, generators):
 
 def resume_checkpoint(cfg, path, stage, final_step):
     """What --resume=True continues from. Returns (ckpt, done): (None, False) for a fresh run (cfg.resume False);
-    else the checkpoint dict of `path` (model.load_checkpoint checks it), whose "step" says where to go on, and
+    else the checkpoint dict of `path` (checkpoint.load_checkpoint checks it), whose "step" says where to go on, and
     done = True when that step has already reached final_step: the stage then has nothing to do (it says so
     here) and returns. Raises UserError when there is nothing to resume (no file, a damaged one, another
     stage's)."""
     if not cfg.resume:
         return None, False
-    from model import load_checkpoint
+    from checkpoint import load_checkpoint
     if not os.path.exists(path):
         raise UserError(f"--resume=True: there is no {path} to resume from; run without --resume to start afresh")
     ckpt = load_checkpoint(path, stage=stage, vocab_size=getattr(cfg, "vocab_size", None))

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 import common
 import data
-from model import load_checkpoint, model_from_checkpoint
+from checkpoint import load_checkpoint, model_from_checkpoint
 
 STAGES = ("sft", "ppo", "dpo")  # the policies the frontier chart knows, in pipeline order
 TEMPERATURE = 1.0  # evaluations sample the policy as it is

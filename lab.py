@@ -28,7 +28,7 @@ import data
 import dpo
 import evaluate
 import ppo
-from model import load_checkpoint, model_from_checkpoint
+from checkpoint import load_checkpoint, model_from_checkpoint
 
 config = dict(common.SHARED,
     ppo_betas="0.05,0.1,0.2",    # one PPO run per beta (the smallest one also draws the over-optimisation curve)

@@ -3,27 +3,20 @@ The GPT used by every stage: a nanoGPT-style GPT-2 (learned positions, pre-Layer
 tied input/output embeddings, F.scaled_dot_product_attention) plus what RLHF needs on top of it:
 - left-padded batches (attention mask + position ids derived from it), so a batch of prompts of
   different lengths gives the same logits and greedy tokens as each prompt alone;
-- generation with a preallocated KV cache, temperature / top-k, per-row EOS and early exit, and an
+- generation with a preallocated KV cache, temperature, per-row EOS and early exit, and an
   exact inverse-CDF sampler (torch.multinomial over 50k tokens costs more than a model step on CPU);
 - an optional scalar head (reward model / critic): one number per token;
 - per-token logprobs that compute logits only where they are needed;
-- loading OpenAI GPT-2 weights (Hugging Face layout, .bin or .safetensors, read with torch alone);
-- atomic checkpoint save / load.
+It imports torch and nothing of the pipeline: checkpoints live in checkpoint.py, GPT-2 weights in gpt2.py.
 Conventions: masks are 0/1 with 1 on real tokens; a target mask is aligned to token positions,
 mask[:, t] = 1 meaning "token t is predicted from tokens < t".
 """
-import json
 import math
-import os
-import urllib.request
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-from common import Diverged, UserError, atomic_write
-
 
 GPT2_TOKENS = 50257  # GPT-2's vocabulary (tiktoken "gpt2"), <|endoftext|> its last id
 
@@ -137,12 +130,6 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-GPT2_SIZES = {  # OpenAI GPT-2 checkpoints: n_layer, n_head, n_embd (block_size 1024)
-    "gpt2": (12, 12, 768), "gpt2-medium": (24, 16, 1024), "gpt2-large": (36, 20, 1280), "gpt2-xl": (48, 25, 1600),
-}
-GPT2_URL = "https://huggingface.co/openai-community/{}/resolve/main/model.safetensors"
-
-
 class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -251,7 +238,7 @@ class GPT(nn.Module):
         return out, lp.new_zeros(idx.shape).masked_scatter(full, ent)
 
     @torch.no_grad()
-    def generate(self, idx, attention_mask, max_new_tokens, temperature=1.0, top_k=None,
+    def generate(self, idx, attention_mask, max_new_tokens, temperature=1.0,
                  eos_token_id="eot", generator=None, use_cache=True, return_logits=False):
         """Sample continuations of LEFT-padded prompts. idx (B, P) long; attention_mask (B, P) 0/1 (None:
         no padding). temperature 0 means greedy; eos_token_id "eot" stops at the model's <|endoftext|>
@@ -289,7 +276,7 @@ class GPT(nn.Module):
             logits = self.lm_logits(h)  # (B, V)
             if return_logits:
                 all_logits.append(logits)
-            tok = sample_from_logits(logits, temperature, top_k, generator)  # (B,)
+            tok = sample_from_logits(logits, temperature, generator)  # (B,)
             if eos_token_id is not None:
                 tok = torch.where(done, eos_token_id, tok)
             seq[:, n] = tok
@@ -302,201 +289,20 @@ class GPT(nn.Module):
         out = (seq[:, P:P + R], response_mask[:, :R])
         return out + (torch.stack(all_logits, 1),) if return_logits else out
 
-    @classmethod
-    def from_pretrained(cls, name_or_path, cache_dir="~/.cache/rlhf-gpt2", **overrides):
-        """OpenAI GPT-2 weights in the Hugging Face layout. name_or_path: "gpt2", "gpt2-medium",
-        "gpt2-large", "gpt2-xl" (read from cache_dir, downloaded there when missing), or a local
-        model.safetensors / pytorch_model.bin / folder holding one. overrides: GPTConfig fields (e.g. a
-        smaller block_size crops the positions; scalar_head=True adds a fresh head); for a local file the
-        shape is read from the weights (n_head from a config.json beside it, or the GPT-2 sizes).
-        Raises common.UserError (no such file or name, a file that does not fit, a failed download: download
-        the file by hand and pass its path), ValueError for an unknown GPTConfig key."""
-        bad = set(overrides) - {f.name for f in fields(GPTConfig)}
-        if bad:
-            raise ValueError(f"from_pretrained: unknown GPTConfig keys {sorted(bad)}")
-        path = _gpt2_file(name_or_path, os.path.expanduser(cache_dir))
-        sd = read_safetensors(path) if path.endswith(".safetensors") else \
-            torch.load(path, map_location="cpu", weights_only=True)
-        sd = {k.removeprefix("transformer."): v for k, v in sd.items()
-              if not k.endswith((".attn.bias", ".attn.masked_bias")) and k != "lm_head.weight"}
-        args = dict(n_layer=1 + max(int(k.split(".")[1]) for k in sd if k.startswith("h.")),
-                    n_embd=sd["wte.weight"].shape[1], block_size=sd["wpe.weight"].shape[0])
-        cfg_json = os.path.join(os.path.dirname(path), "config.json")
-        sizes = {e: h for _, h, e in GPT2_SIZES.values()}
-        if os.path.exists(cfg_json):
-            with open(cfg_json) as f:
-                args["n_head"] = json.load(f)["n_head"]
-        elif args["n_embd"] in sizes:
-            args["n_head"] = sizes[args["n_embd"]]
-        if "n_head" not in args and "n_head" not in overrides:
-            raise UserError(f"{path}: cannot tell n_head (no config.json beside it); pass n_head=...")
-        config = GPTConfig(**{**args, **overrides})
-        model = cls(config)
-        ours = model.state_dict()
-        n = config.block_size
-        for k, v in sd.items():
-            if k.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
-                v = v.t()  # HF Conv1D stores (in, out); nn.Linear wants (out, in)
-            if k == "wpe.weight":
-                v = v[:n]  # a smaller block_size keeps the first positions
-            if k == "wte.weight":
-                v = F.pad(v, (0, 0, 0, config.vocab_size - v.shape[0]))  # 50257 -> 50304 rows
-            key = "transformer." + k
-            if key not in ours or ours[key].shape != v.shape:
-                raise UserError(f"{path}: weight {k} {tuple(v.shape)} does not fit this GPT "
-                                 f"({tuple(ours[key].shape) if key in ours else 'no such weight'}); {config}")
-            with torch.no_grad():
-                ours[key].copy_(v)
-        missing = [k for k in ours if k.removeprefix("transformer.") not in sd
-                   and k != "lm_head.weight" and not k.startswith("scalar_head.")]  # lm_head: tied to wte
-        if missing:
-            raise UserError(f"{path}: weights missing: {sorted(missing)[:5]}")
-        return model
-
-
 # ----------------------------------------------------------------------------------------------------
 # sampling
 
-def sample_from_logits(logits, temperature=1.0, top_k=None, generator=None):
-    """One token per row from softmax(logits / temperature), optionally among the top_k logits only.
+def sample_from_logits(logits, temperature=1.0, generator=None):
+    """One token per row from softmax(logits / temperature) (RLHF samples the policy as it is: no top-k, no top-p).
     logits (B, V) float; temperature 0 means argmax; generator must live on logits' device.
     Exact inverse-CDF sampling: i = first index with cdf_i > u, u ~ U[0, cdf_V), one uniform per row.
     Returns (B,) long."""
     if temperature == 0:
         return logits.argmax(-1)
-    ids = None
-    if top_k is not None and top_k < logits.shape[-1]:
-        logits, ids = torch.topk(logits, top_k, dim=-1)  # (B, k) sample among these only
     probs = F.softmax(logits.double() / temperature, dim=-1)  # (B, V)
     cdf = probs.cumsum(-1)  # (B, V) float64
     total = cdf[:, -1:]  # (B, 1) ~1
     u = torch.rand(total.shape, generator=generator, device=cdf.device, dtype=cdf.dtype) * total
     u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))  # u < total: never past the end
     i = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1).squeeze(-1)  # (B,)
-    return i if ids is None else ids.gather(-1, i[:, None]).squeeze(-1)
-
-
-# ----------------------------------------------------------------------------------------------------
-# GPT-2 files
-
-def _gpt2_file(name_or_path, cache_dir):
-    """A GPT-2 name or a local path -> the path of a .safetensors / .bin file (downloading a name)."""
-    if os.path.isdir(name_or_path):
-        for f in ("model.safetensors", "pytorch_model.bin"):
-            if os.path.exists(os.path.join(name_or_path, f)):
-                return os.path.join(name_or_path, f)
-        raise UserError(f"{name_or_path} holds neither model.safetensors nor pytorch_model.bin")
-    if os.path.exists(name_or_path):
-        return name_or_path
-    if name_or_path not in GPT2_SIZES:
-        raise UserError(f"{name_or_path!r} is neither a file nor a folder nor one of {list(GPT2_SIZES)}")
-    path = os.path.join(cache_dir, name_or_path, "model.safetensors")
-    if not os.path.exists(path):
-        url = GPT2_URL.format(name_or_path)
-        print(f"downloading {url} -> {path}")
-        try:
-            with atomic_write(path) as tmp:
-                urllib.request.urlretrieve(url, tmp)
-        except Exception as e:
-            raise UserError(f"could not download {url} ({e}). Download the file by hand and pass its path: "
-                            "--init_from=/path/to/model.safetensors") from None
-    return path
-
-
-_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-              "BOOL": torch.bool}
-
-
-def read_safetensors(path):
-    """Read a .safetensors file with torch alone -> dict name -> CPU tensor. Format: a little-endian
-    u64 header length n, n bytes of JSON {name: {dtype, shape, data_offsets: [begin, end]}} (offsets
-    relative to the end of the header), then the raw little-endian tensor bytes."""
-    with open(path, "rb") as f:
-        buf = bytearray(f.read())
-    n = int.from_bytes(buf[:8], "little")
-    header = json.loads(buf[8:8 + n])
-    out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        dtype, (b, e) = _ST_DTYPES[info["dtype"]], info["data_offsets"]
-        count = (e - b) // torch.empty(0, dtype=dtype).element_size()
-        t = torch.frombuffer(buf, dtype=dtype, count=count, offset=8 + n + b) if count else torch.empty(0, dtype=dtype)
-        out[name] = t.reshape(info["shape"])
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------
-# checkpoints
-
-def _raw(model):
-    """The plain GPT inside DDP / torch.compile wrappers."""
-    model = getattr(model, "module", model)  # DDP
-    return getattr(model, "_orig_mod", model)  # torch.compile
-
-
-# the stages' checkpoints (model.save_checkpoint's `stage`) and the command that writes each one
-STAGE_COMMANDS = {"sft": "python sft.py", "rm": "python reward.py", "ppo": "python ppo.py", "dpo": "python dpo.py"}
-
-
-def save_checkpoint(path, model, config, stage, **extra):
-    """Save {"model_args", "model" (state_dict without "_orig_mod."/"module." prefixes), "config" (the
-    stage's config: dict or namespace), "stage" (a key of STAGE_COMMANDS), **extra}; model_args.n_tokens
-    records the vocabulary
-    to path, atomically: a temporary file in the same folder, then os.replace, so a kill at any moment
-    leaves the previous checkpoint loadable. Raises common.Diverged (and writes nothing) if a weight is
-    nan or inf: a spoiled model never overwrites a good checkpoint."""
-    raw = _raw(model)
-    sd = {k.replace("_orig_mod.", "").removeprefix("module."): v for k, v in raw.state_dict().items()}
-    bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:
-        raise Diverged(f"not saving {path}: weights {bad[:3]} hold nan/inf; the file on disk is left as it was")
-    ckpt = dict(model_args=asdict(raw.config), model=sd, stage=stage,
-                config=config if isinstance(config, dict) else vars(config), **extra)
-    with atomic_write(path) as tmp:
-        torch.save(ckpt, tmp)
-
-
-def load_checkpoint(path, device="cpu", stage=None, vocab_size=None):
-    """Load a checkpoint dict written by save_checkpoint (tensors on device). Only load files you trust
-    (pickle). stage: the stage (or tuple of stages) the caller expects, e.g. "rm"; None accepts any.
-    Raises common.UserError, one line naming the file and the command that writes it, when the file is
-    missing, damaged (truncated, not a torch file) or not a checkpoint of this project, or of another stage, or
-    (vocab_size given) of another vocabulary: its tokens would mean other words."""
-    want = (stage,) if isinstance(stage, str) else tuple(stage or ())
-    fix = " or ".join(f"`{STAGE_COMMANDS[s]}`" for s in want) or "the stage that wrote it"
-    if not os.path.exists(path):
-        raise UserError(f"checkpoint {path} not found: {fix} writes it")
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=False)
-    except Exception as e:  # a truncated zip, a text file, a pickle of something else
-        why = str(e).split(". ")[0][:100]  # the first sentence of torch's message
-        raise UserError(f"{path} is damaged or not a checkpoint of this project ({type(e).__name__}: {why}); "
-                        f"{fix} writes it again") from None
-    if not isinstance(ckpt, dict) or not {"model_args", "model", "stage"} <= set(ckpt):
-        raise UserError(f"{path} is not a checkpoint of this project; {fix} writes it again")
-    if want and ckpt["stage"] not in want:
-        raise UserError(f"{path} is a {ckpt['stage']} checkpoint (written by `{STAGE_COMMANDS.get(ckpt['stage'])}`), "
-                        f"but a {' or '.join(want)} checkpoint is expected here: {fix} writes one")
-    n_tokens = ckpt["model_args"].get("n_tokens", GPT2_TOKENS)
-    if vocab_size is not None and n_tokens != vocab_size:
-        raise UserError(f"{path} was trained with a vocabulary of {n_tokens} tokens, but --vocab_size={vocab_size} "
-                        f"here: pass --vocab_size={n_tokens}, or write it again with --vocab_size={vocab_size}")
-    return ckpt
-
-
-def model_from_checkpoint(ckpt, scalar_head=None):
-    """Build the GPT of a checkpoint dict (on CPU, float32). scalar_head=True on a checkpoint without a
-    head adds a freshly initialised one; False drops it; None keeps what the checkpoint has."""
-    args = dict(ckpt["model_args"])
-    if scalar_head is not None:
-        args["scalar_head"] = scalar_head
-    model = GPT(GPTConfig(**args))
-    sd = {k.replace("_orig_mod.", ""): v for k, v in ckpt["model"].items()}
-    if not args["scalar_head"]:
-        sd = {k: v for k, v in sd.items() if not k.startswith("scalar_head.")}
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    if unexpected or any(not k.startswith("scalar_head.") for k in missing):
-        raise ValueError(f"checkpoint does not fit its model_args: missing {missing}, unexpected {unexpected}")
-    return model
+    return i

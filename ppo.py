@@ -44,7 +44,8 @@ from tqdm import tqdm
 import common
 import data
 import evaluate
-from model import last_token_index, load_checkpoint, model_from_checkpoint
+from checkpoint import load_checkpoint, model_from_checkpoint
+from model import last_token_index
 
 # ----------------------------------------------------------------------------- config
 config = dict(common.SHARED,  # out_dir, data_dir, device, block_size, max_new_tokens, eval_prompts, ... (common.py)
@@ -119,6 +120,22 @@ def kl_estimate(logprobs, ref_logprobs, kind="k1"):
     raise ValueError(f"kl_estimator {kind!r}: expected 'k1' or 'k3'")
 
 
+def penalised_scores(scores, has_eos, scale, missing_eos_penalty):
+    """The score each answer's last token receives: s / scale (Ziegler et al. 2019's normalisation), minus
+    missing_eos_penalty for an answer cut off at max_new_tokens without EOS (the penalty is added to its score, it
+    does not replace it). scores, has_eos (B,) float (has_eos 0/1); scale, missing_eos_penalty floats. Returns (B,)."""
+    return scores / scale - missing_eos_penalty * (1 - has_eos)
+
+
+def ptx_loss(policy, text_batch, ptx_coef):
+    """PPO-ptx (InstructGPT eq. 2, the gamma * E_{x ~ D_pretrain}[log pi(x)] term, negated to be minimised):
+        L_ptx = - ptx_coef * mean_t log pi(x_t | x_<t)     over the loss_mask tokens of pretraining text windows
+    text_batch: dict idx, attention_mask, loss_mask (b, T) (data.sample_text_batch: text that carries no
+    preference). Returns a scalar with gradient into the policy."""
+    text_logprobs = policy.logprobs(text_batch["idx"], text_batch["attention_mask"], text_batch["loss_mask"])  # (b, T)
+    return -ptx_coef * masked_mean(text_logprobs, text_batch["loss_mask"])
+
+
 def per_token_rewards(scores, logprobs, ref_logprobs, mask, beta, kind="k1"):
     """The per-token reward of RLHF (Ziegler et al. 2019; InstructGPT eq. 2):
         r_t = -beta * kl_t  +  s * 1[t is the last real response token]
@@ -149,16 +166,12 @@ def compute_gae(rewards, values, mask, gamma, lam):
     return advantages, returns
 
 
-def whiten(x, mask, shift_mean=True):
+def whiten(x, mask):
     """Masked whitening: (x - mean) / std with the mean and (population) std over the entries where mask is 1,
-    so entries outside the mask do not affect it. shift_mean=False adds the mean back (rescale only).
-    x, mask (B, T) -> (B, T), 0 outside the mask."""
+    so entries outside the mask do not affect it. x, mask (B, T) -> (B, T), 0 outside the mask."""
     mean = masked_mean(x, mask)
     var = masked_mean((x - mean) ** 2, mask)
-    out = (x - mean) * torch.rsqrt(var + 1e-8)  # mean 0, std 1
-    if not shift_mean:
-        out = out + mean
-    return out * mask
+    return (x - mean) * torch.rsqrt(var + 1e-8) * mask  # mean 0, std 1
 
 
 def policy_loss(logprobs, old_logprobs, advantages, mask, cliprange):
@@ -264,17 +277,20 @@ def explained_variance(values, returns, mask):
 
 # ----------------------------------------------------------------------------- rollout and update
 @torch.no_grad()
-def rollout(policy, reference, critic, reward_model, prompts, rt, max_new_tokens, temperature, sampler):
+def rollout(policy, reference, critic, reward_model, prompts, rt, max_new_tokens, temperature, sampler,
+            policy_logprobs=None):
     """Step 1-2 of an iteration: sample one response per prompt from pi_old and record, for every response token,
-    what the update needs. prompts: a data.collate_prompts batch (left-padded (B, P)). Returns a SimpleNamespace of
+    what the update needs. prompts: a data.collate_prompts batch (left-padded (B, P)). policy_logprobs: the compiled
+    policy.logprobs the update uses (--compile), so that log pi_old comes from the same function and the first
+    ratio pi_theta / pi_old of an update is exactly 1 (None: policy.logprobs). Returns a SimpleNamespace of
     aligned tensors on rt.device:
       idx, attn, target  (B, P+R)  prompt + response tokens, their attention mask, 1 on the response tokens
       P                  int       the (padded) prompt width: response token t sits at position P + t
       mask               (B, R)    1 up to and including the first EOS, 0 after it
-      logprobs           (B, R)    log pi_old(y_t | x, y_<t) at `temperature`
+      old_logprobs       (B, R)    log pi_old(y_t | x, y_<t) at `temperature`
       ref_logprobs       (B, R)    log pi_ref(y_t | x, y_<t) at `temperature`
       entropy            (B, R)    entropy of pi_old's distribution at t (nats)
-      values             (B, R)    V_t = the critic at position P + t - 1, the token before y_t (raw critic units;
+      old_values         (B, R)    V_old_t = the critic at position P + t - 1, the token before y_t (raw critic units;
                                    0 when there is no critic: rloo, grpo)
       scores             (B,)      r(x, y) at the last real token (its EOS when it has one), raw reward-model units
       has_eos            (B,)      1 if the response ended with EOS
@@ -288,25 +304,28 @@ def rollout(policy, reference, critic, reward_model, prompts, rt, max_new_tokens
         attn = torch.cat([prompt_mask, mask], 1)  # (B, P+R)
         target = torch.cat([torch.zeros_like(prompt_mask), mask], 1)  # (B, P+R) 1 on response tokens
         logprobs, entropy = policy.logprobs(idx, attn, target, temperature, return_entropy=True)  # (B, P+R) x2
+        if policy_logprobs is not None:  # the update's compiled function: pi_old from it, so the first ratio is 1
+            logprobs = policy_logprobs(idx, attn, target, temperature)
         ref_logprobs = reference.logprobs(idx, attn, target, temperature)  # (B, P+R)
         values = critic.scalar(idx, attn)[:, P - 1:-1] * mask if critic else torch.zeros_like(mask)  # (B, R) V_t
         scores = reward_model.score(idx, attn)  # (B,) r(x, y) at the last real token
     lengths = mask.sum(1).long()  # (B,)
     last = response.gather(1, (lengths - 1).clamp(min=0)[:, None])[:, 0]  # (B,) each response's last token
     has_eos = (last == policy.eot_id).float() * (lengths > 0)
-    return SimpleNamespace(idx=idx, attn=attn, target=target, P=P, mask=mask, logprobs=logprobs[:, P:],
-                           ref_logprobs=ref_logprobs[:, P:], entropy=entropy[:, P:], values=values,
+    return SimpleNamespace(idx=idx, attn=attn, target=target, P=P, mask=mask, old_logprobs=logprobs[:, P:],
+                           ref_logprobs=ref_logprobs[:, P:], entropy=entropy[:, P:], old_values=values,
                            scores=scores.float(), has_eos=has_eos)
 
 
-def update(policy, critic, opt_policy, opt_critic, batch, advantages, returns, beta, cfg, rt, gen, text, it,
-           train_logprobs=None):
+def update(learner, batch, beta, cfg, rt, gen, text, it):
     """Step 5: ppo_epochs passes over shuffled minibatches of the rollout: the clipped policy loss (grpo: GRPO's
     loss, with its KL term) plus the ptx loss, and (gae) the (clipped) value loss, one optimiser step each per
-    minibatch. batch: rollout()'s namespace; advantages, returns (B, R) (returns None and critic None without a
-    critic); text: the pretraining token stream for ptx; it: the iteration (for error messages). Returns the mean
-    of each loss / diagnostic over the minibatch steps (floats)."""
-    train_logprobs = train_logprobs or policy.logprobs
+    minibatch. learner: what trains (policy, critic (None without one), opt_policy, opt_critic, and logprobs: the
+    function computing log pi_theta, policy.logprobs or its torch.compile); batch: rollout()'s namespace plus
+    advantages and returns (B, R) (returns None without a critic); text: the pretraining token stream for ptx; it:
+    the iteration (for error messages). Returns the mean of each loss / diagnostic over the minibatch steps."""
+    policy, critic, train_logprobs = learner.policy, learner.critic, learner.logprobs
+    advantages, returns = batch.advantages, batch.returns
     cliprange_value = cfg.cliprange_value if cfg.clip_value_loss else None
     P, stats = batch.P, defaultdict(list)
     for _ in range(cfg.ppo_epochs):
@@ -315,30 +334,28 @@ def update(policy, critic, opt_policy, opt_critic, batch, advantages, returns, b
             with rt.autocast():
                 logprobs = train_logprobs(idx, attn, batch.target[mb], cfg.temperature)[:, P:]  # (b, R)
                 if cfg.advantage_estimator == "grpo":  # the KL to the reference is a loss term, not a reward
-                    pg_loss, pg_clipfrac = grpo_loss(logprobs, batch.logprobs[mb], batch.ref_logprobs[mb],
+                    pg_loss, pg_clipfrac = grpo_loss(logprobs, batch.old_logprobs[mb], batch.ref_logprobs[mb],
                                                      advantages[mb], m, cfg.cliprange, beta)
                 else:
-                    pg_loss, pg_clipfrac = policy_loss(logprobs, batch.logprobs[mb], advantages[mb], m,
+                    pg_loss, pg_clipfrac = policy_loss(logprobs, batch.old_logprobs[mb], advantages[mb], m,
                                                        cfg.cliprange)
-                ptx_loss = torch.zeros((), device=rt.device)
-                if cfg.ptx_coef > 0:  # PPO-ptx, InstructGPT eq. 2: + gamma E_pretrain[log pi(x)], gamma = ptx_coef
-                    tb = common.to_device(data.sample_text_batch(text, cfg.ptx_batch_size, cfg.ptx_block_size,
-                                                                 gen), rt)
-                    text_logprobs = policy.logprobs(tb["idx"], tb["attention_mask"], tb["loss_mask"])  # (b, T)
-                    ptx_loss = -cfg.ptx_coef * masked_mean(text_logprobs, tb["loss_mask"])
-            common.check_finite(it, policy_loss=pg_loss, ptx_loss=ptx_loss)
-            (pg_loss + ptx_loss).backward()
-            common.optimizer_step(policy, opt_policy, cfg.grad_clip, rt, it)
-            approx_kl = masked_mean(kl_estimate(batch.logprobs[mb], logprobs.detach(), "k3"), m)  # KL(old || new)
-            step_stats = dict(policy_loss=pg_loss, ptx_loss=ptx_loss, approx_kl=approx_kl,
+                ptx = torch.zeros((), device=rt.device)
+                if cfg.ptx_coef > 0:  # PPO-ptx: a batch of pretraining text windows
+                    tb = data.sample_text_batch(text, cfg.ptx_batch_size, cfg.ptx_block_size, gen)
+                    ptx = ptx_loss(policy, common.to_device(tb, rt), cfg.ptx_coef)
+            common.check_finite(it, policy_loss=pg_loss, ptx_loss=ptx)
+            (pg_loss + ptx).backward()
+            common.optimizer_step(policy, learner.opt_policy, cfg.grad_clip, rt, it)
+            approx_kl = masked_mean(kl_estimate(batch.old_logprobs[mb], logprobs.detach(), "k3"), m)  # KL(old || new)
+            step_stats = dict(policy_loss=pg_loss, ptx_loss=ptx, approx_kl=approx_kl,
                               policy_clipfrac=pg_clipfrac)
             if critic is not None:
                 with rt.autocast():
                     values = critic.scalar(idx, attn)[:, P - 1:-1]  # (b, R) V_t, the rollout's convention
-                    vf_loss, vf_clipfrac = value_loss(values, batch.values[mb], returns[mb], m, cliprange_value)
+                    vf_loss, vf_clipfrac = value_loss(values, batch.old_values[mb], returns[mb], m, cliprange_value)
                 common.check_finite(it, value_loss=vf_loss)
                 vf_loss.backward()
-                common.optimizer_step(critic, opt_critic, cfg.grad_clip, rt, it)
+                common.optimizer_step(critic, learner.opt_critic, cfg.grad_clip, rt, it)
                 step_stats.update(value_loss=vf_loss, value_clipfrac=vf_clipfrac)
             for k, v in step_stats.items():
                 stats[k].append(v.item())
@@ -350,33 +367,39 @@ def responses(batch):
     return [row[:int(n)] for row, n in zip(batch.idx[:, batch.P:].tolist(), batch.mask.sum(1).tolist())]
 
 
-def score_scale_from(batch, critic, cfg, rt):
-    """Ziegler et al. 2019: the reward model normalised to std 1 on the initial policy's answers. Returns the std of
-    the first rollout's scores over every DDP rank (1 with normalize_scores off). One scale for the critic and its
-    targets, normalised score units s / scale: the critic starts as the reward model, so its head is divided by the
-    same scale, and so are this batch's values."""
-    scale = common.global_std(batch.scores, rt) if cfg.normalize_scores else 1.0
-    if not scale > 1e-8:  # one answer, or all scored alike: dividing by it would make every reward inf or nan
-        if rt.master:
-            tqdm.write(f"warning: the first rollout's scores have std {scale:.3g}; not normalising them (scale 1)")
-        scale = 1.0
+def score_scale_from(batch, critic, cfg, rt, critic_scores=None):
+    """Ziegler et al. 2019: the reward normalised to std 1 on the initial policy's answers. Returns the std of the
+    first rollout's scores over every DDP rank (1 with normalize_scores off, or when every score is alike). The critic
+    and its targets share normalised units: the critic starts as the reward model, so its head (and this batch's
+    values) is divided by the std of the reward model's own scores, critic_scores (None: batch.scores; they differ
+    with --reward=gold, where the rewards are the judge's and the critic is still a copy of the reward model)."""
+    def std(scores, what):
+        s = common.global_std(scores, rt) if cfg.normalize_scores else 1.0
+        if not s > 1e-8:  # one answer, or all scored alike: dividing by it would make every reward inf or nan
+            if rt.master:
+                tqdm.write(f"warning: the first rollout's {what} have std {s:.3g}; not normalising them (scale 1)")
+            s = 1.0
+        return s
+    scale = std(batch.scores, "scores")
+    critic_scale = scale if critic_scores is None else std(critic_scores, "reward-model scores")
     with torch.no_grad():
         for p in (critic.scalar_head.parameters() if critic else ()):
-            p /= scale
-    batch.values /= scale
+            p /= critic_scale
+    batch.old_values /= critic_scale
     if rt.master:
-        tqdm.write(f"std of the SFT policy's scores {scale:.4f}: rewards and critic use s / {scale:.4f}")
+        tqdm.write(f"std of the SFT policy's scores {scale:.4f}: rewards use s / {scale:.4f}, the critic its own "
+                   f"scores / {critic_scale:.4f}")
     return scale
 
 
 def rollout_metrics(batch, rewards, returns, beta, kl_estimator):
     """The rollout's figures logged each iteration (see the module docstring), means over the batch."""
-    kl = (kl_estimate(batch.logprobs, batch.ref_logprobs, kl_estimator) * batch.mask).sum(1)  # (B,) per sequence
+    kl = (kl_estimate(batch.old_logprobs, batch.ref_logprobs, kl_estimator) * batch.mask).sum(1)  # (B,) per sequence
     metrics = dict(score=batch.scores.mean(), kl=kl.mean(), objective=rewards.sum(1).mean(), beta=beta,
                    entropy=masked_mean(batch.entropy, batch.mask), length=batch.mask.sum(1).mean(),
                    eos_rate=batch.has_eos.mean())
     if returns is not None:  # a critic to judge
-        metrics["explained_var"] = explained_variance(batch.values, returns, batch.mask)
+        metrics["explained_var"] = explained_variance(batch.old_values, returns, batch.mask)
     return metrics
 
 
@@ -446,6 +469,8 @@ def main(argv=None):
     opt_policy = common.configure_optimizer(policy, cfg.lr, cfg.weight_decay)
     opt_critic = common.configure_optimizer(critic, cfg.critic_lr, cfg.weight_decay) if critic else None
     kl_ctl = AdaptiveKLController(cfg.beta, cfg.target_kl, cfg.kl_horizon) if cfg.adaptive_kl else None
+    learner = SimpleNamespace(policy=policy, critic=critic, opt_policy=opt_policy, opt_critic=opt_critic,
+                              logprobs=train_logprobs)
 
     # the samplers: prompts, minibatch order, text windows; and the rollout's tokens
     gen = torch.Generator().manual_seed(cfg.seed + rt.rank)
@@ -475,19 +500,20 @@ def main(argv=None):
         examples = [train[i] for i in torch.randperm(len(train), generator=gen)[:cfg.batch_size]
                     for _ in range(cfg.samples_per_prompt)]  # k samples of each prompt, consecutive
         batch = rollout(policy, reference, critic, reward_model, data.collate_prompts(examples), rt,
-                        cfg.max_new_tokens, cfg.temperature, sampler)
+                        cfg.max_new_tokens, cfg.temperature, sampler, train_logprobs if cfg.compile else None)
         gold = data.gold_scores(task.judge, [e["prompt"] for e in examples], responses(batch),
                                 cfg.vocab_size) if task.judge else None
+        proxy = batch.scores  # the reward model's scores: the critic's own units
         if cfg.reward == "gold":  # the truth as the reward: what RL achieves when the reward model is perfect
             batch.scores = gold.to(rt.device)
         if score_scale is None:  # the first rollout: the SFT policy's answers
-            score_scale = score_scale_from(batch, critic, cfg, rt)
+            score_scale = score_scale_from(batch, critic, cfg, rt, critic_scores=proxy)
 
         # ------------------------------------------------------------------- 3-4. rewards, advantages
-        scores = batch.scores / score_scale - cfg.missing_eos_penalty * (1 - batch.has_eos)  # penalty when no EOS
-        rewards = per_token_rewards(scores, batch.logprobs, batch.ref_logprobs, batch.mask, beta, cfg.kl_estimator)
+        scores = penalised_scores(batch.scores, batch.has_eos, score_scale, cfg.missing_eos_penalty)  # (B,)
+        rewards = per_token_rewards(scores, batch.old_logprobs, batch.ref_logprobs, batch.mask, beta, cfg.kl_estimator)
         if cfg.advantage_estimator == "gae":
-            advantages, returns = compute_gae(rewards, batch.values, batch.mask, cfg.gamma, cfg.lam)  # (B, R) x2
+            advantages, returns = compute_gae(rewards, batch.old_values, batch.mask, cfg.gamma, cfg.lam)  # (B, R) x2
             if cfg.whiten_advantages:
                 advantages = whiten(advantages, batch.mask)
         else:  # critic-free: the baseline comes from the other samples of the same prompt
@@ -496,8 +522,8 @@ def main(argv=None):
 
         # ------------------------------------------------------------------- 5. PPO epochs over minibatches
         t_update = time.time()
-        stats = update(policy, critic, opt_policy, opt_critic, batch, advantages, returns, beta, cfg, rt, gen, text,
-                       it, train_logprobs)
+        batch.advantages, batch.returns = advantages, returns
+        stats = update(learner, batch, beta, cfg, rt, gen, text, it)
 
         # ------------------------------------------------------------------- 6. beta, logging, checkpoint
         metrics = dict(rollout_metrics(batch, rewards, returns, beta, cfg.kl_estimator), lr=cfg.lr * lr_scale,

@@ -41,7 +41,7 @@ import common
 import data
 import evaluate
 from evaluate import win_rate
-from model import load_checkpoint, model_from_checkpoint
+from checkpoint import load_checkpoint, model_from_checkpoint
 
 # ----------------------------------------------------------------------------- config
 config = dict(common.SHARED, # out_dir, data_dir, device, block_size, checkpoint_every, resume, ... (common.py)
@@ -240,12 +240,14 @@ def longer_wins(examples):
 
 
 def show_pairs(examples, chosen, rejected, n, vocab_size):
+    """Print the first n pairs with the reward model's scores (and the judge's, where the pairs carry them)."""
     text = lambda toks: data.decode(toks, vocab_size).replace("\n", " ")
     clip = lambda t, k: t if len(t) <= k else t[:k] + "..."
     for e, c, r in list(zip(examples, chosen.tolist(), rejected.tolist()))[:n]:
         print(f"  PROMPT   ...{text(e['prompt'])[-110:]}")
-        print(f"    chosen   {c:+7.3f}  {clip(text(e['chosen']), 100)}")
-        print(f"    rejected {r:+7.3f}  {clip(text(e['rejected']), 100)}")
+        for side, score in (("chosen", c), ("rejected", r)):
+            gold = f" (gold {e[f'gold_{side}']:+.2f})" if f"gold_{side}" in e else ""
+            print(f"    {side:8s} {score:+7.3f}{gold}  {clip(text(e[side]), 100)}")
 
 
 # ----------------------------------------------------------------------------- training
@@ -354,8 +356,9 @@ def main(argv=None):
                   f"agree with the judge on {after['label_ceiling']:.3f} (the ceiling of the accuracy above)")
         print(f"  normalisation: mean reward of {len(norm)} best train answers was {mean:+.4f}; "
               f"scalar_head.bias shifted by {-mean:+.4f} (ckpt['reward_bias'])")
-        print("  test pairs (normalised rewards):")
-        show_pairs(pairs, c, r, cfg.n_show, cfg.vocab_size)
+        print("  the best and the worst answer of the first test prompts (normalised rewards):")
+        first_last = [i * K * (K - 1) // 2 + K - 2 for i in range(len(test_eval))]  # pair (0, K-1) of each prompt
+        show_pairs([pairs[i] for i in first_last], c[first_last], r[first_last], cfg.n_show, cfg.vocab_size)
         print(f"  wrote {cfg.out_dir}/rm.pt, rm_log.jsonl, rm.png")
     common.cleanup(rt)
     return report

@@ -11,7 +11,7 @@ model learns to answer, not to write questions.
 InstructGPT starts from a pretrained GPT-3. Without a pretrained GPT at hand (offline, or on a laptop), this
 script makes its own, so there are two starts:
   --init_from=scratch (the CPU preset): a small GPT first PRETRAINS on the task's text (imdb: the 75,000 train
-      and unsup reviews; hh: every dialogue of `train`, chosen and rejected; one EOT-separated stream, the same
+      and unsup reviews; hh: the chosen dialogue of every `train` pair; one EOT-separated stream, the same
       loss with mask = 1 on every token) for `pretrain_iters` steps, then fine-tunes on prompt -> response for
       `sft_iters` steps;
   --init_from=gpt2 (or gpt2-medium ..., or a local model.safetensors / folder): OpenAI GPT-2 weights,
@@ -19,24 +19,21 @@ script makes its own, so there are two starts:
 The run is saved to out/<task>/sft.pt every checkpoint_every steps and at the end (weights, optimiser, step, RNG
 states); `--resume=True` continues it up to n_pretrain + sft_iters steps (raise --sft_iters to train longer).
 Each phase has its own warmup + cosine learning-rate schedule; AdamW (beta2 = 0.95), gradient clipping
-and gradient accumulation as in nanoGPT. Logits are computed only at target positions (the output layer
-over 50k tokens is the main cost on a CPU).
+and gradient accumulation as in nanoGPT. Logits are computed only at target positions (the output layer is
+the main cost of a small model on a CPU; the task vocabulary, --vocab_size, makes it smaller).
 
     python sft.py                                  # CPU preset, imdb (a few minutes on 2 cores)
     python sft.py --task=hh                        # the HH-RLHF dialogues
     python sft.py --sft_iters=400 --lr=3e-4        # any config key, --key=value
-    python sft.py --init_from=gpt2 --lr=3e-5       # from GPT-2 weights (downloaded once when online)
+    python sft.py --init_from=gpt2 --vocab_size=50257 --lr=3e-5   # GPT-2 weights (downloaded once when online)
     torchrun --nproc_per_node=2 sft.py             # DDP (gloo on CPU, nccl on CUDA)
 
-Writes out/<task>/sft.pt, sft_log.jsonl and sft.png, and prints a report: test response loss and perplexity
-before and after, greedy / sampled answers to fixed test prompts, tokens/s and the model FLOPs utilisation
+Writes out/<task>/sft.pt, sft_log.jsonl and sft.png, and prints a report: test response loss, perplexity and
+bits per byte before and after, greedy / sampled answers to fixed test prompts, tokens/s and the model FLOPs utilisation
 (MFU) against the GPU's bf16 peak where it is known, and on imdb the gold judge's view of the SFT policy's
 answers to the evaluation prompts (the starting point of every RL run).
 
-What to expect on hh: the CPU preset (a 7.3M-parameter GPT, 150 pretraining + 250 SFT steps, ~250k tokens)
-takes the test response loss from 10.8 to about 5.4 nats/token (perplexity ~220). It learns the shape of
-an answer (" I", " Sorry", " You can", an EOT), not its content; greedy answers repeat themselves. The
-CUDA preset (GPT-2-small shape) is sized for all 75,000 IMDb reviews, or for the full HH-RLHF train files.
+The README gives the figures to expect from each preset.
 """
 import math
 import os
@@ -49,7 +46,9 @@ from tqdm import tqdm
 import common
 import data
 import evaluate
-from model import GPT, GPTConfig, model_from_checkpoint
+import gpt2
+from checkpoint import model_from_checkpoint
+from model import GPT, GPTConfig
 
 # ----------------------------------------------------------------------------- config
 config = dict(common.SHARED, # out_dir, data_dir, device, block_size, max_new_tokens, checkpoint_every, ... (common.py)
@@ -200,7 +199,7 @@ def build_model(cfg, ckpt=None):
     if cfg.vocab_size != data.GPT2_VOCAB:
         raise common.UserError(f"--init_from={cfg.init_from} needs GPT-2's whole vocabulary: pass "
                                f"--vocab_size={data.GPT2_VOCAB} (got {cfg.vocab_size})")
-    return GPT.from_pretrained(cfg.init_from, block_size=cfg.block_size, dropout=cfg.dropout), 0
+    return gpt2.from_pretrained(cfg.init_from, block_size=cfg.block_size, dropout=cfg.dropout), 0
 
 
 def main(argv=None):

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 import data
 import dpo
 from common import UserError
-from model import GPT, GPTConfig, save_checkpoint
+from checkpoint import save_checkpoint
+from model import GPT, GPTConfig
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread

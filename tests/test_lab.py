@@ -123,3 +123,21 @@ def test_the_sweep_writes_every_point_and_both_charts(imdb_root, tmp_path, monke
     # finished runs are kept, not redone
     again = lab.main(argv(ppo_betas="0.05,0.2", dpo_betas="0.1", bon_max_n=4, critic_free="grpo", samples_per_prompt=2))
     assert [p["gold"] for p in again["points"]] == [p["gold"] for p in report["points"]]
+
+
+def test_distinct_n_and_the_proxy_gold_correlation_by_hand():
+    """distinct-n counts distinct n-grams over all answers (a loop over a set here); corr(RM, gold) is Pearson's r
+    (computed from its definition)."""
+    answers = [[1, 2, 3, 1, 2], [1, 2, 9], [], [7]]
+    grams = []
+    for a in answers:
+        for i in range(len(a) - 1):
+            grams.append((a[i], a[i + 1]))
+    assert len(grams) == 6 and evaluate.distinct_n(answers, 2) == len(set(grams)) / 6  # (1,2) thrice: 4 / 6
+    assert evaluate.distinct_n([[5, 5, 5, 5]] * 3, 2) == 1 / 9 and evaluate.distinct_n([[]], 2) == 0
+    scores, gold = torch.tensor([1.0, 2.0, 4.0, 3.0]), torch.tensor([0.5, 0.1, 2.0, 1.0])
+    sx, sy = scores - scores.mean(), gold - gold.mean()
+    r = (sx * sy).sum() / (sx.square().sum() * sy.square().sum()).sqrt()
+    s = evaluate.summarize(dict(scores=scores, gold=gold, responses=answers, lengths=torch.tensor([5, 3, 0, 1]),
+                                eos=torch.zeros(4)))
+    assert s["rm_gold_corr"] == pytest.approx(r.item(), abs=1e-6) and s["distinct2"] == pytest.approx(4 / 6)

@@ -16,7 +16,8 @@ import torch
 import common
 import data
 import ppo
-from model import GPT, GPTConfig, save_checkpoint
+from checkpoint import save_checkpoint
+from model import GPT, GPTConfig
 
 EOT = 50256
 
@@ -119,8 +120,6 @@ def test_whiten_uses_the_masked_entries_only():
     x2 = x.clone()
     x2[mask == 0] = 1e6  # entries outside the mask change nothing
     assert torch.allclose(ppo.whiten(x2, mask)[mask.bool()], w[mask.bool()])
-    keep = ppo.whiten(x, mask, shift_mean=False)[mask.bool()]
-    assert abs(keep.mean().item() - sel.mean().item()) < 1e-4 and abs(keep.std(unbiased=False).item() - 1) < 1e-4
 
 
 # ----------------------------------------------------------------------------- the clipped losses
@@ -456,13 +455,13 @@ def test_rollout_tensors_are_aligned_with_a_slow_per_sequence_computation(V):
             score = rm.scalar(seq)[0, -1]
         for t, token in enumerate(response):
             pos = len(prompt) + t  # the position of y_t; it is predicted from position pos - 1
-            assert batch.logprobs[b, t].item() == pytest.approx(logp[pos - 1, token].item(), abs=1e-4)
+            assert batch.old_logprobs[b, t].item() == pytest.approx(logp[pos - 1, token].item(), abs=1e-4)
             assert batch.ref_logprobs[b, t].item() == pytest.approx(ref[pos - 1, token].item(), abs=1e-4)
-            assert batch.values[b, t].item() == pytest.approx(values[pos - 1].item(), abs=1e-4)
+            assert batch.old_values[b, t].item() == pytest.approx(values[pos - 1].item(), abs=1e-4)
         assert batch.scores[b].item() == pytest.approx(score.item(), abs=1e-4)
         assert batch.has_eos[b].item() == float(response[-1] == eot)
         assert all(t < V for t in response) and eot not in response[:-1]  # nothing after the EOS is kept
-        assert torch.all(batch.logprobs[b, n:] == 0) and torch.all(batch.values[b, n:] == 0) and n <= R
+        assert torch.all(batch.old_logprobs[b, n:] == 0) and torch.all(batch.old_values[b, n:] == 0) and n <= R
 
 
 def test_the_critic_starts_in_the_units_of_its_targets(hh_dir, tmp_path, monkeypatch):
@@ -492,20 +491,20 @@ def test_score_scale_falls_back_to_one_when_every_score_is_alike(capsys):
     head = {k: v.clone() for k, v in critic.scalar_head.state_dict().items()}
     for scores in (torch.full((7,), 3.3), torch.full((1,), -0.4), torch.zeros(4)):
         values = torch.randn(len(scores), 5)
-        batch = types.SimpleNamespace(scores=scores, values=values.clone())
+        batch = types.SimpleNamespace(scores=scores, old_values=values.clone())
         assert ppo.score_scale_from(batch, None, cfg, rt) == 1.0
-        assert torch.equal(batch.values, values)
-        assert ppo.score_scale_from(types.SimpleNamespace(scores=scores, values=values.clone()), critic, cfg, rt) == 1.0
+        assert torch.equal(batch.old_values, values)
+        assert ppo.score_scale_from(types.SimpleNamespace(scores=scores, old_values=values.clone()), critic, cfg, rt) == 1.0
         assert all(torch.equal(critic.scalar_head.state_dict()[k], v) for k, v in head.items())
     assert "not normalising them (scale 1)" in capsys.readouterr().out
     scores = torch.tensor([1.0, 2.0, 4.0, 7.0])  # mean 3.5, squares about it 6.25 + 2.25 + 0.25 + 12.25 = 21
     values = torch.randn(4, 5)
-    batch = types.SimpleNamespace(scores=scores, values=values.clone())
+    batch = types.SimpleNamespace(scores=scores, old_values=values.clone())
     scale = ppo.score_scale_from(batch, None, cfg, rt)
     assert scale == pytest.approx(math.sqrt(21 / 3))
-    torch.testing.assert_close(batch.values, values / math.sqrt(21 / 3))
+    torch.testing.assert_close(batch.old_values, values / math.sqrt(21 / 3))
     off = types.SimpleNamespace(normalize_scores=False)
-    assert ppo.score_scale_from(types.SimpleNamespace(scores=scores, values=values.clone()), None, off, rt) == 1.0
+    assert ppo.score_scale_from(types.SimpleNamespace(scores=scores, old_values=values.clone()), None, off, rt) == 1.0
 
 
 @pytest.mark.parametrize("estimator", ["rloo", "grpo"])
@@ -554,3 +553,100 @@ def test_torchrun_two_cpu_processes(hh_dir, tmp_path):
     rows = [json.loads(line) for line in open(os.path.join(out, "ppo_log.jsonl"))]
     assert [r["step"] for r in rows] == [0, 1] and "sample_0" in rows[0]
     assert os.path.exists(os.path.join(out, "ppo.pt")) and "win rate of PPO over SFT" in res.stdout
+
+
+def test_the_critic_is_scaled_by_its_own_scores_when_the_reward_is_the_judge():
+    """--reward=gold: the rewards are the judge's, the critic a copy of the reward model. The rewards are divided by
+    the std of the judge's scores, the critic's head and values by the std of the reward model's own scores, so that
+    both start in normalised units (by hand: stds sqrt(21 / 3) and 2 sqrt(5 / 3))."""
+    rt = common.setup_runtime(types.SimpleNamespace(device="cpu", dtype="float32", seed=0))
+    cfg = types.SimpleNamespace(normalize_scores=True)
+    torch.manual_seed(0)
+    critic = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, scalar_head=True))
+    weight = critic.scalar_head.weight.detach().clone()
+    gold = torch.tensor([1.0, 2.0, 4.0, 7.0])  # std sqrt(21 / 3)
+    proxy = torch.tensor([0.0, 2.0, 4.0, 6.0])  # mean 3, squares 9 + 1 + 1 + 9 = 20: std sqrt(20 / 3)
+    values = torch.randn(4, 5)
+    batch = types.SimpleNamespace(scores=gold, old_values=values.clone())
+    scale = ppo.score_scale_from(batch, critic, cfg, rt, critic_scores=proxy)
+    assert scale == pytest.approx(math.sqrt(21 / 3))
+    torch.testing.assert_close(batch.old_values, values / math.sqrt(20 / 3))
+    torch.testing.assert_close(critic.scalar_head.weight.detach(), weight / math.sqrt(20 / 3))
+
+
+def test_penalised_scores_of_a_batch_with_and_without_eos():
+    """A batch mixing answers that end in EOS and answers cut off: only the cut ones lose the penalty, after the
+    normalisation (by hand), and per_token_rewards puts each on its own last token."""
+    scores, has_eos = torch.tensor([2.0, -1.0, 0.5, 4.0]), torch.tensor([1.0, 0.0, 0.0, 1.0])
+    got = ppo.penalised_scores(scores, has_eos, 2.0, 0.75)
+    torch.testing.assert_close(got, torch.tensor([1.0, -0.5 - 0.75, 0.25 - 0.75, 2.0]))
+    assert torch.equal(ppo.penalised_scores(scores, has_eos, 1.0, 0.0), scores)  # no penalty: the scores themselves
+    mask = prefix_mask([2, 4, 4, 1], 4)
+    zeros = torch.zeros(4, 4)
+    rewards = ppo.per_token_rewards(got, zeros, zeros, mask, 0.1)
+    for b, last in enumerate([1, 3, 3, 0]):
+        assert rewards[b, last].item() == pytest.approx(got[b].item()) and rewards[b].sum().item() == pytest.approx(
+            got[b].item())
+
+
+def test_ptx_loss_by_hand():
+    """ptx_loss = - ptx_coef * mean over the loss_mask tokens of log pi(x_t | x_<t), computed here from the full
+    logits one token at a time; its gradient reaches the policy."""
+    torch.manual_seed(0)
+    policy = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, n_tokens=100, vocab_size=128))
+    stream = torch.randint(0, 100, (200,))
+    tb = data.sample_text_batch(stream, 3, 10, torch.Generator().manual_seed(1))
+    loss = ppo.ptx_loss(policy, tb, 0.5)
+    logits = policy(tb["idx"], tb["attention_mask"])  # (3, 10, V)
+    total, count = 0.0, 0
+    for b in range(3):
+        for t in range(1, 10):  # token 0 has no context (its loss_mask is 0)
+            if tb["loss_mask"][b, t]:
+                total += torch.log_softmax(logits[b, t - 1], -1)[tb["idx"][b, t]].item()
+                count += 1
+    assert count == 27 and loss.item() == pytest.approx(-0.5 * total / count, rel=1e-5)
+    loss.backward()
+    assert policy.transformer.wte.weight.grad.abs().sum() > 0
+
+
+def test_rollout_takes_pi_old_from_the_updates_function():
+    """With a compiled logprob function for the update, the rollout records log pi_old with that same function (so
+    the first ratio of an update is exactly 1): a stand-in that shifts every logprob by 1 shows where they came from."""
+    torch.manual_seed(0)
+    cfg = dict(n_layer=1, n_head=2, n_embd=16, block_size=32, n_tokens=100, vocab_size=128)
+    policy, reference = GPT(GPTConfig(**cfg)).eval(), GPT(GPTConfig(**cfg)).eval()
+    rm = GPT(GPTConfig(**cfg, scalar_head=True)).eval()
+    rt = common.setup_runtime(types.SimpleNamespace(device="cpu", dtype="float32", seed=0))
+    prompts = data.collate_prompts([dict(prompt=[5, 6, 7]), dict(prompt=[8])])
+    shifted = lambda idx, attn, target, temperature: policy.logprobs(idx, attn, target, temperature) + target
+    a = ppo.rollout(policy, reference, None, rm, prompts, rt, 6, 1.0, torch.Generator().manual_seed(0))
+    b = ppo.rollout(policy, reference, None, rm, prompts, rt, 6, 1.0, torch.Generator().manual_seed(0), shifted)
+    assert torch.equal(a.idx, b.idx)
+    torch.testing.assert_close(b.old_logprobs, a.old_logprobs + a.mask)
+
+
+def test_flags_whiten_off_and_grad_clip_0_really_switch_off(hh_dir, tmp_path, monkeypatch):
+    """--whiten_advantages=False never calls whiten; --grad_clip=0 never scales a gradient (every clip_grad_norm_
+    call gets max_norm = inf); with the defaults both are used."""
+    monkeypatch.chdir(tmp_path)
+    calls = {"whiten": 0, "max_norms": []}
+    real_whiten, real_clip = ppo.whiten, torch.nn.utils.clip_grad_norm_
+
+    def whiten(x, mask):
+        calls["whiten"] += 1
+        return real_whiten(x, mask)
+
+    def clip(params, max_norm, *a, **k):
+        calls["max_norms"].append(max_norm)
+        return real_clip(params, max_norm, *a, **k)
+    monkeypatch.setattr(ppo, "whiten", whiten)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+    for flags, whitened, finite in ((["--whiten_advantages=False", "--grad_clip=0"], False, False), ([], True, True)):
+        out = str(tmp_path / f"out{len(flags)}")
+        write_tiny_checkpoints(out)
+        calls.update(whiten=0, max_norms=[])
+        ppo.main(TINY + [f"--data_dir={hh_dir}", f"--out_dir={out}", "--iterations=2", "--eval_prompts=4",
+                         "--batch_size=8"] + flags)
+        assert (calls["whiten"] == 2) == whitened and calls["max_norms"]
+        assert all(math.isfinite(m) for m in calls["max_norms"]) == finite
+        assert all(m == float("inf") for m in calls["max_norms"]) == (not finite)

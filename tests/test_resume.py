@@ -16,7 +16,8 @@ import dpo
 import ppo
 import reward
 import sft
-from model import GPT, GPTConfig, load_checkpoint, save_checkpoint
+from checkpoint import load_checkpoint, save_checkpoint
+from model import GPT, GPTConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SFT_TINY = dict(task="hh", device="cpu", n_layer=1, n_head=2, n_embd=32, block_size=64, max_prompt_len=32, pretrain_iters=4,
@@ -139,7 +140,8 @@ def test_a_kill_while_the_checkpoint_is_written_leaves_the_previous_one(tmp_path
 import os, signal, sys
 sys.path.insert(0, {ROOT!r})
 import torch
-from model import GPT, GPTConfig, save_checkpoint
+from checkpoint import save_checkpoint
+from model import GPT, GPTConfig
 model = GPT(GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=16))
 save_checkpoint({str(path)!r}, model, {{}}, "sft", step=1)
 def dying_save(obj, f):

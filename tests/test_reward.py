@@ -15,7 +15,8 @@ import data
 import reward
 from common import setup_runtime
 from common import UserError
-from model import GPT, GPTConfig, load_checkpoint, model_from_checkpoint, save_checkpoint
+from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from model import GPT, GPTConfig
 
 RT = setup_runtime(SimpleNamespace(device="cpu", dtype="float32", seed=0))
 

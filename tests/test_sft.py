@@ -16,7 +16,8 @@ import data
 import sft
 from common import setup_runtime
 from common import UserError
-from model import GPT, GPTConfig, load_checkpoint
+from checkpoint import load_checkpoint
+from model import GPT, GPTConfig
 
 RT = setup_runtime(SimpleNamespace(device="cpu", dtype="float32", seed=0))
 

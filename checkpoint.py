@@ -1,0 +1,86 @@
+"""
+Checkpoints of every stage: one file per stage (out/<task>/sft.pt, rm.pt, ppo.pt, dpo.pt) holding the model's
+shape (model_args, with its vocabulary n_tokens), its weights, the stage's config and which stage wrote it, plus
+whatever a stage adds to resume (optimiser, step, RNG states: common.save_training_state). Written atomically;
+loading one that is missing, damaged, of another stage or of another vocabulary is a one-line error naming the
+command that writes it.
+"""
+import os
+from dataclasses import asdict
+
+import torch
+
+from common import Diverged, UserError, atomic_write
+from model import GPT, GPTConfig, GPT2_TOKENS
+
+
+def _raw(model):
+    """The plain GPT inside DDP / torch.compile wrappers."""
+    model = getattr(model, "module", model)  # DDP
+    return getattr(model, "_orig_mod", model)  # torch.compile
+
+
+# the stages' checkpoints (save_checkpoint's `stage`) and the command that writes each one
+STAGE_COMMANDS = {"sft": "python sft.py", "rm": "python reward.py", "ppo": "python ppo.py", "dpo": "python dpo.py"}
+
+
+def save_checkpoint(path, model, config, stage, **extra):
+    """Save {"model_args", "model" (state_dict without "_orig_mod."/"module." prefixes), "config" (the
+    stage's config: dict or namespace), "stage" (a key of STAGE_COMMANDS), **extra}; model_args.n_tokens
+    records the vocabulary
+    to path, atomically: a temporary file in the same folder, then os.replace, so a kill at any moment
+    leaves the previous checkpoint loadable. Raises common.Diverged (and writes nothing) if a weight is
+    nan or inf: a spoiled model never overwrites a good checkpoint."""
+    raw = _raw(model)
+    sd = {k.replace("_orig_mod.", "").removeprefix("module."): v for k, v in raw.state_dict().items()}
+    bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise Diverged(f"not saving {path}: weights {bad[:3]} hold nan/inf; the file on disk is left as it was")
+    ckpt = dict(model_args=asdict(raw.config), model=sd, stage=stage,
+                config=config if isinstance(config, dict) else vars(config), **extra)
+    with atomic_write(path) as tmp:
+        torch.save(ckpt, tmp)
+
+
+def load_checkpoint(path, device="cpu", stage=None, vocab_size=None):
+    """Load a checkpoint dict written by save_checkpoint (tensors on device). Only load files you trust
+    (pickle). stage: the stage (or tuple of stages) the caller expects, e.g. "rm"; None accepts any.
+    Raises common.UserError, one line naming the file and the command that writes it, when the file is
+    missing, damaged (truncated, not a torch file) or not a checkpoint of this project, or of another stage, or
+    (vocab_size given) of another vocabulary: its tokens would mean other words."""
+    want = (stage,) if isinstance(stage, str) else tuple(stage or ())
+    fix = " or ".join(f"`{STAGE_COMMANDS[s]}`" for s in want) or "the stage that wrote it"
+    if not os.path.exists(path):
+        raise UserError(f"checkpoint {path} not found: {fix} writes it")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=False)
+    except Exception as e:  # a truncated zip, a text file, a pickle of something else
+        why = str(e).split(". ")[0][:100]  # the first sentence of torch's message
+        raise UserError(f"{path} is damaged or not a checkpoint of this project ({type(e).__name__}: {why}); "
+                        f"{fix} writes it again") from None
+    if not isinstance(ckpt, dict) or not {"model_args", "model", "stage"} <= set(ckpt):
+        raise UserError(f"{path} is not a checkpoint of this project; {fix} writes it again")
+    if want and ckpt["stage"] not in want:
+        raise UserError(f"{path} is a {ckpt['stage']} checkpoint (written by `{STAGE_COMMANDS.get(ckpt['stage'])}`), "
+                        f"but a {' or '.join(want)} checkpoint is expected here: {fix} writes one")
+    n_tokens = ckpt["model_args"].get("n_tokens", GPT2_TOKENS)
+    if vocab_size is not None and n_tokens != vocab_size:
+        raise UserError(f"{path} was trained with a vocabulary of {n_tokens} tokens, but --vocab_size={vocab_size} "
+                        f"here: pass --vocab_size={n_tokens}, or write it again with --vocab_size={vocab_size}")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt, scalar_head=None):
+    """Build the GPT of a checkpoint dict (on CPU, float32). scalar_head=True on a checkpoint without a
+    head adds a freshly initialised one; False drops it; None keeps what the checkpoint has."""
+    args = dict(ckpt["model_args"])
+    if scalar_head is not None:
+        args["scalar_head"] = scalar_head
+    model = GPT(GPTConfig(**args))
+    sd = {k.replace("_orig_mod.", ""): v for k, v in ckpt["model"].items()}
+    if not args["scalar_head"]:
+        sd = {k: v for k, v in sd.items() if not k.startswith("scalar_head.")}
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if unexpected or any(not k.startswith("scalar_head.") for k in missing):
+        raise ValueError(f"checkpoint does not fit its model_args: missing {missing}, unexpected {unexpected}")
+    return model
