@@ -89,12 +89,16 @@ def shared_flags(cfg, accepted=SHARED):
     return [f"--{k}={getattr(cfg, k)}" for k in SHARED if k in accepted and k not in ("resume", "checkpoint_every")]
 
 
-SHARED_CUDA = dict(vocab_size=50257, compile=True, dtype="bfloat16", block_size=512, max_prompt_len=256, max_new_tokens=128,
+SHARED_CUDA = dict(vocab_size=50257, compile=True, dtype="bfloat16", block_size=512, max_prompt_len=256,
+                   max_new_tokens=128,
                    eval_prompts=1024, eval_batch_size=128, checkpoint_every=500)
 
 
 class ConfigError(UserError, ValueError):
     """A command-line override that names an unknown key or has a value of the wrong type."""
+
+
+RENAMED = dict(eval_interval="eval_every")  # old flag -> the flag that replaced it (one name per idea in every stage)
 
 
 def _parse_value(key, text, default):
@@ -141,6 +145,8 @@ def parse_config(defaults, argv=None, cuda_overrides=None, verbose=True):
         if not arg.startswith("--") or "=" not in arg:
             raise ConfigError(f"bad argument {arg!r}: expected --key=value")
         key, text = arg[2:].split("=", 1)
+        if key in RENAMED and RENAMED[key] in defaults:
+            raise ConfigError(f"--{key} was renamed --{RENAMED[key]} (the same meaning): pass --{RENAMED[key]}={text}")
         if key not in defaults:
             raise ConfigError(f"unknown config key --{key}; valid keys: {', '.join(sorted(defaults))}")
         overrides[key] = _parse_value(key, text, defaults[key])

@@ -23,7 +23,7 @@ Writes out/dpo.pt (every checkpoint_every steps and at the end; `--resume=True` 
 out/dpo_log.jsonl, out/dpo.png, out/eval_sft.json and out/eval_dpo.json (evaluated on the same prompts and seed
 as every point of the chart) and out/frontier.png.
 Simplifications: the policy's dropout is set to 0 (so pi = pi_ref exactly at the start, as TRL does);
-a subset of `train` (train_pairs) keeps the CPU preset to a few minutes.
+`train_pairs` can cut the train pairs to a fixed random subset for a quicker run.
 """
 import gc
 import os
@@ -55,12 +55,12 @@ config = dict(common.SHARED, # out_dir, data_dir, device, block_size, eval_promp
     grad_clip=1.0,           # max gradient norm (0 = off)
     log_interval=5,          # log the mean of the train metrics over this many steps
     eval_pairs=256,          # test pairs for the implicit-reward accuracy (0 = all of `test`)
-    eval_interval=25,        # every this many steps log test accuracy / margin (0 = only at the end)
+    eval_every=25,        # every this many steps log test accuracy / margin (0 = only at the end)
 )
 cuda_config = dict(common.SHARED_CUDA, train_pairs=0, batch_size=32, grad_accum=2, warmup_iters=50,
     max_iters=1000,          # 64k pairs: 0.4 epoch of the full HH-RLHF train split (15 of a test-only copy)
     lr=5e-6,                 # DPO recipes for ~100M-1B models use 1e-6 to 1e-5 (the paper: 1e-6 at 2.8B+)
-    eval_pairs=0, eval_interval=200,
+    eval_pairs=0, eval_every=200,
 )
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 
@@ -98,7 +98,7 @@ def pair_logprobs(model, batch, average=False):
     """Sequence logprobs of a data.collate_pairs batch (rows [:B] chosen, [B:] rejected): the sum over
     response tokens of log pi(y_t | x, y_<t), or their mean with average=True (for ipo).
     Returns (chosen (B,), rejected (B,)) float32; differentiable through model."""
-    mask = batch["response_mask"]  # (2B, T)
+    mask = batch["loss_mask"]  # (2B, T)
     logp = model.logprobs(batch["idx"], batch["attention_mask"], mask).sum(1)  # (2B,): 0 off the response
     if average:
         logp = logp / mask.sum(1).clamp(min=1)
@@ -221,7 +221,7 @@ def main(argv=None):
             pbar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['accuracy']:.2f}",
                              margin=f"{metrics['margin']:.3f}")
             window = []
-        if rt.master and cfg.eval_interval > 0 and (it + 1) % cfg.eval_interval == 0 and it + 1 < cfg.max_iters:
+        if rt.master and cfg.eval_every > 0 and (it + 1) % cfg.eval_every == 0 and it + 1 < cfg.max_iters:
             logger.log(it, **{f"test_{k}": v for k, v in evaluate_pairs(policy, test, *ref_test, cfg, rt).items()})
         if common.checkpoint_due(it + 1, cfg, cfg.max_iters):
             common.save_training_state(path, "dpo", cfg, it + 1, cfg.max_iters, rt, **state)

@@ -133,7 +133,8 @@ def summarize(result):
     if "gold" in result:
         out["positive"] = (result["gold"] > 0).float().mean().item()
     if "gold" in result and "scores" in result and len(result["gold"]) > 1:  # does the proxy still track the truth?
-        out["rm_gold_corr"] = torch.corrcoef(torch.stack([result["scores"].float(), result["gold"].float()]))[0, 1].item()
+        pair = torch.stack([result["scores"].float(), result["gold"].float()])  # (2, N)
+        out["rm_gold_corr"] = torch.corrcoef(pair)[0, 1].item()  # Pearson's r
     if "lengths" in result:
         out.update(length=result["lengths"].float().mean().item(), eos_rate=result["eos"].mean().item())
     if "responses" in result:
@@ -269,7 +270,8 @@ def load_models(out_dir, rt, stages=STAGES, vocab_size=None):
 
 
 def main(argv=None):
-    keys = ("task", "out_dir", "data_dir", "device", "dtype", "seed", "vocab_size", "block_size", "max_prompt_len", "max_new_tokens",
+    keys = ("task", "out_dir", "data_dir", "device", "dtype", "seed", "vocab_size", "block_size", "max_prompt_len",
+            "max_new_tokens",
             "eval_prompts", "eval_seed", "eval_batch_size")
     cfg = common.parse_config({k: common.SHARED[k] for k in keys}, argv)
     rt = common.setup_runtime(cfg)

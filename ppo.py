@@ -58,7 +58,8 @@ config = dict(common.SHARED,  # out_dir, data_dir, device, block_size, max_new_t
     beta=0.2,                 # KL coefficient (initial value when adaptive_kl); the README's table: 0.05 -> KL 17
                               # nats per answer, 0.1 -> 11, 0.2 -> 8
     kl_estimator="k1",        # per-token KL estimate in the reward: k1 = log pi - log pi_ref, or k3 (Schulman's
-                              # (ratio - 1) - log ratio, never negative per token)
+                              # (ratio - 1) - log ratio, never negative per token); grpo's loss term is always k3
+                              # (DeepSeekMath), this flag then sets only the logged kl
     adaptive_kl=False,        # True: beta follows the controller towards target_kl (Ziegler et al. 2019, section 2.2)
     target_kl=6.0,            # adaptive_kl: target KL per sequence, nats
     kl_horizon=10000,         # adaptive_kl: horizon in samples
@@ -510,14 +511,15 @@ def main(argv=None):
             score_scale = score_scale_from(batch, critic, cfg, rt, critic_scores=proxy)
 
         # ------------------------------------------------------------------- 3-4. rewards, advantages
-        scores = penalised_scores(batch.scores, batch.has_eos, score_scale, cfg.missing_eos_penalty)  # (B,)
-        rewards = per_token_rewards(scores, batch.old_logprobs, batch.ref_logprobs, batch.mask, beta, cfg.kl_estimator)
+        final_scores = penalised_scores(batch.scores, batch.has_eos, score_scale, cfg.missing_eos_penalty)  # (B,)
+        rewards = per_token_rewards(final_scores, batch.old_logprobs, batch.ref_logprobs, batch.mask, beta,
+                                    cfg.kl_estimator)  # (B, R)
         if cfg.advantage_estimator == "gae":
             advantages, returns = compute_gae(rewards, batch.old_values, batch.mask, cfg.gamma, cfg.lam)  # (B, R) x2
             if cfg.whiten_advantages:
                 advantages = whiten(advantages, batch.mask)
         else:  # critic-free: the baseline comes from the other samples of the same prompt
-            advantages, returns = critic_free_advantages(scores, rewards, batch.mask, cfg.advantage_estimator,
+            advantages, returns = critic_free_advantages(final_scores, rewards, batch.mask, cfg.advantage_estimator,
                                                          cfg.samples_per_prompt), None
 
         # ------------------------------------------------------------------- 5. PPO epochs over minibatches

@@ -56,7 +56,7 @@ config = dict(common.SHARED, # out_dir, data_dir, device, block_size, checkpoint
     lr=1e-3,                 # peak learning rate (warmup, then cosine to 10%)
     weight_decay=0.1, grad_clip=1.0,  # max gradient norm (0 = off)
     warmup_frac=0.1,         # linear warmup over this fraction of max_iters
-    eval_interval=100,       # evaluate on `test` every this many steps (and at the start and the end)
+    eval_every=100,       # evaluate on `test` every this many steps (and at the start and the end)
     eval_rankings=0,       # test rankings per evaluation, a fixed random subset (0 = all)
     norm_examples=512,       # train rankings (fixed random subset) whose best answers set the normalisation (0 = all)
     n_show=4,                # test pairs printed with their scores in the report
@@ -64,7 +64,7 @@ config = dict(common.SHARED, # out_dir, data_dir, device, block_size, checkpoint
 cuda_config = dict(common.SHARED_CUDA,
     n_prompts=10000, n_test_prompts=500,  # imdb: more comparisons, of the longer answers of the CUDA preset
     max_iters=1500, batch_size=16, lr=2e-5,
-    eval_interval=250, norm_examples=0,
+    eval_every=250, norm_examples=0,
 )
 
 
@@ -111,7 +111,8 @@ def accumulate_gradients(score, micro_batches, rt, K):
             rewards = ranking_rewards(score, b, K).float()  # (n, K)
         loss = ranking_loss(rewards)
         (loss * n / total * rt.world_size).backward()
-        loss_sum, correct = loss_sum + loss.item() * n, correct + (rewards[:, i] > rewards[:, j]).float().mean().item() * n
+        loss_sum += loss.item() * n
+        correct += (rewards[:, i] > rewards[:, j]).float().mean().item() * n  # pairs ordered as ranked
     return loss_sum / sum(counts), correct / sum(counts)
 
 
@@ -312,7 +313,7 @@ def main(argv=None):
         losses.append(loss)
         bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.2f}")
         logger.log(step, loss=loss, accuracy=acc, lr=lr, grad_norm=grad_norm)
-        periodic = cfg.eval_interval > 0 and (step + 1) % cfg.eval_interval == 0
+        periodic = cfg.eval_every > 0 and (step + 1) % cfg.eval_every == 0
         if rt.master and periodic and step + 1 < cfg.max_iters:
             run_eval(step + 1)
         if step + 1 < cfg.max_iters and common.checkpoint_due(step + 1, cfg, cfg.max_iters):  # the last: below

@@ -65,7 +65,7 @@ config = dict(common.SHARED, # out_dir, data_dir, device, block_size, max_new_to
     grad_accum=1,            # micro-batches per optimiser step (per DDP rank)
     weight_decay=0.1, grad_clip=1.0,  # AdamW decoupled weight decay on matrices; max gradient norm (0 = off)
     warmup_frac=0.1,         # linear warmup over this fraction of each phase, then cosine to 10%
-    eval_interval=0,         # evaluate on `test` every this many steps (also at the start, the end of
+    eval_every=0,         # evaluate on `test` every this many steps (also at the start, the end of
                              # pretraining and the end; 0 = only those)
     eval_examples=128,       # test examples per evaluation, a fixed random subset (0 = all)
     n_answers=2,             # fixed test prompts answered at each evaluation (greedy and sampled)
@@ -75,7 +75,7 @@ cuda_config = dict(common.SHARED_CUDA,  # GPT-2-small shape from scratch
     n_layer=12, n_head=12, n_embd=768, dropout=0.1,
     pretrain_iters=4000, pretrain_batch_size=32, pretrain_lr=6e-4,  # ~65M tokens
     sft_iters=2000, batch_size=32, lr=1e-4,
-    eval_interval=500, eval_examples=0, n_answers=3,
+    eval_every=500, eval_examples=0, n_answers=3,
 )
 
 # bf16 dense peak FLOP/s for MFU, matched against torch.cuda.get_device_name() (first match wins)
@@ -272,7 +272,7 @@ def main(argv=None):
         losses[phase].append(loss)
         bar.set_postfix(phase=phase, loss=f"{loss:.3f}", tok_s=f"{n_tok / dt:.0f}")
         logger.log(step, **{f"{phase}_loss": loss}, lr=lr, grad_norm=grad_norm, tokens_per_s=n_tok / dt)
-        periodic = cfg.eval_interval > 0 and (step + 1) % cfg.eval_interval == 0
+        periodic = cfg.eval_every > 0 and (step + 1) % cfg.eval_every == 0
         if rt.master and (periodic or step + 1 == n_pretrain) and step + 1 < total_steps:  # + the phase boundary
             run_eval(step + 1)
         if common.checkpoint_due(step + 1, cfg, total_steps):
@@ -287,7 +287,8 @@ def main(argv=None):
         achieved = flops / max(train_time, 1e-9)
         mfu = achieved / peak if peak else None
         report = dict(test_loss_before=before[0], test_ppl_before=before[1], test_loss_after=after[0],
-                      test_ppl_after=after[1], test_bpb_before=before[3], test_bpb_after=after[3], answers=after[2], tokens_per_s=tok_s, flops_per_s=achieved,
+                      test_ppl_after=after[1], test_bpb_before=before[3], test_bpb_after=after[3], answers=after[2],
+                      tokens_per_s=tok_s, flops_per_s=achieved,
                       mfu=mfu, **{f"{p}_loss_{w}": sum(x) / len(x) for p, v in losses.items() if v
                                   for w, x in (("first", v[:5]), ("last", v[-5:]))})
         print(f"\n=== SFT report ({cfg.init_from}, {n_pretrain} pretraining + {cfg.sft_iters} SFT steps, "

@@ -97,11 +97,12 @@ def collate_sft(examples, pad_id=PAD_ID):
 
 def collate_pairs(examples, pad_id=PAD_ID):
     """Preference batch: rows [:B] prompt + chosen, rows [B:] prompt + rejected, right-padded to one T.
-    Returns dict idx (2B, T) long, attention_mask (2B, T) float32, response_mask (2B, T) float32."""
+    Returns dict idx (2B, T) long, attention_mask (2B, T) float32, loss_mask (2B, T) float32 (1 on the
+    responses: the targets)."""
     prompts = [e["prompt"] for e in examples] * 2
     responses = [e["chosen"] for e in examples] + [e["rejected"] for e in examples]
-    idx, am, rm = _response_batch(prompts, responses, pad_id)
-    return dict(idx=idx, attention_mask=am, response_mask=rm)
+    idx, am, lm = _response_batch(prompts, responses, pad_id)
+    return dict(idx=idx, attention_mask=am, loss_mask=lm)
 
 
 def collate_prompts(examples, pad_id=PAD_ID):
@@ -129,10 +130,11 @@ def sample_text_batch(stream, batch_size, block_size, generator=None):
 def collate_rankings(examples, pad_id=PAD_ID):
     """K-wise comparison batch (InstructGPT section 3.5): P examples with a "prompt" and K "responses" (the same K
     for all, best first) -> P * K rows, example i's response k at row i * K + k, each response forwarded once.
-    Returns dict idx (P*K, T) long, attention_mask (P*K, T) float32, response_mask (P*K, T) float32."""
+    Returns dict idx (P*K, T) long, attention_mask (P*K, T) float32, loss_mask (P*K, T) float32 (1 on the
+    responses: the targets)."""
     K = len(examples[0]["responses"])
     if any(len(e["responses"]) != K for e in examples):
         raise ValueError("collate_rankings needs the same number of responses in every example")
     prompts = [e["prompt"] for e in examples for _ in range(K)]
-    idx, am, rm = _response_batch(prompts, [r for e in examples for r in e["responses"]], pad_id)
-    return dict(idx=idx, attention_mask=am, response_mask=rm)
+    idx, am, lm = _response_batch(prompts, [r for e in examples for r in e["responses"]], pad_id)
+    return dict(idx=idx, attention_mask=am, loss_mask=lm)

@@ -186,3 +186,12 @@ def test_torchrun_two_cpu_processes_train_in_sync(tmp_path):
         torch.testing.assert_close(w0[k], single[k], rtol=0, atol=1e-4)
     std = torch.load(tmp_path / "std.pt")
     assert std["global"] == pytest.approx(std["union"], rel=1e-6)
+
+
+def test_a_renamed_flag_says_what_replaced_it():
+    """One name per idea: --eval_interval became --eval_every in every stage; the old name is a one-line error that
+    names the new one, not an 'unknown key'."""
+    import sft
+    with pytest.raises(ConfigError, match=r"--eval_interval was renamed --eval_every.*--eval_every=5"):
+        parse_config(sft.config, ["--eval_interval=5"], verbose=False)
+    assert parse_config(sft.config, ["--eval_every=5"], verbose=False).eval_every == 5

@@ -238,7 +238,7 @@ def test_collate_sft():
 def test_collate_pairs():
     b = data.collate_pairs(EXAMPLES, pad_id=PAD)
     assert b["idx"].shape[0] == 2 * len(EXAMPLES)
-    check_rows(b["idx"], b["attention_mask"], b["response_mask"], [e["prompt"] for e in EXAMPLES] * 2,
+    check_rows(b["idx"], b["attention_mask"], b["loss_mask"], [e["prompt"] for e in EXAMPLES] * 2,
                [e["chosen"] for e in EXAMPLES] + [e["rejected"] for e in EXAMPLES])
 
 

@@ -10,10 +10,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import common
 import data
 import dpo
+import evaluate
+from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from common import UserError
-from checkpoint import save_checkpoint
 from model import GPT, GPTConfig
 
 
@@ -170,7 +172,7 @@ def write_checkpoints(out_dir, rm=True):
 
 def tiny_args(out_dir, hh_dir, **over):
     args = dict(task="hh", out_dir=out_dir, data_dir=hh_dir, device="cpu", block_size=128, max_prompt_len=64,
-                batch_size=4, max_iters=30, lr=3e-3, warmup_iters=3, eval_pairs=0, eval_interval=10,
+                batch_size=4, max_iters=30, lr=3e-3, warmup_iters=3, eval_pairs=0, eval_every=10,
                 eval_batch_size=8, log_interval=1, eval_prompts=8, max_new_tokens=8, train_pairs=0,
                 vocab_size=50257)  # the tiny checkpoints have GPT-2's vocabulary (GPTConfig's default)
     args.update(over)
@@ -205,14 +207,26 @@ def test_tiny_end_to_end(tmp_path, hh_dir, monkeypatch, capsys):
     for f in ("dpo.pt", "dpo.png", "frontier.png", "eval_sft.json", "eval_dpo.json"):
         assert os.path.getsize(os.path.join(out, f)) > 0, f
     assert report["sft"]["kl"] == pytest.approx(0.0, abs=1e-5)  # the reference against itself
-    assert 0.0 <= report["win_rate"] <= 1.0 and "win rate of DPO over SFT" in capsys.readouterr().out
+    assert "win rate of DPO over SFT" in capsys.readouterr().out
+    # the win rate, recomputed answer by answer: DPO's and SFT's answers to the same prompts with the same seed,
+    # both scored by rm.pt; a win counts 1, a tie 1/2
+    cfg = common.parse_config(dpo.config, tiny_args(out, hh_dir), verbose=False)
+    rt = common.setup_runtime(cfg)
+    load = lambda name, **kw: model_from_checkpoint(load_checkpoint(os.path.join(out, name)), **kw).eval()
+    prompts = evaluate.eval_prompts(data.load_task(cfg, verbose=False).prompts_test, cfg)
+    kw = dict(batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens, seed=cfg.eval_seed)
+    rm = load("rm.pt", scalar_head=True)
+    a = evaluate.sample_and_score(load("dpo.pt"), None, rm, prompts, rt, **kw)["scores"].tolist()
+    b = evaluate.sample_and_score(load("sft.pt"), None, rm, prompts, rt, **kw)["scores"].tolist()
+    wins = [1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(a, b)]
+    assert report["win_rate"] == pytest.approx(sum(wins) / len(wins), abs=1e-6)
 
 
 def test_ipo_run_without_reward_model_skips_the_sample_evaluation(tmp_path, hh_dir, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     out = str(tmp_path / "out")
     write_checkpoints(out, rm=False)
-    report = dpo.main(tiny_args(out, hh_dir, max_iters=2, eval_interval=0, train_pairs=16, eval_pairs=8,
+    report = dpo.main(tiny_args(out, hh_dir, max_iters=2, eval_every=0, train_pairs=16, eval_pairs=8,
                                 loss_type="ipo", beta=0.1))
     first = json.loads(open(os.path.join(out, "dpo_log.jsonl")).readline())
     assert first["loss"] == pytest.approx((1 / (2 * 0.1)) ** 2, rel=1e-4)  # pi = pi_ref: h = 0, (0 - 5)^2
@@ -232,7 +246,7 @@ def test_every_point_of_the_chart_shares_one_evaluation_set(tmp_path, hh_dir, mo
     stale = os.path.join(out, "eval_ppo.json")
     with open(stale, "w") as f:
         json.dump({"score": 123.0, "kl": 1.0, "length": 1.0, "eos_rate": 1.0, "eval": {"n_prompts": 467}}, f)
-    report = dpo.main(tiny_args(out, hh_dir, max_iters=2, eval_interval=0, train_pairs=16, eval_pairs=8,
+    report = dpo.main(tiny_args(out, hh_dir, max_iters=2, eval_every=0, train_pairs=16, eval_pairs=8,
                                 eval_prompts=6, eval_seed=3))
     points = {s: json.load(open(os.path.join(out, f"eval_{s}.json"))) for s in ("sft", "dpo")}
     want = dict(n_prompts=6, seed=3, max_new_tokens=8, temperature=1.0)

@@ -14,6 +14,7 @@ import evaluate
 import ppo
 import reward
 import sft
+from checkpoint import load_checkpoint, model_from_checkpoint
 
 SETTINGS = dict(task="imdb", device="cpu", block_size=64, max_new_tokens=8, eval_prompts=6, eval_batch_size=8)
 
@@ -28,11 +29,11 @@ def test_every_stage_runs_on_imdb(imdb_root, tmp_path, monkeypatch, capsys, one_
     out = str(tmp_path / "out")
     common = dict(out_dir=out, data_dir=imdb_root)
     report = sft.main(argv(**common, n_layer=1, n_head=2, n_embd=32, pretrain_iters=6, pretrain_batch_size=4,
-                           sft_iters=6, batch_size=4, eval_interval=0, eval_examples=8, n_answers=1))
+                           sft_iters=6, batch_size=4, eval_every=0, eval_examples=8, n_answers=1))
     assert {"gold", "positive", "length", "eos_rate"} <= set(report["eval"])  # the judge's view of SFT
 
     report = reward.main(argv(**common, n_prompts=12, n_test_prompts=6, answers_per_prompt=3, max_iters=4,
-                              batch_size=4, eval_interval=0, norm_examples=4, n_show=1))
+                              batch_size=4, eval_every=0, norm_examples=4, n_show=1))
     blob = torch.load(os.path.join(out, "comparisons.pt"), weights_only=False)
     assert not os.path.exists(os.path.join(out, "pairs.pt"))
     assert len(blob["train"]) + blob["info"]["dropped_identical"]["train"] == 12
@@ -45,7 +46,21 @@ def test_every_stage_runs_on_imdb(imdb_root, tmp_path, monkeypatch, capsys, one_
         assert all(0 <= t < 8192 for y in ranking["responses"] for t in ranking["prompt"] + y)
         gold = data.gold_scores(judge, [ranking["prompt"]] * 3, ranking["responses"], 8192)
         assert gold.tolist() == pytest.approx(ranking["gold"], abs=1e-5)
-    assert 0 <= report["gold_accuracy_after"] <= 1 and 0 <= report["label_ceiling_after"] <= 1
+    # the agreement with the judge, recomputed pair by pair: each answer scored alone by rm.pt, the judge's order
+    rm = model_from_checkpoint(load_checkpoint(os.path.join(out, "rm.pt")), scalar_head=True).eval()
+    agree, ceiling = [], []
+    for ranking in blob["test"]:
+        with torch.no_grad():
+            batches = [data.collate_sft([dict(prompt=ranking["prompt"], chosen=y)]) for y in ranking["responses"]]
+            r = [rm.score(b["idx"], b["attention_mask"]).item() for b in batches]
+        g = ranking["gold"]
+        for i in range(3):
+            for j in range(i + 1, 3):
+                hi, lo = (i, j) if g[i] > g[j] else (j, i)  # the judge's preferred answer first
+                agree.append(1.0 if r[hi] > r[lo] else 0.5 if r[hi] == r[lo] else 0.0)
+                ceiling.append(1.0 if g[i] > g[j] else 0.5 if g[i] == g[j] else 0.0)  # the label says i beats j
+    assert report["gold_accuracy_after"] == pytest.approx(sum(agree) / len(agree), abs=1e-6)
+    assert report["label_ceiling_after"] == pytest.approx(sum(ceiling) / len(ceiling), abs=1e-6)
     assert report["n_clear_after"] <= 3 * len(blob["test"])  # C(3, 2) = 3 test pairs per prompt
 
     report = ppo.main(argv(**common, iterations=2, batch_size=4, minibatch_size=2, ptx_batch_size=2,
@@ -62,7 +77,7 @@ def test_every_stage_runs_on_imdb(imdb_root, tmp_path, monkeypatch, capsys, one_
     row = json.loads(open(os.path.join(out, "gold", "ppo_log.jsonl")).readline())
     assert row["score"] == pytest.approx(row["gold"], abs=1e-5)
 
-    report = dpo.main(argv(**common, max_iters=2, batch_size=2, eval_interval=0, log_interval=1, eval_pairs=4,
+    report = dpo.main(argv(**common, max_iters=2, batch_size=2, eval_every=0, log_interval=1, eval_pairs=4,
                            pairs_of_ranking="best_worst"))
     assert "gold" in report["dpo"] and report["dpo"]["gold"] == pytest.approx(
         json.load(open(os.path.join(out, "eval_dpo.json")))["gold"])

@@ -99,13 +99,13 @@ def test_the_sweep_writes_every_point_and_both_charts(imdb_root, tmp_path, monke
                   eval_prompts=4, eval_batch_size=4)
     argv = lambda **kw: [f"--{k}={v}" for k, v in {**shared, **kw}.items()]
     sft.main(argv(n_layer=1, n_head=2, n_embd=32, pretrain_iters=4, pretrain_batch_size=2, sft_iters=4, batch_size=4,
-                  eval_interval=0, eval_examples=4, n_answers=1))
-    reward.main(argv(n_prompts=8, n_test_prompts=4, answers_per_prompt=3, max_iters=2, batch_size=4, eval_interval=0,
+                  eval_every=0, eval_examples=4, n_answers=1))
+    reward.main(argv(n_prompts=8, n_test_prompts=4, answers_per_prompt=3, max_iters=2, batch_size=4, eval_every=0,
                      norm_examples=4, n_show=0))
     report = lab.main(argv(ppo_betas="0.05,0.2", dpo_betas="0.1", bon_max_n=4, eval_every=1, critic_free="grpo",
                            samples_per_prompt=2,
                            ppo_args="--iterations=2 --batch_size=4 --minibatch_size=2 --ptx_coef=0",
-                           dpo_args="--max_iters=2 --batch_size=2 --eval_interval=0 --eval_pairs=4"))
+                           dpo_args="--max_iters=2 --batch_size=2 --eval_every=0 --eval_pairs=4"))
     rows = [json.loads(line) for line in open(os.path.join(out, "lab", "points.jsonl"))]
     methods = [(r["method"], r.get("beta", r.get("n"))) for r in rows]
     assert methods[:5] == [("sft", 0.0), ("ppo", 0.05), ("ppo", 0.2), ("grpo", 0.2), ("dpo", 0.1)]

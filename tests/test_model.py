@@ -363,3 +363,15 @@ def test_model_imports_nothing_of_the_pipeline():
     import sys
     code = "import sys, model; bad = {'common', 'checkpoint', 'gpt2', 'data'} & set(sys.modules); assert not bad, bad"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+
+
+def test_bench_runs_at_any_vocabulary():
+    """bench.py (figures, not timed asserts): a tiny configuration runs for a cut and for GPT-2's vocabulary and
+    reports a positive rate for everything it measures."""
+    import bench
+    for V in (300, 50257):
+        report = bench.main(["--device=cpu", "--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32",
+                             "--batch_size=2", "--prompt_len=4", "--max_new_tokens=4", "--train_batch_size=2",
+                             "--repeats=1", f"--vocab_size={V}"])
+        assert {"train_tok_s", "generate_cache_tok_s", "generate_nocache_tok_s"} <= set(report)
+        assert all(v > 0 for v in report.values())

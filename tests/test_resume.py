@@ -21,7 +21,7 @@ from model import GPT, GPTConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SFT_TINY = dict(task="hh", device="cpu", n_layer=1, n_head=2, n_embd=32, block_size=64, max_prompt_len=32, pretrain_iters=4,
-                pretrain_batch_size=2, pretrain_lr=1e-2, sft_iters=6, batch_size=4, lr=5e-3, eval_interval=0,
+                pretrain_batch_size=2, pretrain_lr=1e-2, sft_iters=6, batch_size=4, lr=5e-3, eval_every=0,
                 eval_examples=8, eval_batch_size=16, n_answers=1, max_new_tokens=4, checkpoint_every=2)
 
 
@@ -69,9 +69,9 @@ def test_a_run_killed_and_resumed_ends_where_an_unbroken_run_ends(stage, tmp_pat
     module, name, settings = {
         "sft": (sft, "sft.pt", SFT_TINY),
         "reward": (reward, "rm.pt", dict(task="hh", device="cpu", block_size=64, max_prompt_len=32, max_iters=5, batch_size=4,
-                                         eval_interval=0, eval_batch_size=16, norm_examples=8, n_show=0)),
+                                         eval_every=0, eval_batch_size=16, norm_examples=8, n_show=0)),
         "dpo": (dpo, "dpo.pt", dict(task="hh", device="cpu", block_size=64, max_prompt_len=32, batch_size=4, max_iters=5,
-                                    train_pairs=16, eval_pairs=8, eval_interval=0, log_interval=1, eval_prompts=4,
+                                    train_pairs=16, eval_pairs=8, eval_every=0, log_interval=1, eval_prompts=4,
                                     max_new_tokens=4, eval_batch_size=8)),
         "ppo": (ppo, "ppo.pt", dict(task="hh", device="cpu", block_size=64, max_prompt_len=32, max_new_tokens=6, batch_size=4,
                                     minibatch_size=2, iterations=5, ptx_batch_size=2, ptx_block_size=16,

@@ -183,7 +183,7 @@ def test_gradient_accumulation_one_by_eight_equals_eight_by_one(hh_dir):
 
 # ----------------------------------------------------------------------------- end to end
 TINY = dict(task="hh", device="cpu", block_size=64, max_prompt_len=32, max_iters=30, batch_size=8, lr=3e-3,
-            eval_interval=10, eval_batch_size=16, norm_examples=0, n_show=2)
+            eval_every=10, eval_batch_size=16, norm_examples=0, n_show=2)
 
 
 def args(**over):

@@ -137,7 +137,7 @@ def test_flops_formula_with_every_position_a_target():
 
 TINY = dict(task="hh", device="cpu", n_layer=1, n_head=2, n_embd=32, block_size=64, max_prompt_len=32,
             pretrain_iters=10, pretrain_batch_size=4, pretrain_lr=1e-2, sft_iters=12, batch_size=8, lr=5e-3,
-            eval_interval=5, eval_batch_size=16, n_answers=2, max_new_tokens=8)
+            eval_every=5, eval_batch_size=16, n_answers=2, max_new_tokens=8)
 
 
 def args(**over):
@@ -165,7 +165,7 @@ def test_tiny_end_to_end_from_scratch_then_resume(tmp_path, hh_dir, monkeypatch,
     ckpt = load_checkpoint(os.path.join(out, "sft.pt"))
     assert ckpt["step"] == 22 and ckpt["n_pretrain"] == 10 and ckpt["config"]["block_size"] == 64
     # resume: continues the SFT phase from step 22 up to n_pretrain + sft_iters = 10 + 15
-    report2 = sft.main(args(out_dir=out, data_dir=hh_dir, resume=True, sft_iters=15, eval_interval=0))
+    report2 = sft.main(args(out_dir=out, data_dir=hh_dir, resume=True, sft_iters=15, eval_every=0))
     rows = [json.loads(line) for line in open(os.path.join(out, "sft_log.jsonl"))]
     assert [r["step"] for r in rows if "sft_loss" in r] == list(range(10, 25))  # the first run's rows are kept
     assert report2["test_loss_before"] == pytest.approx(report["test_loss_after"], rel=1e-5)
@@ -194,7 +194,7 @@ def test_from_gpt2_weights_the_pretraining_phase_is_skipped(tmp_path, hh_dir, mo
     write_gpt2_folder(str(tmp_path / "gpt2"), model)
     out = str(tmp_path / "out")
     report = sft.main(args(out_dir=out, data_dir=hh_dir, init_from=str(tmp_path / "gpt2"), sft_iters=3,
-                           eval_interval=0, vocab_size=50257))  # GPT-2 weights need GPT-2's vocabulary
+                           eval_every=0, vocab_size=50257))  # GPT-2 weights need GPT-2's vocabulary
     test = data.load_hh_rlhf(hh_dir, block_size=64, max_prompt_len=32, cache_dir=None, verbose=False)["test"]
     assert report["test_loss_before"] == pytest.approx(sft.response_loss(model, test, RT, 16)[0], rel=1e-5)
     assert "pretrain_loss_first" not in report
@@ -228,7 +228,7 @@ def test_resume_without_checkpoint_says_what_to_run(tmp_path, hh_dir):
 def test_torchrun_two_cpu_processes(tmp_path, hh_dir):
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", SFT_PY,
-           *args(out_dir=str(out), data_dir=hh_dir, pretrain_iters=3, sft_iters=3, eval_interval=0,
+           *args(out_dir=str(out), data_dir=hh_dir, pretrain_iters=3, sft_iters=3, eval_every=0,
                  eval_examples=4, n_answers=1, grad_accum=2)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
