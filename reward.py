@@ -56,7 +56,7 @@ config = dict(common.SHARED, # out_dir, data_dir, device, block_size, checkpoint
     lr=1e-3,                 # peak learning rate (warmup, then cosine to 10%)
     weight_decay=0.1, grad_clip=1.0,  # max gradient norm (0 = off)
     warmup_frac=0.1,         # linear warmup over this fraction of max_iters
-    eval_every=100,       # evaluate on `test` every this many steps (and at the start and the end)
+    eval_every=0,         # evaluate on `test` every this many steps (0: only at the start and the end)
     eval_rankings=0,       # test rankings per evaluation, a fixed random subset (0 = all)
     norm_examples=512,       # train rankings (fixed random subset) whose best answers set the normalisation (0 = all)
     n_show=4,                # test pairs printed with their scores in the report
