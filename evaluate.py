@@ -24,6 +24,7 @@ from tqdm import tqdm
 import common
 import data
 from checkpoint import load_checkpoint, model_from_checkpoint
+from model import sample_answers
 
 STAGES = ("sft", "ppo", "dpo")  # the policies the frontier chart knows, in pipeline order
 TEMPERATURE = 1.0  # evaluations sample the policy as it is
@@ -82,11 +83,8 @@ def sample_and_score(policy, reference, reward_model, prompts, rt, batch_size=16
             batch = common.to_device(data.collate_prompts(prompts[i:i + batch_size]), rt)
             prompt_idx, prompt_mask = batch["idx"], batch["attention_mask"]  # (B, P) left-padded
             with rt.autocast():
-                tokens, response_mask = policy.generate(prompt_idx, prompt_mask, max_new_tokens,
-                                                        temperature=temperature, generator=gen)  # (B, R) x2
-            idx = torch.cat([prompt_idx, tokens], 1)                        # (B, P+R)
-            mask = torch.cat([prompt_mask, response_mask], 1)               # (B, P+R)
-            target = torch.cat([torch.zeros_like(prompt_mask), response_mask], 1)
+                s = sample_answers(policy, prompt_idx, prompt_mask, max_new_tokens, temperature, gen)
+            idx, mask, target = s["idx"], s["attention_mask"], s["target_mask"]  # (B, P+R) x3
             with rt.autocast():
                 if reference is not None:  # k1, summed over the response
                     kl = policy.logprobs(idx, mask, target, temperature) - reference.logprobs(idx, mask, target,
@@ -94,11 +92,10 @@ def sample_and_score(policy, reference, reward_model, prompts, rt, batch_size=16
                     out["kl"].append((kl * target).sum(1).float().cpu())
                 if reward_model is not None:
                     out["scores"].append(reward_model.score(idx, mask).float().cpu())  # (B,)
-            lengths = response_mask.sum(1).long()
+            lengths = s["response_mask"].sum(1).long()  # (B,) through the EOS
             out["lengths"].append(lengths.cpu())
-            last = tokens.gather(1, (lengths - 1).clamp(min=0)[:, None])[:, 0]
-            out["eos"].append(((last == policy.eot_id) & (lengths > 0)).float().cpu())
-            out["responses"] += [t[:n].tolist() for t, n in zip(tokens.cpu(), lengths.cpu())]
+            out["eos"].append(s["has_eos"].cpu())
+            out["responses"] += [t[:n].tolist() for t, n in zip(s["response"].cpu(), lengths.cpu())]
     out = {k: (v if k == "responses" else torch.cat(v)) for k, v in out.items() if len(v)}
     if judge is not None:
         out["gold"] = data.gold_scores(judge, [p["prompt"] for p in prompts], out["responses"], policy.config.n_tokens)

@@ -290,6 +290,25 @@ class GPT(nn.Module):
         return out + (torch.stack(all_logits, 1),) if return_logits else out
 
 # ----------------------------------------------------------------------------------------------------
+# answers laid out for scoring
+
+@torch.no_grad()
+def sample_answers(model, prompt_idx, prompt_mask, max_new_tokens, temperature=1.0, generator=None):
+    """Answer LEFT-padded prompts with model.generate and lay prompt + answer out as the scorers read them.
+    prompt_idx (B, P) long, prompt_mask (B, P) 0/1. Returns a dict:
+      idx (B, P+R) long, attention_mask (B, P+R), target_mask (B, P+R) 1 on the answer's tokens (through its EOS),
+      response (B, R) long, response_mask (B, R), has_eos (B,) float 1 where the answer ended with the model's EOS.
+    The answer's token t sits at position P + t."""
+    response, response_mask = model.generate(prompt_idx, prompt_mask, max_new_tokens, temperature=temperature,
+                                             generator=generator)  # (B, R) x2
+    lengths = response_mask.sum(1).long()  # (B,)
+    last = response.gather(1, (lengths - 1).clamp(min=0)[:, None])[:, 0]  # (B,) each answer's last token
+    return dict(idx=torch.cat([prompt_idx, response], 1), attention_mask=torch.cat([prompt_mask, response_mask], 1),
+                target_mask=torch.cat([torch.zeros_like(prompt_mask), response_mask], 1), response=response,
+                response_mask=response_mask, has_eos=(last == model.eot_id).float() * (lengths > 0))
+
+
+# ----------------------------------------------------------------------------------------------------
 # sampling
 
 def sample_from_logits(logits, temperature=1.0, generator=None):

@@ -45,7 +45,7 @@ import common
 import data
 import evaluate
 from checkpoint import load_checkpoint, model_from_checkpoint
-from model import last_token_index
+from model import last_token_index, sample_answers
 
 # ----------------------------------------------------------------------------- config
 config = dict(common.SHARED,  # out_dir, data_dir, device, block_size, max_new_tokens, eval_prompts, ... (common.py)
@@ -299,23 +299,18 @@ def rollout(policy, reference, critic, reward_model, prompts, rt, max_new_tokens
     prompt_idx, prompt_mask = prompts["idx"].to(rt.device), prompts["attention_mask"].to(rt.device)  # (B, P)
     P = prompt_idx.shape[1]
     with rt.autocast():
-        response, mask = policy.generate(prompt_idx, prompt_mask, max_new_tokens, temperature=temperature,
-                                         generator=sampler)  # (B, R) tokens, (B, R) response mask
-        idx = torch.cat([prompt_idx, response], 1)  # (B, P+R)
-        attn = torch.cat([prompt_mask, mask], 1)  # (B, P+R)
-        target = torch.cat([torch.zeros_like(prompt_mask), mask], 1)  # (B, P+R) 1 on response tokens
+        s = sample_answers(policy, prompt_idx, prompt_mask, max_new_tokens, temperature, sampler)
+        idx, attn, target = s["idx"], s["attention_mask"], s["target_mask"]  # (B, P+R) x3
+        mask = s["response_mask"]  # (B, R) 1 through the first EOS
         logprobs, entropy = policy.logprobs(idx, attn, target, temperature, return_entropy=True)  # (B, P+R) x2
         if policy_logprobs is not None:  # the update's compiled function: pi_old from it, so the first ratio is 1
             logprobs = policy_logprobs(idx, attn, target, temperature)
         ref_logprobs = reference.logprobs(idx, attn, target, temperature)  # (B, P+R)
         values = critic.scalar(idx, attn)[:, P - 1:-1] * mask if critic else torch.zeros_like(mask)  # (B, R) V_t
         scores = reward_model.score(idx, attn)  # (B,) r(x, y) at the last real token
-    lengths = mask.sum(1).long()  # (B,)
-    last = response.gather(1, (lengths - 1).clamp(min=0)[:, None])[:, 0]  # (B,) each response's last token
-    has_eos = (last == policy.eot_id).float() * (lengths > 0)
     return SimpleNamespace(idx=idx, attn=attn, target=target, P=P, mask=mask, old_logprobs=logprobs[:, P:],
                            ref_logprobs=ref_logprobs[:, P:], entropy=entropy[:, P:], old_values=values,
-                           scores=scores.float(), has_eos=has_eos)
+                           scores=scores.float(), has_eos=s["has_eos"])
 
 
 def update(learner, batch, beta, cfg, rt, gen, text, it):
