@@ -6,14 +6,13 @@ logits, and the sampler (torch.multinomial vs model.sample_from_logits).
     python bench.py --vocab_size=50257       # the same with GPT-2's whole vocabulary: what the cut buys
     python bench.py --device=cuda --batch_size=128
 """
-import math
 import time
 
 import torch
 import torch.nn.functional as F
 
 from common import parse_config, setup_runtime
-from model import GPT, GPTConfig, sample_from_logits
+from model import GPT, GPTConfig, padded_vocab_size, sample_from_logits
 
 config = dict(device="auto", dtype="auto", seed=1337, compile=False, n_layer=4, n_head=4, n_embd=192,
               vocab_size=8192, block_size=256, batch_size=64, prompt_len=8, max_new_tokens=48, train_batch_size=16,
@@ -53,7 +52,7 @@ def main(argv=None):
     cfg = parse_config(config, argv)
     rt = setup_runtime(cfg)
     model = GPT(GPTConfig(block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
-                          n_tokens=cfg.vocab_size, vocab_size=64 * math.ceil(cfg.vocab_size / 64))).to(rt.device)
+                          n_tokens=cfg.vocab_size, vocab_size=padded_vocab_size(cfg.vocab_size))).to(rt.device)
     tok_s = train_step_tokens_per_s(model, cfg, rt)
     model.eval()
     with torch.no_grad():

@@ -55,7 +55,7 @@ config = dict(common.SHARED, # out_dir, data_dir, device, block_size, eval_promp
     grad_clip=1.0,           # max gradient norm (0 = off)
     log_interval=5,          # log the mean of the train metrics over this many steps
     eval_pairs=256,          # test pairs for the implicit-reward accuracy (0 = all of `test`)
-    eval_every=25,        # every this many steps log test accuracy / margin (0 = only at the end)
+    eval_every=25,           # every this many steps log test accuracy / margin (0 = only at the end)
 )
 cuda_config = dict(common.SHARED_CUDA, train_pairs=0, batch_size=32, grad_accum=2, warmup_iters=50,
     max_iters=1000,          # 64k pairs: 0.4 epoch of the full HH-RLHF train split (15 of a test-only copy)

@@ -21,6 +21,12 @@ import torch.nn.functional as F
 GPT2_TOKENS = 50257  # GPT-2's vocabulary (tiktoken "gpt2"), <|endoftext|> its last id
 
 
+def padded_vocab_size(n_tokens):
+    """Rows of the embedding for n_tokens real tokens: n_tokens rounded up to a multiple of 64 (50257 -> 50304),
+    which the matrix kernels run faster on; the extra ids are never sampled (GPT.lm_logits)."""
+    return 64 * math.ceil(n_tokens / 64)
+
+
 @dataclass
 class GPTConfig:
     block_size: int = 256

@@ -499,9 +499,9 @@ def main(argv=None):
                         cfg.max_new_tokens, cfg.temperature, sampler, train_logprobs if cfg.compile else None)
         gold = data.gold_scores(task.judge, [e["prompt"] for e in examples], responses(batch),
                                 cfg.vocab_size) if task.judge else None
-        proxy = batch.scores  # the reward model's scores: the critic's own units
+        proxy = None  # the reward model's scores, the critic's own units, where they are not the rewards
         if cfg.reward == "gold":  # the truth as the reward: what RL achieves when the reward model is perfect
-            batch.scores = gold.to(rt.device)
+            proxy, batch.scores = batch.scores, gold.to(rt.device)
         if score_scale is None:  # the first rollout: the SFT policy's answers
             score_scale = score_scale_from(batch, critic, cfg, rt, critic_scores=proxy)
 

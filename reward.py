@@ -56,8 +56,8 @@ config = dict(common.SHARED, # out_dir, data_dir, device, block_size, checkpoint
     lr=1e-3,                 # peak learning rate (warmup, then cosine to 10%)
     weight_decay=0.1, grad_clip=1.0,  # max gradient norm (0 = off)
     warmup_frac=0.1,         # linear warmup over this fraction of max_iters
-    eval_every=0,         # evaluate on `test` every this many steps (0: only at the start and the end)
-    eval_rankings=0,       # test rankings per evaluation, a fixed random subset (0 = all)
+    eval_every=0,            # evaluate on `test` every this many steps (0: only at the start and the end)
+    eval_rankings=0,         # test rankings per evaluation, a fixed random subset (0 = all)
     norm_examples=512,       # train rankings (fixed random subset) whose best answers set the normalisation (0 = all)
     n_show=4,                # test pairs printed with their scores in the report
 )
@@ -124,44 +124,32 @@ def pair_metrics(chosen, rejected):
 
 # ----------------------------------------------------------------------------- evaluation
 @torch.no_grad()
+def score_answers(model, examples, rt, batch_size):
+    """The reward of prompt + chosen of every example, batch_size sequences per forward -> (N,) float32 on the CPU."""
+    out = []
+    with common.eval_mode(model):
+        for a in range(0, len(examples), batch_size):
+            batch = common.to_device(data.collate_sft(examples[a:a + batch_size]), rt)
+            with rt.autocast():
+                out.append(model.score(batch["idx"], batch["attention_mask"]).float().cpu())  # (B,)
+    return torch.cat(out)
+
+
 def score_rankings(model, rankings, rt, batch_size):
     """The reward of every response of `rankings` (lists of K responses each), batch_size sequences per forward ->
     list of K-lists of floats, in the rankings' order."""
     flat = [dict(prompt=r["prompt"], chosen=y) for r in rankings for y in r["responses"]]  # one row per response
-    out = []
-    with common.eval_mode(model):
-        for a in range(0, len(flat), batch_size):
-            batch = common.to_device(data.collate_sft(flat[a:a + batch_size]), rt)
-            with rt.autocast():
-                out += model.score(batch["idx"], batch["attention_mask"]).float().cpu().tolist()
-    it = iter(out)
+    it = iter(score_answers(model, flat, rt, batch_size).tolist())
     return [[next(it) for _ in r["responses"]] for r in rankings]
 
 
 def pair_scores(rankings, rewards):
-    """The pairs of every ranking (data.ranking_pairs order) and the rewards of their two answers:
-    (pairs, chosen (N,), rejected (N,))."""
-    pairs = data.ranking_pairs(rankings)
-    c, r = [], []
-    for rw in rewards:
-        K = len(rw)
-        for a in range(K):
-            for b in range(a + 1, K):
-                c.append(rw[a])
-                r.append(rw[b])
-    return pairs, torch.tensor(c), torch.tensor(r)
-
-
-@torch.no_grad()
-def mean_chosen_reward(model, examples, rt, batch_size):
-    """Mean reward of prompt + chosen over the examples (the normalisation target of InstructGPT)."""
-    total = 0.0
-    with common.eval_mode(model):
-        for i in range(0, len(examples), batch_size):
-            batch = common.to_device(data.collate_sft(examples[i:i + batch_size]), rt)
-            with rt.autocast():
-                total += model.score(batch["idx"], batch["attention_mask"]).float().sum().item()  # (B,) summed
-    return total / len(examples)
+    """The pairs of every ranking (data.ranking_pairs order: (0,1), (0,2), ..., (1,2), ...) and the rewards of their
+    two answers. rewards: the rankings' K rewards each (list of K-lists, or (P, K)). Returns (pairs, chosen (N,),
+    rejected (N,))."""
+    rewards = torch.as_tensor(rewards, dtype=torch.float32)  # (P, K)
+    i, j = torch.triu_indices(rewards.shape[1], rewards.shape[1], offset=1)  # the same pairs, in the same order
+    return data.ranking_pairs(rankings), rewards[:, i].flatten(), rewards[:, j].flatten()
 
 
 def gold_agreement(pairs, chosen, rejected, margin=1.0):
@@ -288,14 +276,15 @@ def main(argv=None):
               f"{len(train)} train / {len(test)} test prompts x K = {K} ranked answers ({K * (K - 1) // 2} pairs each)")
 
     def run_eval(step):
-        pairs, c, r = pair_scores(test_eval, score_rankings(model, test_eval, rt, cfg.eval_batch_size))
+        rewards = torch.tensor(score_rankings(model, test_eval, rt, cfg.eval_batch_size))  # (P, K)
+        pairs, c, r = pair_scores(test_eval, rewards)
         m = pair_metrics(c, r)
         if "gold_chosen" in pairs[0]:
             m.update(gold_agreement(pairs, c, r))
         print(f"\nstep {step}: test accuracy {m['accuracy']:.3f}, margin {m['margin']:+.3f}, loss {m['loss']:.4f}"
               + (f", gold agreement {m['gold_accuracy']:.3f}" if "gold_accuracy" in m else ""))
         logger.log(step, **{f"test_{k}": v for k, v in m.items()})
-        return m, pairs, c, r
+        return m, rewards
 
     before = run_eval(start)[0] if rt.master else None
     losses = []
@@ -322,18 +311,19 @@ def main(argv=None):
 
     report = {}
     if rt.master:
-        after, pairs, c, r = run_eval(cfg.max_iters)
+        after, rewards = run_eval(cfg.max_iters)
         # InstructGPT normalisation: shift the head's bias so that the best answer of each train prompt (the
         # stand-in for the labeller demonstrations) has mean reward 0
         norm = [dict(prompt=x["prompt"], chosen=x["responses"][0]) for x in common.subset(train, cfg.norm_examples)]
-        mean = mean_chosen_reward(model, norm, rt, cfg.eval_batch_size)
+        mean = score_answers(model, norm, rt, cfg.eval_batch_size).mean().item()
         with torch.no_grad():
             model.scalar_head.bias -= mean
-        c, r = c - mean, r - mean  # the same rewards, normalised (accuracy and margin do not change)
+        rewards = rewards - mean  # the same rewards, normalised (accuracy and margin do not change)
         logger.plot()
     common.save_training_state(path, "rm", cfg, cfg.max_iters, cfg.max_iters, rt, **state,
                                reward_bias=-mean if rt.master else None)  # normalised: finished
     if rt.master:
+        pairs = data.ranking_pairs(test_eval)
         floor = longer_wins(pairs)
         report = dict(**{f"{k}_before": v for k, v in before.items()},
                       **{f"{k}_after": v for k, v in after.items()}, longer_wins=floor, reward_bias=-mean)
@@ -358,8 +348,8 @@ def main(argv=None):
         print(f"  normalisation: mean reward of {len(norm)} best train answers was {mean:+.4f}; "
               f"scalar_head.bias shifted by {-mean:+.4f} (ckpt['reward_bias'])")
         print("  the best and the worst answer of the first test prompts (normalised rewards):")
-        first_last = [i * K * (K - 1) // 2 + K - 2 for i in range(len(test_eval))]  # pair (0, K-1) of each prompt
-        show_pairs([pairs[i] for i in first_last], c[first_last], r[first_last], cfg.n_show, cfg.vocab_size)
+        show_pairs(data.ranking_pairs(test_eval, "best_worst"), rewards[:, 0], rewards[:, -1], cfg.n_show,
+                   cfg.vocab_size)
         print(f"  wrote {cfg.out_dir}/rm.pt, rm_log.jsonl, rm.png")
     common.cleanup(rt)
     return report

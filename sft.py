@@ -48,7 +48,7 @@ import data
 import evaluate
 import gpt2
 from checkpoint import model_from_checkpoint
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, padded_vocab_size
 
 # ----------------------------------------------------------------------------- config
 config = dict(common.SHARED, # out_dir, data_dir, device, block_size, max_new_tokens, checkpoint_every, ... (common.py)
@@ -65,7 +65,7 @@ config = dict(common.SHARED, # out_dir, data_dir, device, block_size, max_new_to
     grad_accum=1,            # micro-batches per optimiser step (per DDP rank)
     weight_decay=0.1, grad_clip=1.0,  # AdamW decoupled weight decay on matrices; max gradient norm (0 = off)
     warmup_frac=0.1,         # linear warmup over this fraction of each phase, then cosine to 10%
-    eval_every=0,         # evaluate on `test` every this many steps (also at the start, the end of
+    eval_every=0,            # evaluate on `test` every this many steps (also at the start, the end of
                              # pretraining and the end; 0 = only those)
     eval_examples=128,       # test examples per evaluation, a fixed random subset (0 = all)
     n_answers=2,             # fixed test prompts answered at each evaluation (greedy and sampled)
@@ -194,7 +194,7 @@ def build_model(cfg, ckpt=None):
     if cfg.init_from == "scratch":
         model = GPT(GPTConfig(block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
                               dropout=cfg.dropout, n_tokens=cfg.vocab_size,
-                              vocab_size=64 * math.ceil(cfg.vocab_size / 64)))  # rows padded to a multiple of 64
+                              vocab_size=padded_vocab_size(cfg.vocab_size)))
         return model, cfg.pretrain_iters
     if cfg.vocab_size != data.GPT2_VOCAB:
         raise common.UserError(f"--init_from={cfg.init_from} needs GPT-2's whole vocabulary: pass "
