@@ -72,7 +72,8 @@ def load_checkpoint(path, device="cpu", stage=None, vocab_size=None):
 
 def model_from_checkpoint(ckpt, scalar_head=None):
     """Build the GPT of a checkpoint dict (on CPU, float32). scalar_head=True on a checkpoint without a
-    head adds a freshly initialised one; False drops it; None keeps what the checkpoint has."""
+    head adds a freshly initialised one; False drops it; None keeps what the checkpoint has. Raises UserError
+    when the weights do not fit the model_args (a damaged file, or one of another version)."""
     args = dict(ckpt["model_args"])
     if scalar_head is not None:
         args["scalar_head"] = scalar_head
@@ -82,5 +83,8 @@ def model_from_checkpoint(ckpt, scalar_head=None):
         sd = {k: v for k, v in sd.items() if not k.startswith("scalar_head.")}
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if unexpected or any(not k.startswith("scalar_head.") for k in missing):
-        raise ValueError(f"checkpoint does not fit its model_args: missing {missing}, unexpected {unexpected}")
+        stage = ckpt.get("stage")
+        raise UserError(f"this {stage} checkpoint's weights do not fit its model_args (missing {missing[:3]}, "
+                        f"unexpected {unexpected[:3]}): it is damaged or of another version; "
+                        f"`{STAGE_COMMANDS.get(stage, 'the stage that wrote it')}` writes it again")
     return model

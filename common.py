@@ -455,7 +455,8 @@ def start_training(model, cfg, rt, ckpt, log_name, generators):
 def resume_checkpoint(cfg, path, stage, final_step):
     """What --resume=True continues from. Returns (ckpt, done): (None, False) for a fresh run (cfg.resume False);
     else the checkpoint dict of `path` (checkpoint.load_checkpoint checks it), whose "step" says where to go on, and
-    done = True when that step has already reached final_step: the stage then has nothing to do (it says so
+    done = True when that step has already reached final_step (an int, or a function of the checkpoint when the
+    checkpoint decides it, as sft.py's pretraining length): the stage then has nothing to do (it says so
     here) and returns. Raises UserError when there is nothing to resume (no file, a damaged one, another
     stage's)."""
     if not cfg.resume:
@@ -464,6 +465,7 @@ def resume_checkpoint(cfg, path, stage, final_step):
     if not os.path.exists(path):
         raise UserError(f"--resume=True: there is no {path} to resume from; run without --resume to start afresh")
     ckpt = load_checkpoint(path, stage=stage, vocab_size=getattr(cfg, "vocab_size", None))
+    final_step = final_step(ckpt) if callable(final_step) else final_step
     done = ckpt["step"] >= final_step
     if int(os.environ.get("RANK", 0)) == 0:
         print(f"resuming {path} at step {ckpt['step']} of {final_step}" +

@@ -129,13 +129,21 @@ def reward_metrics(chosen_rewards, rejected_rewards):
             "margin": (chosen_rewards - rejected_rewards).mean().item()}
 
 
+def pair_metrics(chosen_logps, rejected_logps, ref_chosen, ref_rejected, cfg):
+    """Mean loss, implicit-reward accuracy and margin of a policy whose logprobs of the pairs are given, and its
+    likelihood accuracy P(log pi(y_w|x) > log pi(y_l|x)): how often it prefers the chosen answer by itself."""
+    losses, cr, rr = dpo_loss(chosen_logps, rejected_logps, ref_chosen, ref_rejected, cfg.beta, cfg.loss_type,
+                              cfg.label_smoothing)
+    return {"loss": losses.mean().item(), **reward_metrics(cr, rr),
+            "likelihood_accuracy": evaluate.win_rate(chosen_logps, rejected_logps)}
+
+
 @torch.no_grad()
 def evaluate_pairs(policy, pairs, ref_chosen, ref_rejected, cfg, rt):
-    """Mean loss, implicit-reward accuracy and margin of `policy` on `pairs` (reference logprobs given)."""
+    """pair_metrics of `policy` on `pairs` (reference logprobs given)."""
     with common.eval_mode(policy):
         pc, pr = precompute_logprobs(policy, pairs, rt, cfg.eval_batch_size, cfg.loss_type == "ipo")
-    losses, cr, rr = dpo_loss(pc, pr, ref_chosen, ref_rejected, cfg.beta, cfg.loss_type, cfg.label_smoothing)
-    return {"loss": losses.mean().item(), **reward_metrics(cr, rr)}
+    return pair_metrics(pc, pr, ref_chosen, ref_rejected, cfg)
 
 
 def batch_indices(step, micro, n, batch_size, grad_accum, seed):
@@ -191,6 +199,7 @@ def main(argv=None):
         for block in policy.transformer.h:
             block.compile(dynamic=True)
     optimizer, state, start, logger = common.start_training(policy, cfg, rt, ckpt, "dpo", {})  # batches: by step
+    t_start -= ckpt.get("seconds", 0.0) if ckpt else 0.0  # the report's seconds count the run before a resume too
     pbar = tqdm(range(start, cfg.max_iters), desc="dpo", disable=not rt.master)
     window = []  # per-step metrics since the last log line
     for it in pbar:
@@ -224,7 +233,8 @@ def main(argv=None):
         if rt.master and cfg.eval_every > 0 and (it + 1) % cfg.eval_every == 0 and it + 1 < cfg.max_iters:
             logger.log(it, **{f"test_{k}": v for k, v in evaluate_pairs(policy, test, *ref_test, cfg, rt).items()})
         if common.checkpoint_due(it + 1, cfg, cfg.max_iters):
-            common.save_training_state(path, "dpo", cfg, it + 1, cfg.max_iters, rt, **state)
+            common.save_training_state(path, "dpo", cfg, it + 1, cfg.max_iters, rt, **state,
+                                       seconds=time.time() - t_start)
 
     report = {}
     if rt.master:
@@ -239,6 +249,10 @@ def make_report(policy, test_pairs, ref_test, task, logger, cfg, rt):
     """Print and return the report: the training curve's ends, implicit-reward accuracy / margin on the test
     pairs, then (if out/rm.pt exists) evaluate.compare: SFT and DPO answer the evaluation prompts (the same set
     and seed as every point of the chart), scored by the reward model."""
+    # before training the policy is the reference (the same weights, dropout 0): its logprobs of the test pairs are
+    # ref_test, so every implicit reward is 0 (a tie: accuracy 0.5, margin 0); its likelihood accuracy is the SFT
+    # policy's own preference for the chosen answers
+    before = pair_metrics(*ref_test, *ref_test, cfg)
     final = evaluate_pairs(policy, test_pairs, *ref_test, cfg, rt)
     logger.log(cfg.max_iters - 1, **{f"test_{k}": v for k, v in final.items()})
     logger.plot()
@@ -247,13 +261,15 @@ def make_report(policy, test_pairs, ref_test, task, logger, cfg, rt):
     mean = lambda rows, k: sum(r[k] for r in rows) / len(rows)
     report = {"loss_first": mean(train_rows[:n], "loss"), "loss_last": mean(train_rows[-n:], "loss"),
               "train_accuracy_last": mean(train_rows[-n:], "accuracy"),
-              "test_accuracy_before": 0.5, "test_margin_before": 0.0,  # pi = pi_ref: every r_hat is 0 (a tie)
-              "test_accuracy": final["accuracy"], "test_margin": final["margin"], "test_loss": final["loss"]}
+              **{f"test_{k}_before": v for k, v in before.items()},
+              **{f"test_{k}": v for k, v in final.items()}}
     print(f"\nDPO ({cfg.loss_type}, beta {cfg.beta}): train loss {report['loss_first']:.4f} -> "
           f"{report['loss_last']:.4f} (first / last {n * cfg.log_interval} steps), train batch accuracy "
           f"{report['train_accuracy_last']:.3f} (last {n * cfg.log_interval} steps)")
-    print(f"test pairs ({len(test_pairs)}): implicit-reward accuracy 0.500 -> {final['accuracy']:.3f}, "
-          f"margin 0.000 -> {final['margin']:.4f}, loss {final['loss']:.4f}")
+    print(f"test pairs ({len(test_pairs)}), the SFT policy -> DPO: implicit-reward accuracy {before['accuracy']:.3f} -> "
+          f"{final['accuracy']:.3f}, margin {before['margin']:.4f} -> {final['margin']:.4f}, loss {before['loss']:.4f} -> "
+          f"{final['loss']:.4f}, likelihood accuracy {before['likelihood_accuracy']:.3f} -> "
+          f"{final['likelihood_accuracy']:.3f}")
     rm_path = os.path.join(cfg.out_dir, "rm.pt")
     if not os.path.exists(rm_path):
         print(f"no {rm_path}: the sample evaluation (reward-model score, KL, win rate, frontier chart) needs "

@@ -92,7 +92,8 @@ config = dict(common.SHARED,  # out_dir, data_dir, device, block_size, max_new_t
     ptx_batch_size=4,         # pretraining windows per gradient step
     ptx_block_size=64,        # tokens per pretraining window
     # logging
-    sample_every=10,          # print and log the answers to a few fixed test prompts every N iterations
+    sample_every=10,          # print and log the answers to a few fixed test prompts every N iterations and at the
+                              # last (0 = only at the last)
     eval_every=0,             # every N iterations, evaluate on the evaluation prompts (eval_score, eval_gold, eval_kl:
                               # a run traces a curve on the reward-versus-KL chart); 0 = only the final report
     n_sample_prompts=2,       # how many
@@ -479,6 +480,7 @@ def main(argv=None):
     state = {k: {name: x for name, x in v.items() if x is not None} for k, v in state.items()}  # no critic: none
     if ckpt:
         start, score_scale = common.restore_training_state(ckpt, rt, **state), ckpt["score_scale"]
+        t0 -= ckpt.get("seconds", 0.0)  # the report's seconds count the run before the resume too
         if kl_ctl:
             kl_ctl.value = ckpt["beta"]
     logger = common.Logger(cfg.out_dir, "ppo", rt.master, start_step=start)
@@ -532,7 +534,7 @@ def main(argv=None):
             kl_ctl.update(metrics["kl"], len(batch.idx) * rt.world_size)
         pbar.set_postfix(score=f"{metrics['score']:.3f}", kl=f"{metrics['kl']:.2f}", beta=f"{beta:.3f}",
                          **({"gold": f"{metrics['gold']:.2f}"} if "gold" in metrics else {}))
-        if rt.master and (it % cfg.sample_every == 0 or it == cfg.iterations - 1):
+        if rt.master and ((cfg.sample_every and it % cfg.sample_every == 0) or it == cfg.iterations - 1):
             for i, answer in enumerate(evaluate.answers_text(policy, watch, rt, cfg.max_new_tokens, seed=cfg.seed)):
                 metrics[f"sample_{i}"] = answer
                 tqdm.write(f"[iter {it}] sample {i}: {answer!r}")
@@ -543,7 +545,7 @@ def main(argv=None):
         logger.log(it, **metrics)
         if common.checkpoint_due(it + 1, cfg, cfg.iterations):
             common.save_training_state(path, "ppo", cfg, it + 1, cfg.iterations, rt, **state, score_scale=score_scale,
-                                       beta=kl_ctl.value if kl_ctl else cfg.beta)
+                                       beta=kl_ctl.value if kl_ctl else cfg.beta, seconds=time.time() - t0)
     logger.plot()
 
     # ----------------------------------------------------------------------- report (master only)

@@ -185,17 +185,25 @@ def print_answers(items):
 
 
 # ----------------------------------------------------------------------------- training
+def pretrain_steps(cfg, ckpt=None):
+    """The length of the pretraining phase: the resumed run's (its checkpoint's), else pretrain_iters from scratch
+    and none from GPT-2 weights. The one source of it, so a resume never mixes two."""
+    if ckpt is not None:
+        return ckpt["n_pretrain"]
+    return cfg.pretrain_iters if cfg.init_from == "scratch" else 0
+
+
 def build_model(cfg, ckpt=None):
     """The GPT to train and the length of its pretraining phase: the checkpoint's model when resuming, a fresh
     GPT from scratch (pretraining first), or GPT-2 weights (no pretraining phase)."""
     torch.manual_seed(cfg.seed)  # the same initial weights on every DDP rank
     if ckpt is not None:
-        return model_from_checkpoint(ckpt), ckpt["n_pretrain"]
+        return model_from_checkpoint(ckpt), pretrain_steps(cfg, ckpt)
     if cfg.init_from == "scratch":
         model = GPT(GPTConfig(block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
                               dropout=cfg.dropout, n_tokens=cfg.vocab_size,
                               vocab_size=padded_vocab_size(cfg.vocab_size)))
-        return model, cfg.pretrain_iters
+        return model, pretrain_steps(cfg)
     if cfg.vocab_size != data.GPT2_VOCAB:
         raise common.UserError(f"--init_from={cfg.init_from} needs GPT-2's whole vocabulary: pass "
                                f"--vocab_size={data.GPT2_VOCAB} (got {cfg.vocab_size})")
@@ -207,8 +215,7 @@ def main(argv=None):
     rt = common.setup_runtime(cfg)
     t_start = time.time()
     path = os.path.join(cfg.out_dir, "sft.pt")
-    n_pretrain = cfg.pretrain_iters if cfg.init_from == "scratch" else 0
-    ckpt, done = common.resume_checkpoint(cfg, path, "sft", n_pretrain + cfg.sft_iters)
+    ckpt, done = common.resume_checkpoint(cfg, path, "sft", lambda ckpt: pretrain_steps(cfg, ckpt) + cfg.sft_iters)
     if done:
         return common.cleanup(rt) or {}
     task = data.load_task(cfg, verbose=rt.master)
@@ -239,7 +246,9 @@ def main(argv=None):
                    **{f"answer{i}_{k}": a[k] for i, a in enumerate(ans) for k in ("greedy", "sampled")})
         return loss, ppl, ans, bpb
 
-    before = run_eval(step) if rt.master else None
+    before = None  # the model before its first training step: measured in a fresh run, kept in the checkpoint for
+    if rt.master:  # a resumed one (which starts from trained weights)
+        before = (ckpt or {}).get("before") or run_eval(step)
     tokens_seen, flops, train_time, losses = 0, 0.0, 0.0, {"pretrain": [], "sft": []}
     first_step = step
     bar = tqdm(range(step, total_steps), disable=not rt.master, desc="sft", dynamic_ncols=True)
@@ -276,7 +285,8 @@ def main(argv=None):
         if rt.master and (periodic or step + 1 == n_pretrain) and step + 1 < total_steps:  # + the phase boundary
             run_eval(step + 1)
         if common.checkpoint_due(step + 1, cfg, total_steps):
-            common.save_training_state(path, "sft", cfg, step + 1, total_steps, rt, **state, n_pretrain=n_pretrain)
+            common.save_training_state(path, "sft", cfg, step + 1, total_steps, rt, **state, n_pretrain=n_pretrain,
+                                       before=before)
     bar.close()
 
     report = {}

@@ -220,6 +220,16 @@ def test_tiny_end_to_end(tmp_path, hh_dir, monkeypatch, capsys):
     b = evaluate.sample_and_score(load("sft.pt"), None, rm, prompts, rt, **kw)["scores"].tolist()
     wins = [1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(a, b)]
     assert report["win_rate"] == pytest.approx(sum(wins) / len(wins), abs=1e-6)
+    # "before" is the SFT policy measured on the same test pairs: pi = pi_ref, so every implicit reward is 0 (a tie),
+    # and its likelihood accuracy is how often it already gives the chosen answer the higher logprob, by hand
+    test = common.subset(data.ranking_pairs(data.load_rankings(cfg, data.load_task(cfg, verbose=False))[1],
+                                            cfg.pairs_of_ranking), cfg.eval_pairs, cfg.seed)
+    sft_model = load("sft.pt")
+    logp = lambda x, y: one_at_a_time(sft_model, x, y, False)
+    prefers = [1.0 if logp(p["prompt"], p["chosen"]) > logp(p["prompt"], p["rejected"]) else 0.0 for p in test]
+    assert report["test_likelihood_accuracy_before"] == pytest.approx(sum(prefers) / len(prefers), abs=1e-6)
+    assert report["test_accuracy_before"] == 0.5 and report["test_margin_before"] == 0.0
+    assert report["test_loss_before"] == pytest.approx(math.log(2), abs=1e-6)  # -log sigmoid(0)
 
 
 def test_ipo_run_without_reward_model_skips_the_sample_evaluation(tmp_path, hh_dir, monkeypatch, capsys):

@@ -412,8 +412,10 @@ def test_every_flag_switched_at_once(hh_dir, tmp_path, monkeypatch):
     ppo.main(TINY + [f"--data_dir={hh_dir}", f"--out_dir={out}", "--iterations=3", "--eval_prompts=4",
                      "--whiten_advantages=False", "--clip_value_loss=False", "--ptx_coef=0", "--kl_estimator=k3",
                      "--adaptive_kl=True", "--target_kl=100", "--kl_horizon=16", "--missing_eos_penalty=1",
-                     "--grad_clip=0", "--decay_lr=False", "--beta=0.1", "--normalize_scores=False"])
+                     "--grad_clip=0", "--decay_lr=False", "--beta=0.1", "--normalize_scores=False",
+                     "--sample_every=0"])
     rows = [json.loads(line) for line in open(os.path.join(out, "ppo_log.jsonl"))]
+    assert ["sample_0" in r for r in rows] == [False, False, True]  # sample_every=0: only the last iteration
     assert all(r["ptx_loss"] == 0 and r["value_clipfrac"] == 0 and r["lr"] == rows[0]["lr"] for r in rows)
     # KL far below target: beta shrinks by the clipped factor (1 - 0.2 * 16 / 16) each iteration
     assert [round(r["beta"], 6) for r in rows] == [0.1, 0.08, 0.064]

@@ -78,7 +78,7 @@ def test_a_run_killed_and_resumed_ends_where_an_unbroken_run_ends(stage, tmp_pat
                                     eval_prompts=4, eval_batch_size=4, sample_every=100, adaptive_kl=True,
                                     kl_horizon=8)),
     }[stage]
-    runs = {}
+    runs, reports = {}, {}
     for run in ("unbroken", "killed"):
         out = str(tmp_path / run)
         if stage != "sft":
@@ -95,13 +95,21 @@ def test_a_run_killed_and_resumed_ends_where_an_unbroken_run_ends(stage, tmp_pat
                     module.main(args)
             ckpt = load_checkpoint(os.path.join(out, name))
             assert ckpt["step"] == 2 and not ckpt["finished"]  # the checkpoint of step 2 is on disk
-            module.main(args + ["--resume=True"])
+            ckpt["seconds"] = ckpt.get("seconds", 0.0) + 1000  # as if the first part had run for 1000 s
+            torch.save(ckpt, os.path.join(out, name))
+            reports[run] = module.main(args + ["--resume=True"])
         else:
-            module.main(args)
+            reports[run] = module.main(args)
         runs[run] = load_checkpoint(os.path.join(out, name))
     final = {"sft": 10, "reward": 5, "dpo": 5, "ppo": 5}[stage]
     assert runs["killed"]["step"] == runs["unbroken"]["step"] == final and runs["killed"]["finished"]
     same_weights(runs["unbroken"], runs["killed"], ("model", "critic") if stage == "ppo" else ("model",))
+    # the report's "before" is the model before the first step, not at the resume; its seconds count both parts
+    before = [k for k in reports["unbroken"] if k.endswith("_before") and stage != "reward"]  # reward.py: to do
+    assert len(before) >= (3 if stage in ("sft", "dpo") else 0), before
+    assert {k: reports["killed"][k] for k in before} == {k: reports["unbroken"][k] for k in before}
+    if stage in ("ppo", "dpo"):
+        assert reports["killed"]["seconds"] > 1000 > reports["unbroken"]["seconds"]
     if stage == "ppo":  # beta (adaptive) and the score scale survive the resume
         assert runs["killed"]["beta"] == runs["unbroken"]["beta"] != 0.05
         assert runs["killed"]["score_scale"] == runs["unbroken"]["score_scale"]
@@ -182,6 +190,22 @@ def test_a_checkpoint_of_another_vocabulary_is_one_line_and_exit_status_2(tmp_pa
     assert all(w in lines[0] for w in (str(out / "sft.pt"), "8192 tokens", "--vocab_size=50257")), lines[0]
 
 
+def test_the_pretraining_length_of_a_resumed_run_is_its_checkpoints(tmp_path, hh_dir, monkeypatch, capsys, one_thread):
+    """sft.py decides whether a resumed run is done, and runs its loop, with one pretraining length: the checkpoint's.
+    4 + 6 steps done, then --resume=True --pretrain_iters=0 --sft_iters=8: 4 + 8 = 12 steps, not 'already finished'
+    by the config's 0 + 8 (a finished flag from one source and a loop from the other)."""
+    monkeypatch.chdir(tmp_path)
+    out = str(tmp_path / "out")
+    sft.main(argv(SFT_TINY, out_dir=out, data_dir=hh_dir))
+    capsys.readouterr()
+    sft.main(argv(SFT_TINY, out_dir=out, data_dir=hh_dir, resume=True, pretrain_iters=0, sft_iters=8))
+    assert "resuming" in capsys.readouterr().out
+    ckpt = load_checkpoint(os.path.join(out, "sft.pt"))
+    assert ckpt["step"] == 12 and ckpt["n_pretrain"] == 4 and ckpt["finished"]
+    assert sft.main(argv(SFT_TINY, out_dir=out, data_dir=hh_dir, resume=True, pretrain_iters=9, sft_iters=8)) == {}
+    assert "already finished" in capsys.readouterr().out  # 4 + 8 = 12 steps are done, whatever pretrain_iters says
+
+
 # ----------------------------------------------------------------------------- divergence
 def test_a_diverging_run_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, hh_dir, monkeypatch,
                                                                                    one_thread):
@@ -198,6 +222,20 @@ def test_a_diverging_run_stops_naming_the_step_and_keeps_the_last_good_checkpoin
 
 
 # ----------------------------------------------------------------------------- one-line errors
+def test_a_checkpoint_whose_weights_do_not_fit_is_one_line_and_exit_status_2(tmp_path, capsys):
+    """model_from_checkpoint on a file whose weights do not fit its model_args (damaged, or of another version): a
+    user's problem, so one line `error: ...` naming the stage and the command that writes it again, and status 2."""
+    import checkpoint
+    tiny_sft_checkpoint(str(tmp_path), 64)
+    ckpt = load_checkpoint(str(tmp_path / "sft.pt"))
+    del ckpt["model"]["transformer.h.0.attn.c_attn.weight"]
+    with pytest.raises(SystemExit) as e:
+        common.cli(lambda: checkpoint.model_from_checkpoint(ckpt))
+    assert e.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "c_attn" in lines[0] and "python sft.py" in lines[0]
+
+
 @pytest.mark.parametrize("script, args, words", [
     ("sft.py", ["--nope=1"], ["unknown config key --nope"]),
     ("ppo.py", ["--device=cuda"], ["CUDA is not available", "--device=cpu"]),
