@@ -4,7 +4,8 @@ overrides, one-line errors, device / dtype / DDP setup, the optimiser step (DDP 
 non-finite guard) and learning-rate schedule, checkpoint / resume state, and the logger. No RLHF math here.
 
 A stage script declares its defaults as a dict at the top of the file (the CPU preset, starting from
-SHARED) plus a dict of overrides for a CUDA GPU, then calls
+SHARED; a default wrapped in setting(default, allowed) also says what values it may take, e.g.
+lr=setting(1e-3, ">= 0")) plus a dict of overrides for a CUDA GPU, then calls
 
     cfg = parse_config(config, argv, cuda_overrides=cuda_config)   # python sft.py --lr=3e-4 --device=cpu
     rt = setup_runtime(cfg)                                         # device, autocast, DDP rank
@@ -62,24 +63,86 @@ def cli(main):
 
 
 # ----------------------------------------------------------------------------- config
+class ConfigError(UserError, ValueError):
+    """A command-line override that names an unknown key, has a value of the wrong type, or one its setting does not
+    allow."""
+
+
+def setting(default, allowed):
+    """A config default that declares the values its setting may take; parse_config checks every stage's flags
+    (and presets) against it. `allowed` is a range: "> 0", ">= 1", "< 1", "<= 1", or an interval "[0, 1]",
+    "(0, 1]", "[0, 1)", "(0, 1)"; or choices: "k1 | k3". E.g. in a stage's config:
+
+        lr=setting(1e-3, ">= 0"),  lam=setting(0.95, "[0, 1]"),  loss_type=setting("sigmoid", "sigmoid | ipo | hinge"),
+
+    Returns the default itself (an int, float or str that works as one everywhere) holding `allowed`; a setting
+    declared with a plain value takes any value of its type. Raises ValueError for a malformed declaration."""
+    kind = {int: _DeclaredInt, float: _DeclaredFloat, str: _DeclaredStr}.get(type(default))
+    if kind is None:
+        raise ValueError(f"setting({default!r}, {allowed!r}): only int, float and str settings declare values")
+    value = kind(default)
+    value.allowed, value.allows = allowed, _rule(allowed)
+    if not value.allows(default):
+        raise ValueError(f"setting({default!r}, {allowed!r}): the default is not allowed")
+    return value
+
+
+class _DeclaredInt(int): pass
+class _DeclaredFloat(float): pass
+class _DeclaredStr(str): pass
+_PLAIN = {_DeclaredInt: int, _DeclaredFloat: float, _DeclaredStr: str}
+
+
+def _rule(allowed):
+    """The test of a setting's `allowed` text (see setting): a function value -> bool."""
+    import operator
+    import re
+    if "|" in allowed:
+        choices = [w.strip() for w in allowed.split("|")]
+        return lambda v: v in choices
+    ops = {">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": operator.le}
+    m = re.fullmatch(r"(>=?|<=?) *(\S+)", allowed.strip())
+    if m:
+        op, bound = ops[m[1]], float(m[2])
+        return lambda v: op(v, bound)
+    m = re.fullmatch(r"([\[(]) *(\S+?) *, *(\S+?) *([\])])", allowed.strip())
+    if m:
+        low, high = ops[">=" if m[1] == "[" else ">"], ops["<=" if m[4] == "]" else "<"]
+        a, b = float(m[2]), float(m[3])
+        return lambda v: low(v, a) and high(v, b)
+    raise ValueError(f"allowed={allowed!r}: expected a range ('> 0', '[0, 1]', ...) or choices ('a | b')")
+
+
+def _describe(allowed):
+    """`allowed` in words, for an error message: "one of k1, k3", "a value >= 1", "a value in [0, 1]"."""
+    if "|" in allowed:
+        return "one of " + ", ".join(w.strip() for w in allowed.split("|"))
+    return f"a value {'in ' if allowed.strip()[0] in '[(' else ''}{allowed.strip()}"
+
+
+def allowed(defaults, key):
+    """What a config's setting `key` may take: its setting() declaration's text, or None when it declares none."""
+    return getattr(defaults[key], "allowed", None)
+
+
 # The settings every stage must agree on, declared once: each stage's config starts with **SHARED, and
 # ppo.py passes them on when it runs sft.py / reward.py for a missing checkpoint.
 SHARED = dict(
-    task="imdb",             # imdb (IMDb sentiment, with a gold judge) | hh (Anthropic HH-RLHF)
+    task=setting("imdb", "imdb | hh"),  # IMDb sentiment (with a gold judge) | Anthropic HH-RLHF
     out_dir="",              # checkpoints, logs and charts of every stage; "" = out/<task>
     data_dir="",             # the data root (holding imdb/, hh-rlhf/); "" = $RLHF_DATA_DIR, else download into data/
     device="auto",           # auto | cpu | cuda | cuda:N
     dtype="auto",            # auto (bfloat16 on CUDA, float32 elsewhere) | float32 | bfloat16
     compile=False,           # torch.compile the training forward (helps on CUDA, not on CPU)
-    seed=1337,
-    vocab_size=8192,         # tokens: GPT-2's BPE cut to its first merges (data/tokenizer.py); 50257 = all of GPT-2's
-    block_size=256,          # tokens of prompt + response the models see
-    max_prompt_len=128,      # prompts are cut to their last max_prompt_len tokens
-    max_new_tokens=48,       # answer length cap: PPO's rollouts and every evaluation
-    eval_prompts=256,        # the evaluation set: the first eval_prompts test prompts, for every policy
-    eval_seed=0,             # ... answered with this sampler seed, at temperature 1
-    eval_batch_size=128,     # sequences per no-grad forward in evaluations and sampling
-    checkpoint_every=100,    # steps between checkpoints (and one at the end); 0 = only at the end
+    seed=setting(1337, ">= 0"),
+    vocab_size=setting(8192, "[257, 50257]"),  # GPT-2's BPE cut to its first merges (data/tokenizer.py); 50257 = all
+    block_size=setting(256, ">= 2"),      # tokens of prompt + response the models see
+    max_prompt_len=setting(128, ">= 1"),  # prompts are cut to their last max_prompt_len tokens
+    max_new_tokens=setting(48, ">= 1"),   # answer length cap: PPO's rollouts and every evaluation
+    eval_prompts=setting(256, ">= 0"),    # the evaluation set: the first eval_prompts test prompts (0 = all)
+    eval_seed=setting(0, ">= 0"),         # ... answered with this sampler seed, at temperature 1
+    eval_batch_size=setting(128, ">= 1"),  # sequences per no-grad forward in evaluations and sampling
+    checkpoint_every=setting(100, ">= 0"),  # steps between checkpoints (and one at the end); 0 = only at the end
     resume=False,            # continue from <out_dir>/<stage>.pt up to the same final step
 )
 def shared_flags(cfg, accepted=SHARED):
@@ -94,16 +157,13 @@ SHARED_CUDA = dict(vocab_size=50257, compile=True, dtype="bfloat16", block_size=
                    eval_prompts=1024, eval_batch_size=128, checkpoint_every=500)
 
 
-class ConfigError(UserError, ValueError):
-    """A command-line override that names an unknown key or has a value of the wrong type."""
-
-
 RENAMED = dict(eval_interval="eval_every")  # old flag -> the flag that replaced it (one name per idea in every stage)
 
 
 def _parse_value(key, text, default):
-    """Turn the string `text` into the type of `default`; raise ConfigError naming `key` if it can't."""
-    want = type(default)
+    """Turn the string `text` into the type of `default` (a float: a finite one); raise ConfigError naming `key` if it
+    can't."""
+    want = next(t for t in (bool, int, float, str) if isinstance(default, t))
     try:
         if want is bool:
             low = text.lower()
@@ -114,11 +174,14 @@ def _parse_value(key, text, default):
             raise ValueError
         if want is int:
             return int(text)
-        if want is float:
+        if want is float and math.isfinite(float(text)):
             return float(text)
-        return text  # str
+        if want is str:
+            return text
+        raise ValueError
     except ValueError:
-        raise ConfigError(f"--{key}={text}: expected a {want.__name__} (the default is {default!r})") from None
+        what = {float: "a finite float", int: "an int", bool: "a bool"}.get(want, f"a {want.__name__}")
+        raise ConfigError(f"--{key}={text}: expected {what} (the default is {want(default)!r})") from None
 
 
 def parse_config(defaults, argv=None, cuda_overrides=None, verbose=True):
@@ -135,8 +198,8 @@ def parse_config(defaults, argv=None, cuda_overrides=None, verbose=True):
         out/<task>.
     Raises:
         ConfigError: an argument not of the form --key=value, an unknown key (the message lists the valid
-            keys), a value that does not parse as the default's type, or a CUDA device on a machine
-            without one.
+            keys), a value that does not parse as the default's type (or a float that is nan or inf), a value its
+            setting() declaration does not allow, or a CUDA device on a machine without one.
     """
     import sys
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -168,6 +231,11 @@ def parse_config(defaults, argv=None, cuda_overrides=None, verbose=True):
         cfg.update(cuda_overrides or {})
     cfg.update(overrides)
     cfg["device"] = device
+    for key, value in cfg.items():  # what each setting declares it allows (common.setting), presets included
+        rule = allowed(defaults, key)
+        if rule and not defaults[key].allows(value):
+            raise ConfigError(f"--{key}={value}: expected {_describe(rule)}")
+    cfg = {k: _PLAIN[type(v)](v) if type(v) in _PLAIN else v for k, v in cfg.items()}  # int, float, str again
     if cfg.get("dtype") == "auto":
         cfg["dtype"] = "bfloat16" if device.startswith("cuda") else "float32"
     if cfg.get("out_dir") == "" and "task" in cfg:

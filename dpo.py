@@ -37,25 +37,26 @@ import common
 import data
 import evaluate
 from checkpoint import load_checkpoint, model_from_checkpoint
+from common import setting
 
 # ----------------------------------------------------------------------------- config
 config = dict(common.SHARED, # out_dir, data_dir, device, block_size, eval_prompts, checkpoint_every, ... (common.py)
-    loss_type="sigmoid",     # sigmoid (DPO) | ipo | hinge
-    beta=0.1,                # DPO's beta: the weight of the KL constraint to the reference (higher = closer)
-    label_smoothing=0.0,     # conservative DPO: assumed probability that a label is flipped (sigmoid only)
-    pairs_of_ranking="all",  # imdb's K-wise rankings as pairs: all C(K,2) of each (the reward model's data), or
-                             # best_worst (one per prompt, the clearest); hh has K = 2: one pair either way
-    train_pairs=0,           # train pairs used, a fixed random subset (0 = all of `train`)
-    batch_size=16,           # pairs per micro-batch (2 * batch_size sequences)
-    grad_accum=1,            # micro-batches per optimiser step
-    max_iters=300,           # optimiser steps (300 x 16 = 4,800 pairs, a quarter of imdb's 18,000)
-    lr=2e-4,                 # peak learning rate (AdamW, warmup then cosine to 10%)
-    warmup_iters=10,
-    weight_decay=0.0,
-    grad_clip=1.0,           # max gradient norm (0 = off)
-    log_interval=5,          # log the mean of the train metrics over this many steps
-    eval_pairs=256,          # test pairs for the implicit-reward accuracy (0 = all of `test`)
-    eval_every=25,           # every this many steps log test accuracy / margin (0 = only at the end)
+    loss_type=setting("sigmoid", "sigmoid | ipo | hinge"),  # DPO | IPO | SLiC's hinge
+    beta=setting(0.1, "> 0"),  # DPO's beta: the weight of the KL constraint to the reference (higher = closer)
+    label_smoothing=setting(0.0, "[0, 0.5)"),  # conservative DPO: assumed probability that a label is flipped (sigmoid)
+    pairs_of_ranking=setting("all", "all | best_worst"),  # imdb's K-wise rankings as pairs: all C(K,2) of each (the
+                             # reward model's data), or one per prompt, the clearest; hh has K = 2: one pair either way
+    train_pairs=setting(0, ">= 0"),  # train pairs used, a fixed random subset (0 = all of `train`)
+    batch_size=setting(16, ">= 1"),  # pairs per micro-batch (2 * batch_size sequences)
+    grad_accum=setting(1, ">= 1"),   # micro-batches per optimiser step
+    max_iters=setting(300, ">= 1"),  # optimiser steps (300 x 16 = 4,800 pairs, a quarter of imdb's 18,000)
+    lr=setting(2e-4, ">= 0"),        # peak learning rate (AdamW, warmup then cosine to 10%)
+    warmup_iters=setting(10, ">= 0"),
+    weight_decay=setting(0.0, ">= 0"),
+    grad_clip=setting(1.0, ">= 0"),  # max gradient norm (0 = off)
+    log_interval=setting(5, ">= 1"),  # log the mean of the train metrics over this many steps
+    eval_pairs=setting(256, ">= 0"),  # test pairs for the implicit-reward accuracy (0 = all of `test`)
+    eval_every=setting(25, ">= 0"),   # every this many steps log test accuracy / margin (0 = only at the end)
 )
 cuda_config = dict(common.SHARED_CUDA, train_pairs=0, batch_size=32, grad_accum=2, warmup_iters=50,
     max_iters=1000,          # 64k pairs: 0.4 epoch of the full HH-RLHF train split (15 of a test-only copy)
@@ -162,8 +163,6 @@ def main(argv=None):
     """Train the DPO policy from out/sft.pt on `train` pairs; write out/dpo.pt; return the report (dict)."""
     t_start = time.time()
     cfg = common.parse_config(config, argv, cuda_overrides=cuda_config)
-    if cfg.loss_type not in LOSS_TYPES:
-        raise common.ConfigError(f"--loss_type={cfg.loss_type}: expected one of {', '.join(LOSS_TYPES)}")
     rt = common.setup_runtime(cfg)
     path = os.path.join(cfg.out_dir, "dpo.pt")
     ckpt, done = common.resume_checkpoint(cfg, path, "dpo", cfg.max_iters)

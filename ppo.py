@@ -45,58 +45,58 @@ import common
 import data
 import evaluate
 from checkpoint import load_checkpoint, model_from_checkpoint
+from common import setting
 from model import last_token_index, sample_answers
 
 # ----------------------------------------------------------------------------- config
 config = dict(common.SHARED,  # out_dir, data_dir, device, block_size, max_new_tokens, eval_prompts, ... (common.py)
-    checkpoint_every=10,      # iterations between checkpoints of ppo.pt (policy, critic, optimisers, beta, RNG)
+    checkpoint_every=setting(10, ">= 0"),  # iterations between checkpoints of ppo.pt (policy, critic, optimisers, RNG)
     # rollout
-    iterations=40,            # PPO iterations (rollout + update each)
-    batch_size=64,            # prompts per rollout (per DDP rank)
-    temperature=1.0,          # sampling temperature; every logprob (old, new, reference) uses the same one
+    iterations=setting(40, ">= 1"),    # PPO iterations (rollout + update each)
+    batch_size=setting(64, ">= 1"),    # prompts per rollout (per DDP rank)
+    temperature=setting(1.0, "> 0"),   # sampling temperature; every logprob (old, new, reference) uses the same one
     # reward
-    beta=0.2,                 # KL coefficient (initial value when adaptive_kl); the README's table: 0.05 -> KL 17
-                              # nats per answer, 0.1 -> 11, 0.2 -> 8
-    kl_estimator="k1",        # per-token KL estimate in the reward: k1 = log pi - log pi_ref, or k3 (Schulman's
-                              # (ratio - 1) - log ratio, never negative per token); grpo's loss term is always k3
-                              # (DeepSeekMath), this flag then sets only the logged kl
-    adaptive_kl=False,        # True: beta follows the controller towards target_kl (Ziegler et al. 2019, section 2.2)
-    target_kl=6.0,            # adaptive_kl: target KL per sequence, nats
-    kl_horizon=10000,         # adaptive_kl: horizon in samples
-    reward="rm",              # rm: the learned reward model (RLHF) | gold: imdb's gold judge itself ("PPO-GT"): what
-                              # RL reaches when the reward model is perfect
-    normalize_scores=True,    # False: raw scores, so beta trades nats against whatever scale the reward model has
-    missing_eos_penalty=0.0,  # subtracted from the (normalised) score of a response cut off without EOS (0 = off: on
-                              # hh the small reward model scores unfinished answers higher, and PPO learns to stop
-                              # emitting EOS; the penalty makes it finish its answers instead)
+    beta=setting(0.2, ">= 0"),         # KL coefficient (initial value when adaptive_kl); the README: KL for each beta
+    kl_estimator=setting("k1", "k1 | k3"),  # per-token KL estimate in the reward: k1 = log pi - log pi_ref, or k3
+                                       # (Schulman's (ratio - 1) - log ratio, never negative per token); grpo's loss
+                                       # term is always k3 (DeepSeekMath), this flag then sets only the logged kl
+    adaptive_kl=False,                 # True: beta follows the controller towards target_kl (Ziegler et al. 2019, 2.2)
+    target_kl=setting(6.0, "> 0"),     # adaptive_kl: target KL per sequence, nats
+    kl_horizon=setting(10000, ">= 1"),  # adaptive_kl: horizon in samples
+    reward=setting("rm", "rm | gold"),  # rm: the learned reward model (RLHF) | gold: imdb's gold judge itself
+                                       # ("PPO-GT"): what RL reaches when the reward model is perfect
+    normalize_scores=True,             # False: raw scores, so beta trades nats against the reward model's scale
+    missing_eos_penalty=setting(0.0, ">= 0"),  # subtracted from the (normalised) score of a response cut off without
+                                       # EOS (0 = off: on hh the small reward model scores unfinished answers higher,
+                                       # and PPO learns to stop emitting EOS; the penalty makes it finish its answers)
     # PPO update
-    ppo_epochs=2,             # passes over each rollout batch
-    minibatch_size=16,        # sequences per gradient step
-    lr=5e-4,                  # policy AdamW learning rate (a tiny model from scratch takes a large one)
-    critic_lr=3e-4,           # critic AdamW learning rate
-    weight_decay=0.0,
-    decay_lr=True,            # False: constant learning rates instead of cosine decay to 10%
-    grad_clip=1.0,            # max gradient norm, policy and critic each (0 = off)
-    cliprange=0.2,            # PPO ratio clip epsilon
-    cliprange_value=0.2,      # value clip around V_old
-    clip_value_loss=True,     # False: plain 0.5 * (V - returns)^2 instead of the clipped max form
-    gamma=1.0,                # discount
-    lam=0.95,                 # GAE lambda
-    whiten_advantages=True,   # False: raw GAE advantages (their scale then follows the reward's)
-    advantage_estimator="gae",  # gae (a learned critic) | rloo | grpo (critic-free: the other samples of the prompt;
-                              # compare at the same budget by keeping batch_size * samples_per_prompt equal)
-    samples_per_prompt=1,     # k responses per prompt, consecutive in the batch (k >= 2 for rloo and grpo)
-    # PPO-ptx: off in the CPU preset, where it slows the gain and keeps almost nothing (README: 0.5 -> 0.89 instead
-    # of 0.96 positive, held-out LM 1.997 instead of 2.002 bits per byte); try --ptx_coef=0.5
-    ptx_coef=0.0,             # weight of the pretraining loss (0 = plain PPO)
-    ptx_batch_size=4,         # pretraining windows per gradient step
-    ptx_block_size=64,        # tokens per pretraining window
+    ppo_epochs=setting(2, ">= 1"),      # passes over each rollout batch
+    minibatch_size=setting(16, ">= 1"),  # sequences per gradient step
+    lr=setting(5e-4, ">= 0"),           # policy AdamW learning rate (a tiny model from scratch takes a large one)
+    critic_lr=setting(3e-4, ">= 0"),    # critic AdamW learning rate
+    weight_decay=setting(0.0, ">= 0"),
+    decay_lr=True,                      # False: constant learning rates instead of cosine decay to 10%
+    grad_clip=setting(1.0, ">= 0"),     # max gradient norm, policy and critic each (0 = off)
+    cliprange=setting(0.2, "> 0"),      # PPO ratio clip epsilon
+    cliprange_value=setting(0.2, "> 0"),  # value clip around V_old
+    clip_value_loss=True,               # False: plain 0.5 * (V - returns)^2 instead of the clipped max form
+    gamma=setting(1.0, "[0, 1]"),       # discount
+    lam=setting(0.95, "[0, 1]"),        # GAE lambda
+    whiten_advantages=True,             # False: raw GAE advantages (their scale then follows the reward's)
+    advantage_estimator=setting("gae", "gae | rloo | grpo"),  # a learned critic | critic-free: the other samples of
+                                        # the prompt (compare at the same budget: keep batch_size * samples_per_prompt)
+    samples_per_prompt=setting(1, ">= 1"),  # k responses per prompt, consecutive in the batch (k >= 2: rloo, grpo)
+    # PPO-ptx: off in the CPU preset, where it slows the gain and keeps almost nothing (README); try --ptx_coef=0.5
+    ptx_coef=setting(0.0, ">= 0"),      # weight of the pretraining loss (0 = plain PPO)
+    ptx_batch_size=setting(4, ">= 1"),  # pretraining windows per gradient step
+    ptx_block_size=setting(64, ">= 2"),  # tokens per pretraining window
     # logging
-    sample_every=10,          # print and log the answers to a few fixed test prompts every N iterations and at the
-                              # last (0 = only at the last)
-    eval_every=0,             # every N iterations, evaluate on the evaluation prompts (eval_score, eval_gold, eval_kl:
-                              # a run traces a curve on the reward-versus-KL chart); 0 = only the final report
-    n_sample_prompts=2,       # how many
+    sample_every=setting(10, ">= 0"),   # print and log the answers to a few fixed test prompts every N iterations and
+                                        # at the last (0 = only at the last)
+    eval_every=setting(0, ">= 0"),      # every N iterations, evaluate on the evaluation prompts (eval_score, eval_gold,
+                                        # eval_kl: a run traces a curve on the reward-versus-KL chart); 0 = only the
+                                        # final report
+    n_sample_prompts=setting(2, ">= 0"),  # how many
 )
 cuda_config = dict(common.SHARED_CUDA, checkpoint_every=25, iterations=300, batch_size=128, minibatch_size=32,
                    lr=1e-5, critic_lr=5e-5, ptx_batch_size=8, ptx_block_size=512, sample_every=25)
@@ -415,14 +415,11 @@ def make_missing_checkpoints(cfg):
             module.main(common.shared_flags(cfg, module.config) + (["--resume=True"] if unfinished else []))
 
 
-def check_choices(cfg):
-    """ConfigError for a choice ppo.py does not know: the KL estimator, the reward, the advantage estimator, or
-    rloo / grpo with fewer than two samples per prompt (their baseline comes from the other samples)."""
-    if cfg.kl_estimator not in ("k1", "k3"):
-        raise common.ConfigError(f"--kl_estimator={cfg.kl_estimator}: expected k1 or k3")
-    if cfg.advantage_estimator not in ("gae", "rloo", "grpo"):
-        raise common.ConfigError(f"--advantage_estimator={cfg.advantage_estimator}: expected gae, rloo or grpo")
-    if cfg.reward not in ("rm", "gold") or (cfg.reward == "gold" and cfg.task != "imdb"):
+def check_combinations(cfg):
+    """ConfigError for settings each allowed but not together (what one setting() declaration cannot say): the gold
+    reward on a task without a judge, rloo / grpo with fewer than two samples per prompt (their baseline comes
+    from the other samples)."""
+    if cfg.reward == "gold" and cfg.task != "imdb":
         raise common.ConfigError(f"--reward={cfg.reward}: expected rm, or gold on the imdb task (hh has no judge)")
     if cfg.advantage_estimator != "gae" and cfg.samples_per_prompt < 2:
         raise common.ConfigError(f"--advantage_estimator={cfg.advantage_estimator} needs --samples_per_prompt >= 2 "
@@ -450,7 +447,7 @@ def load_models(cfg, rt, prompts):
 
 def main(argv=None):
     cfg = common.parse_config(config, argv, cuda_overrides=cuda_config)
-    check_choices(cfg)
+    check_combinations(cfg)
     make_missing_checkpoints(cfg)
     rt = common.setup_runtime(cfg)
     t0 = time.time()

@@ -48,28 +48,31 @@ import data
 import evaluate
 import gpt2
 from checkpoint import model_from_checkpoint
+from common import setting
 from model import GPT, GPTConfig, padded_vocab_size
 
 # ----------------------------------------------------------------------------- config
 config = dict(common.SHARED, # out_dir, data_dir, device, block_size, max_new_tokens, checkpoint_every, ... (common.py)
     init_from="scratch",     # "scratch" | "gpt2" | "gpt2-medium" ... | a local GPT-2 file/folder
-    n_layer=4, n_head=4, n_embd=192, dropout=0.0,  # model shape (from scratch only)
+    # model shape (from scratch only)
+    n_layer=setting(4, ">= 1"), n_head=setting(4, ">= 1"), n_embd=setting(192, ">= 1"), dropout=setting(0.0, "[0, 1)"),
     # phase 1, pretraining (from scratch only): every token of the task's text is a target
-    pretrain_iters=450,      # optimiser steps (0 skips the phase)
-    pretrain_batch_size=16,  # windows of block_size tokens per micro-batch
-    pretrain_lr=3e-3,        # peak learning rate of the phase
+    pretrain_iters=setting(450, ">= 0"),      # optimiser steps (0 skips the phase)
+    pretrain_batch_size=setting(16, ">= 1"),  # windows of block_size tokens per micro-batch
+    pretrain_lr=setting(3e-3, ">= 0"),        # peak learning rate of the phase
     # phase 2, SFT: prompt -> chosen response, the prompt masked out
-    sft_iters=100,           # optimiser steps
-    batch_size=32,           # (prompt, chosen) examples per micro-batch
-    lr=1e-3,                 # peak learning rate of the phase (from GPT-2 weights use ~3e-5)
-    grad_accum=1,            # micro-batches per optimiser step (per DDP rank)
-    weight_decay=0.1, grad_clip=1.0,  # AdamW decoupled weight decay on matrices; max gradient norm (0 = off)
-    warmup_frac=0.1,         # linear warmup over this fraction of each phase, then cosine to 10%
-    eval_every=0,            # evaluate on `test` every this many steps (also at the start, the end of
-                             # pretraining and the end; 0 = only those)
-    eval_examples=128,       # test examples per evaluation, a fixed random subset (0 = all)
-    n_answers=2,             # fixed test prompts answered at each evaluation (greedy and sampled)
-    temperature=0.8,         # temperature of the sampled answer
+    sft_iters=setting(100, ">= 0"),  # optimiser steps
+    batch_size=setting(32, ">= 1"),  # (prompt, chosen) examples per micro-batch
+    lr=setting(1e-3, ">= 0"),        # peak learning rate of the phase (from GPT-2 weights use ~3e-5)
+    grad_accum=setting(1, ">= 1"),   # micro-batches per optimiser step (per DDP rank)
+    weight_decay=setting(0.1, ">= 0"),  # AdamW decoupled weight decay on matrices
+    grad_clip=setting(1.0, ">= 0"),     # max gradient norm (0 = off)
+    warmup_frac=setting(0.1, "[0, 1]"),  # linear warmup over this fraction of each phase, then cosine to 10%
+    eval_every=setting(0, ">= 0"),     # evaluate on `test` every this many steps (also at the start, the end of
+                                       # pretraining and the end; 0 = only those)
+    eval_examples=setting(128, ">= 0"),  # test examples per evaluation, a fixed random subset (0 = all)
+    n_answers=setting(2, ">= 0"),        # fixed test prompts answered at each evaluation (greedy and sampled)
+    temperature=setting(0.8, ">= 0"),    # temperature of the sampled answer (0 = greedy)
 )
 cuda_config = dict(common.SHARED_CUDA,  # GPT-2-small shape from scratch
     n_layer=12, n_head=12, n_embd=768, dropout=0.1,

@@ -5,11 +5,13 @@ import os
 import subprocess
 import sys
 
+import re
 import types
 
 import pytest
 import torch
 
+import common
 from common import (ConfigError, Diverged, Logger, check_finite, configure_optimizer, eval_mode, global_std, lr_at,
                     optimizer_step, parse_config, setup_runtime, subset)
 
@@ -195,3 +197,67 @@ def test_a_renamed_flag_says_what_replaced_it():
     with pytest.raises(ConfigError, match=r"--eval_interval was renamed --eval_every.*--eval_every=5"):
         parse_config(sft.config, ["--eval_interval=5"], verbose=False)
     assert parse_config(sft.config, ["--eval_every=5"], verbose=False).eval_every == 5
+
+
+# ----------------------------------------------------------------------------- declared settings
+def outside(rule, is_int):
+    """Values just outside a setting's `allowed` text, worked out here from the text itself."""
+    if "|" in rule:
+        return ["nope"]
+    step = 1 if is_int else 0.5
+    rule = rule.strip()
+    if rule[0] in "<>":
+        op, bound = rule.split()
+        b = float(bound)
+        return [{">": b, ">=": b - step, "<": b, "<=": b + step}[op]]
+    low, high = (x.strip() for x in rule[1:-1].split(","))
+    return [float(low) - (step if rule[0] == "[" else 0), float(high) + (step if rule[-1] == "]" else 0)]
+
+
+STAGES = ["sft", "ppo", "dpo",
+          pytest.param("reward", marks=pytest.mark.xfail(strict=True, reason="reward.py's settings() are to come")),
+          pytest.param("lab", marks=pytest.mark.xfail(strict=True, reason="lab.py's settings() are to come"))]
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_every_numeric_setting_of_a_stage_rejects_an_out_of_range_value_in_one_line(stage):
+    """Each int / float setting of the stage's config (common.SHARED's included) declares what it allows
+    (common.setting), and parse_config refuses a value just outside it (and nan) with a one-line ConfigError naming
+    the flag; a choice refuses a word it does not list. The presets themselves are allowed."""
+    import importlib
+    module = importlib.import_module(stage)
+    numeric = [k for k, v in module.config.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    assert [k for k in numeric if common.allowed(module.config, k) is None] == []  # every one declared
+    declared = [k for k in module.config if common.allowed(module.config, k)]
+    assert set(numeric) <= set(declared)
+    for key in declared:
+        is_int = isinstance(module.config[key], int)
+        bad = outside(common.allowed(module.config, key), is_int)
+        bad += ["nan"] if not is_int and not isinstance(module.config[key], str) else []
+        for value in bad:
+            value = int(value) if is_int else value
+            with pytest.raises(ConfigError) as e:
+                parse_config(module.config, [f"--{key}={value}"], verbose=False)
+            assert str(e.value).startswith(f"--{key}=") and "\n" not in str(e.value), (key, value, str(e.value))
+    for argv in ([], ["--device=cuda"]):  # the CPU preset, and the CUDA one (pretending, for the config logic only)
+        import unittest.mock
+        with unittest.mock.patch.object(torch.cuda, "is_available", lambda: True):
+            parse_config(module.config, argv, cuda_overrides=getattr(module, "cuda_config", None), verbose=False)
+
+
+def test_a_declared_setting_works_as_its_default_and_a_config_without_declarations_as_before():
+    lr, k, name = common.setting(1e-3, "> 0"), common.setting(4, "[1, 8]"), common.setting("a", "a | b")
+    assert lr * 2 == 2e-3 and k + 1 == 5 and name + "x" == "ax" and f"{lr} {k} {name}" == "0.001 4 a"
+    assert isinstance(lr, float) and isinstance(k, int) and isinstance(name, str)
+    cfg = parse_config(dict(DEFAULTS, lr=lr, k=k, name=name), ["--k=8", "--name=b"], verbose=False)
+    assert (cfg.lr, cfg.k, cfg.name) == (1e-3, 8, "b") and type(cfg.lr) is float and type(cfg.k) is int
+    assert type(cfg.name) is str  # plain values: what checkpoints store
+    for arg, words in (("--lr=0", "--lr=0.0: expected a value > 0"), ("--k=9", "--k=9: expected a value in [1, 8]"),
+                       ("--name=c", "--name=c: expected one of a, b"), ("--lr=inf", "--lr=inf: expected a finite")):
+        with pytest.raises(ConfigError, match=re.escape(words)):
+            parse_config(dict(DEFAULTS, lr=lr, k=k, name=name), [arg], verbose=False)
+    plain = parse_config(DEFAULTS, ["--batch_size=-5", "--lr=-1"], verbose=False)  # no declaration: any value
+    assert (plain.batch_size, plain.lr) == (-5, -1.0)
+    for bad in ((0.5, "> 1"), (1, "between 0 and 1"), (True, ">= 0")):
+        with pytest.raises(ValueError):
+            common.setting(*bad)

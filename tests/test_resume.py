@@ -241,6 +241,12 @@ def test_a_checkpoint_whose_weights_do_not_fit_is_one_line_and_exit_status_2(tmp
     ("ppo.py", ["--device=cuda"], ["CUDA is not available", "--device=cpu"]),
     ("reward.py", ["--out_dir=nowhere"], ["nowhere/sft.pt not found", "python sft.py"]),
     ("sft.py", ["--dtype=float16"], ["--dtype=float16", "bfloat16"]),
+    # the bad input of issue 21: each once accepted, or a traceback
+    ("ppo.py", ["--beta=-1"], ["--beta=-1.0", "expected a value >= 0"]),
+    ("ppo.py", ["--iterations=-3"], ["--iterations=-3", "expected a value >= 1"]),
+    ("ppo.py", ["--minibatch_size=0"], ["--minibatch_size=0", "expected a value >= 1"]),
+    ("ppo.py", ["--lr=nan"], ["--lr=nan", "expected a finite float"]),
+    ("dpo.py", ["--log_interval=0"], ["--log_interval=0", "expected a value >= 1"]),
 ])
 def test_a_users_mistake_is_one_line_and_exit_status_2(script, args, words, tmp_path):
     if "cuda" in args[0] and torch.cuda.is_available():
