@@ -1,6 +1,7 @@
 """
 The evaluation every report shares: answer the evaluation prompts, score the answers with the reward model,
-measure their KL to the reference, compare two policies by win rate, and draw the reward-versus-KL chart.
+measure their KL to the reference, compare two policies by win rate, best-of-n from one pool of answers, and draw
+the reward-versus-KL chart.
 
     python evaluate.py       # evaluate every policy checkpoint in out/<task>/ (sft, ppo, dpo), draw frontier.png
 
@@ -162,23 +163,41 @@ def best_of_n_kl(n):
     return math.log(n) - (n - 1) / n
 
 
-def best_of_n(policy, reward_model, prompts, rt, cfg, n_max=64, judge=None):
-    """Best-of-n from `policy`: for each prompt the answer the reward model scores highest among n samples, for
-    n = 1, 2, 4, ..., n_max. One pass: n_max rounds of sample_and_score (round j seeded with eval_seed + j, so round
-    0 is the plain evaluation), and the smaller n take the first n rounds. Returns a list of dicts, one per n: n, kl
-    (best_of_n_kl), score (+ score_se) the proxy of the chosen answers, and gold (+ gold_se, positive) with a judge."""
-    rounds = [sample_and_score(policy, None, reward_model, prompts, rt, cfg.eval_batch_size, cfg.max_new_tokens,
-                               seed=cfg.eval_seed + j, judge=judge) for j in range(n_max)]
-    proxy = torch.stack([r["scores"] for r in rounds])  # (n_max, N)
-    gold = torch.stack([r["gold"] for r in rounds]) if judge is not None else None
-    rows, n = [], 1
-    while n <= n_max:
-        pick = proxy[:n].argmax(0, keepdim=True)  # (1, N) the reward model's favourite among the first n
-        chosen = dict(scores=proxy[:n].gather(0, pick)[0])  # (N,)
-        if gold is not None:
-            chosen["gold"] = gold[:n].gather(0, pick)[0]
-        rows.append(dict(n=n, kl=best_of_n_kl(n), kl_se=0.0, **summarize(chosen)))
-        n *= 2
+def best_of_n_from_pool(proxy, values, n):
+    """The expected `values` of the answer the proxy ranks best among n drawn without replacement from a pool of N
+    answers per prompt, computed exactly from the one pool (Gao et al. 2022, appendix; Nakano et al. 2021):
+        E[f(best of n)] = sum_{i=n}^{N} f_(i) C(i-1, n-1) / C(N, n)
+    with the pool sorted by proxy ascending (f_(i) = the value of the i-th lowest-ranked answer): the best of a
+    random n-subset is the i-th answer when it is in the subset and the other n-1 come from the i-1 below it.
+    Ties in the proxy go to the answer sampled later (a stable sort keeps pool order among equals).
+    proxy, values (P, N) float; 1 <= n <= N. Returns (P,) float64, per prompt. Raises ValueError for n outside."""
+    P, N = proxy.shape
+    if not 1 <= n <= N:
+        raise ValueError(f"best_of_n_from_pool: n={n} for a pool of {N} answers per prompt")
+    order = proxy.argsort(dim=1, stable=True)  # (P, N) ascending
+    sorted_values = values.double().gather(1, order)  # (P, N) f_(1), ..., f_(N)
+    i = torch.arange(n, N + 1, dtype=torch.float64)  # 1-based ranks that can be the best of n
+    log_c = (i.lgamma() - math.lgamma(n) - (i - n + 1).lgamma()  # log C(i-1, n-1)
+             - (math.lgamma(N + 1) - math.lgamma(n + 1) - math.lgamma(N - n + 1)))  # - log C(N, n)
+    return sorted_values[:, n - 1:] @ log_c.exp()  # (P,); the weights sum to 1
+
+
+def best_of_n_curve(proxy, gold=None, ns=None):
+    """Best-of-n for n = 1, 2, 4, ..., N (or `ns`) from one pool: proxy, gold (P, N) the reward model's and the judge's
+    scores of N answers to each of P prompts (gold may be None). Returns a list of dicts, one per n: n, kl =
+    best_of_n_kl(n), score (+ score_se) the expected proxy of the chosen answer and gold (+ gold_se), means over the
+    prompts with standard errors over prompts."""
+    N = proxy.shape[1]
+    ns = ns or [2 ** k for k in range(N.bit_length()) if 2 ** k <= N]
+    rows = []
+    for n in ns:
+        row = dict(n=n, kl=best_of_n_kl(n))
+        for name, values in (("score", proxy), ("gold", gold)):
+            if values is not None:
+                per_prompt = best_of_n_from_pool(proxy, values, n)  # (P,)
+                row[name] = per_prompt.mean().item()
+                row[f"{name}_se"] = per_prompt.std().item() / len(per_prompt) ** 0.5 if len(per_prompt) > 1 else 0.0
+        rows.append(row)
     return rows
 
 

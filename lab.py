@@ -1,58 +1,85 @@
 """
-The lab: how much gold reward each method buys per nat of KL, and where a reward model starts being gamed.
+The lab: how much gold reward each method buys per nat of KL, and why the recipe needs a KL penalty at all.
 
-    python lab.py                                          # imdb CPU preset: PPO and DPO at three betas each, RLOO,
-                                                           # GRPO, best-of-n
-    python lab.py --ppo_betas=0.02,0.1 --dpo_betas=0.1 --bon_max_n=16
+    python lab.py                                     # imdb CPU preset: everything below
+    python lab.py --ppo_betas=0.05 --dpo_betas= --critic_free= --rm_sizes= --bias_betas=0.05   # a quick look
 
-It reuses out/<task>/sft.pt, rm.pt and (imdb) comparisons.pt (running sft.py and reward.py first if they are missing),
-and runs every policy into its own folder, out/<task>/lab/<method>_beta<beta>/, so a second `python lab.py` only
-runs what is missing (a finished run is kept). Then it draws two charts into out/<task>/lab/:
-
-- frontier.png: the gold score (imdb; the reward-model score on hh) of each policy's answers to the evaluation
-  prompts against KL(pi || pi_ref) per answer, with standard errors over prompts; best-of-n from the SFT policy
-  (ranked by the reward model) as a line, at KL = log n - (n - 1) / n; SFT at the origin. The DPO paper's figure 2.
-- overoptimisation.png: the proxy (reward-model) score and the gold score against sqrt(KL), along the PPO run with
-  the smallest beta (evaluated every eval_every iterations) and along best-of-n (Gao et al. 2022). Where the proxy
-  keeps rising and the gold turns down, the reward model is being gamed.
-
-It also writes every point to out/<task>/lab/points.jsonl and prints them as a table. Every point is evaluated on
-the same prompts with the same seed (common.SHARED's eval_prompts and eval_seed).
+It reuses out/<task>/sft.pt, rm.pt and comparisons.pt (running sft.py and reward.py first if they are missing) and
+runs every policy and every extra reward model into its own folder under out/<task>/lab/, so a second `python
+lab.py` only runs what is missing. It draws into out/<task>/lab/:
+- frontier.png: gold score against KL(pi || pi_ref) for PPO, RLOO, GRPO and DPO at several betas, best-of-n and
+  SFT (the DPO paper's figure 2);
+- overoptimisation.png: gold (solid) and proxy (dashed) against sqrt(KL) for best-of-n and along PPO, one colour
+  per reward model: trained on nested subsets of the comparisons (rm_sizes) and on a biased labeller's rankings,
+  with Gao et al.'s fitted forms (Gao et al. 2022, "Scaling Laws for Reward Model Overoptimization", figure 1);
+- kl_penalty.png: PPO against the biased reward model at several betas: what the KL penalty holds back, and not;
+- rm_scaling.png: each reward model's agreement with the judge on the same held-out pairs against its comparisons.
+Best-of-n comes from one pool of bon_pool answers to each of bon_prompts evaluation prompts, with the exact
+expectation over subsets (evaluate.best_of_n_from_pool). Every point goes to out/<task>/lab/points.jsonl, and the
+tables behind the charts are printed. The over-optimisation part needs the gold judge (imdb).
 """
 import json
 import math
 import os
+
+import torch
 
 import common
 import data
 import dpo
 import evaluate
 import ppo
+import reward
 from checkpoint import load_checkpoint, model_from_checkpoint
 
 config = dict(common.SHARED,
-    ppo_betas="0.05,0.1,0.2",    # one PPO run per beta (the smallest one also draws the over-optimisation curve)
+    ppo_betas="0.05,0.1,0.2",    # one PPO run per beta against rm.pt (the smallest also draws the over-optimisation curve)
     dpo_betas="0.05,0.1,0.5",    # one DPO run per beta
     critic_free="rloo,grpo",     # one ppo.py run of each critic-free estimator, at critic_free_beta ("" = none) ...
     critic_free_beta=0.2,        # ... with samples_per_prompt answers to each of batch_size / samples_per_prompt
     samples_per_prompt=4,        #     prompts: as many answers per iteration as GAE's run
     ppo_args="",                 # more ppo.py flags for every PPO run, e.g. "--iterations=60 --reward=gold"
     dpo_args="",                 # more dpo.py flags for every DPO run
+    rm_args="",                  # more reward.py flags for the lab's reward models (rm.pt is python reward.py's)
     eval_every=5,                # PPO iterations between the evaluations of its curve
-    bon_max_n=64,                # best-of-n for n = 1, 2, 4, ..., bon_max_n
+    # over-optimisation (imdb): more reward models, and PPO against each at the smallest of ppo_betas
+    rm_sizes="300,1000",         # reward models on the first n train rankings of comparisons.pt (rm.pt has them all)
+    bias_weight=1.0,             # a labeller with a bias: + bias_weight log-odds per bias_feature in the answer (0 = none)
+    bias_feature="!",
+    bias_betas="0.05,0.2,0.5,1,2",  # PPO against the biased reward model at each of these betas
+    bon_prompts=64,              # best-of-n from one pool: the first bon_prompts evaluation prompts ...
+    bon_pool=256,                # ... N answers each, sampled once from the SFT policy; n = 1, 2, 4, ..., N
 )
 cuda_config = dict(common.SHARED_CUDA)
 
 
-def run_folder(cfg, method, beta):
-    """out/<task>/lab/<method>_beta<beta>/ with links to the shared sft.pt, rm.pt and comparisons.pt."""
-    folder = os.path.join(cfg.out_dir, "lab", f"{method}_beta{beta}")
+def floats(text):
+    return [float(x) for x in text.split(",") if x]
+
+
+def smallest_beta(cfg):
+    """The beta of the over-optimisation curves: the smallest of ppo_betas (the longest way from the reference)."""
+    return min(floats(cfg.ppo_betas) or [0.05])
+
+
+def link(folder, **files):
+    """Make `folder` and symlink each name in it to its source path (absolute); an existing entry is kept."""
     os.makedirs(folder, exist_ok=True)
-    for name in ("sft.pt", "rm.pt", "comparisons.pt"):
-        src, dst = os.path.abspath(os.path.join(cfg.out_dir, name)), os.path.join(folder, name)
+    for name, src in files.items():
+        dst = os.path.join(folder, name)
         if os.path.exists(src) and not os.path.lexists(dst):
-            os.symlink(src, dst)
+            os.symlink(os.path.abspath(src), dst)
     return folder
+
+
+def run_folder(cfg, method, beta, rm=None):
+    """out/<task>/lab/<method>[_<rm>]_beta<beta>/ with links to the shared sft.pt and comparisons.pt and to the
+    reward model `rm` (a dict from reward_models; None: out/<task>/rm.pt)."""
+    tag = "" if rm is None or rm["default"] else f"_{rm['name']}"
+    return link(os.path.join(cfg.out_dir, "lab", f"{method}{tag}_beta{beta}"),
+                **{"sft.pt": os.path.join(cfg.out_dir, "sft.pt"),
+                   "comparisons.pt": os.path.join(cfg.out_dir, "comparisons.pt"),
+                   "rm.pt": rm["path"] if rm else os.path.join(cfg.out_dir, "rm.pt")})
 
 
 def gae_answers(cfg, extra):
@@ -63,10 +90,10 @@ def gae_answers(cfg, extra):
     return ppo_cfg.batch_size * ppo_cfg.samples_per_prompt
 
 
-def run(method, beta, cfg, extra):
+def run(method, beta, cfg, extra, rm=None):
     """One run of ppo.py (method ppo, rloo or grpo) or dpo.py at `beta` in its own folder (kept if it already
     finished); returns its point and the folder."""
-    folder, stage = run_folder(cfg, method, beta), "dpo" if method == "dpo" else "ppo"
+    folder, stage = run_folder(cfg, method, beta, rm), "dpo" if method == "dpo" else "ppo"
     argv = common.shared_flags(cfg) + [f"--out_dir={folder}", f"--beta={beta}"]  # the last --out_dir wins
     if stage == "ppo":
         argv.append(f"--eval_every={cfg.eval_every}")
@@ -77,31 +104,134 @@ def run(method, beta, cfg, extra):
                  f"--batch_size={max(1, gae_answers(cfg, extra) // k)}"]
     path = os.path.join(folder, f"{stage}.pt")
     if not (os.path.exists(path) and load_checkpoint(path, stage=stage)["finished"]):
-        print(f"\n===== {method} beta={beta} -> {folder}")
+        print(f"\n===== {method} beta={beta}{'' if rm is None else ' against ' + rm['name']} -> {folder}")
         (dpo if stage == "dpo" else ppo).main(argv)
     point = json.load(open(os.path.join(folder, f"eval_{stage}.json")))
     return dict(method=method, beta=beta, **{k: v for k, v in point.items() if k != "eval"}), folder
 
 
-def ppo_curve(folder):
-    """The (eval_kl, eval_score, eval_gold) points a PPO run logged every eval_every iterations."""
+def ppo_curve(folder, sft_point):
+    """The evaluations a PPO run logged every eval_every iterations, after `iteration` iterations, starting from the
+    SFT policy's (iteration 0): dicts iteration, kl, score (+ score_se), gold (+ gold_se)."""
     rows = [json.loads(line) for line in open(os.path.join(folder, "ppo_log.jsonl"))]
-    return [dict(step=r["step"], kl=r["eval_kl"], score=r["eval_score"], gold=r.get("eval_gold"))
-            for r in rows if "eval_kl" in r]
+    keys = ("kl", "score", "score_se", "gold", "gold_se")
+    return [dict(iteration=0, **{k: sft_point.get(k) for k in keys})] + [
+        dict(iteration=r["step"] + 1, **{k: r.get(f"eval_{k}") for k in keys}) for r in rows if "eval_kl" in r]
 
 
-def plot(cfg, points, bon, curve, y):
-    """frontier.png and overoptimisation.png (see the module docstring); y = "gold" or "score"."""
+# ----------------------------------------------------------------------------- reward models and best-of-n
+def reward_models(cfg):
+    """The reward models of the over-optimisation lab, trained where missing: rm.pt (every train ranking), one on the
+    first n train rankings for each n of rm_sizes (nested subsets of the same comparisons), and one on the biased
+    labeller's rankings of the same answers (bias_weight). Returns a list of dicts name, path, n (train rankings),
+    bias (the labeller's weight), default (True for rm.pt)."""
+    n_all = len(torch.load(os.path.join(cfg.out_dir, "comparisons.pt"), weights_only=False)["train"])
+    rms = [dict(name=f"rm{n_all}", path=os.path.join(cfg.out_dir, "rm.pt"), n=n_all, bias=0.0, default=True)]
+    wanted = [(f"rm{n}", [f"--train_rankings={n}"], n, 0.0) for n in map(int, floats(cfg.rm_sizes)) if n < n_all]
+    if cfg.bias_weight:
+        wanted.append(("rm_biased", [f"--label_bias_weight={cfg.bias_weight}", f"--label_bias={cfg.bias_feature}"],
+                       n_all, cfg.bias_weight))
+    for name, flags, n, bias in wanted:
+        folder = link(os.path.join(cfg.out_dir, "lab", name), **{
+            "sft.pt": os.path.join(cfg.out_dir, "sft.pt"), "comparisons.pt": os.path.join(cfg.out_dir, "comparisons.pt")})
+        path = os.path.join(folder, "rm.pt")
+        if not (os.path.exists(path) and load_checkpoint(path, stage="rm")["finished"]):
+            print(f"\n===== reward model {name} -> {folder}")
+            reward.main(common.shared_flags(cfg, reward.config) + [f"--out_dir={folder}", "--n_show=0"] + flags
+                        + cfg.rm_args.split())
+        rms.append(dict(name=name, path=path, n=n, bias=bias, default=False))
+    return rms
+
+
+def agreement(rm, model, test, cfg, rt):
+    """How a reward model orders the held-out pairs of comparisons.pt (the same pairs for every reward model): with
+    the judge (all pairs; pairs the judge separates by >= 1 log-odds) and, for a biased one, with its own labeller."""
+    rewards = torch.tensor(reward.score_rankings(model, test, rt, cfg.eval_batch_size))  # (P, K)
+    pairs, chosen, rejected = reward.pair_scores(test, rewards)
+    out = reward.gold_agreement(pairs, chosen, rejected)
+    if rm["bias"]:  # the labeller's order of the same pairs: gold + bias per feature
+        relabelled = data.relabel_rankings(test, rm["bias"], cfg.bias_feature, cfg.vocab_size)
+        rewards = torch.tensor(reward.score_rankings(model, relabelled, rt, cfg.eval_batch_size))
+        out["labeller_accuracy"] = evaluate.win_rate(*reward.pair_scores(relabelled, rewards)[1:])
+    return out
+
+
+def answer_pool(cfg, rt, sft, judge, prompts):
+    """bon_pool answers of the SFT policy to each of `prompts` (sampler seed eval_seed), with their gold scores,
+    cached in out/<task>/lab/pool.pt with every reward model's scores of them (added as they are computed)."""
+    path = os.path.join(cfg.out_dir, "lab", "pool.pt")
+    settings = dict(n_prompts=len(prompts), pool=cfg.bon_pool, seed=cfg.eval_seed, max_new_tokens=cfg.max_new_tokens,
+                    sft=os.path.getmtime(os.path.join(cfg.out_dir, "sft.pt")))
+    if os.path.exists(path):
+        pool = torch.load(path, weights_only=False)
+        if pool["settings"] == settings:
+            return pool
+    repeated = [p for p in prompts for _ in range(cfg.bon_pool)]  # N consecutive samples of each prompt
+    answers = evaluate.generate_answers(sft, repeated, rt, cfg.max_new_tokens, seed=cfg.eval_seed,
+                                        batch_size=cfg.eval_batch_size, desc="best-of-n pool")
+    gold = data.gold_scores(judge, [p["prompt"] for p in repeated], answers, cfg.vocab_size) if judge else None
+    pool = dict(settings=settings, examples=[dict(prompt=p["prompt"], chosen=a) for p, a in zip(repeated, answers)],
+                gold=None if gold is None else gold.view(len(prompts), -1), scores={})
+    save_pool(path, pool)
+    return pool
+
+
+def save_pool(path, pool):
+    with common.atomic_write(path) as tmp:
+        torch.save(pool, tmp)
+
+
+# ----------------------------------------------------------------------------- Gao et al.'s functional forms
+def fit_gao(kl, gain, form):
+    """Least-squares fit of Gao et al. 2022's functional forms (section 3) to points (KL, gold gain over SFT), with
+    d = sqrt(KL):   best-of-n ("bon"):  gain(d) = d (alpha - beta d)       RL ("rl"):  gain(d) = d (alpha - beta log d)
+    Both are linear in (alpha, beta), so the fit is one least-squares solve through the origin (d = 0 adds nothing).
+    Returns dict alpha, beta and the peak: d* = alpha / (2 beta) for bon, exp(alpha / beta - 1) for rl (where the
+    derivative is zero), as peak_kl = d*^2 and peak_gain = gain(d*); both None when there is no turn at d > 0 (beta
+    <= 0: the fitted gold keeps rising; or best-of-n with alpha <= 0: it falls from the start). Raises ValueError for an unknown form or fewer than two points with KL > 0."""
+    if form not in ("bon", "rl"):
+        raise ValueError(f"fit_gao: form {form!r}, expected 'bon' or 'rl'")
+    d = torch.tensor(kl, dtype=torch.float64).clamp(min=0).sqrt()
+    y = torch.tensor(gain, dtype=torch.float64)
+    keep = d > 0
+    if keep.sum() < 2:
+        raise ValueError(f"fit_gao: {int(keep.sum())} points with KL > 0, need two")
+    d, y = d[keep], y[keep]
+    shape = d * d if form == "bon" else d * d.log()  # the term beta multiplies (with a minus sign)
+    X = torch.stack([d, -shape], 1)  # (M, 2)
+    alpha, beta = torch.linalg.lstsq(X, y[:, None]).solution[:, 0].tolist()
+    fit = dict(form=form, alpha=alpha, beta=beta, peak_kl=None, peak_gain=None)
+    peak = (alpha / (2 * beta) if form == "bon" else math.exp(alpha / beta - 1)) if beta > 0 else 0.0
+    if peak > 0:
+        fit.update(peak_kl=peak ** 2, peak_gain=gao_form(peak, alpha, beta, form))
+    return fit
+
+
+def gao_form(d, alpha, beta, form):
+    """gain(d) of fit_gao's forms at d = sqrt(KL) >= 0 (float)."""
+    if d <= 0:
+        return 0.0
+    return d * (alpha - beta * (d if form == "bon" else math.log(d)))
+
+
+# ----------------------------------------------------------------------------- charts
+def plot(cfg, points, bon, curves, biased_runs, rms, y):
+    """frontier.png, and with a judge overoptimisation.png, kl_penalty.png and rm_scaling.png (module docstring).
+    points: the frontier's policies; bon: rm name -> best-of-n rows; curves: rm name -> PPO curve at the smallest
+    beta; biased_runs: beta -> PPO curve against the biased reward model; rms: reward models with their figures."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     folder = os.path.join(cfg.out_dir, "lab")
     label = {"gold": "gold score (judge log-odds)", "score": "reward-model score"}[y]
+    default = rms[0]["name"]
+
     fig, ax = plt.subplots(figsize=(6, 4.5))
-    ax.errorbar([b["kl"] for b in bon], [b[y] for b in bon], yerr=[b[f"{y}_se"] for b in bon], marker=".",
-                capsize=2, color="grey", label="best-of-n (SFT + reward model)")
-    for b in bon:
-        ax.annotate(f"n={b['n']}", (b["kl"], b[y]), textcoords="offset points", xytext=(3, -10), fontsize=7)
+    b = bon[default]
+    ax.errorbar([r["kl"] for r in b], [r[y] for r in b], yerr=[r[f"{y}_se"] for r in b], marker=".", capsize=2,
+                color="grey", label=f"best-of-n (SFT + reward model; {cfg.bon_prompts} prompts)")
+    for r in b:
+        ax.annotate(f"n={r['n']}", (r["kl"], r[y]), textcoords="offset points", xytext=(3, -10), fontsize=7)
     for method, marker in (("sft", "*"), ("ppo", "o"), ("rloo", "^"), ("grpo", "v"), ("dpo", "s")):
         pts = [p for p in points if p["method"] == method]
         if pts:
@@ -109,73 +239,207 @@ def plot(cfg, points, bon, curve, y):
                         fmt=marker, capsize=3, ms=8, label=method.upper())
             for p in pts if method != "sft" else ():
                 ax.annotate(f"beta={p['beta']}", (p["kl"], p[y]), textcoords="offset points", xytext=(5, 4), fontsize=7)
-    ax.set_xlabel("KL(pi || pi_ref)  [nats per answer]")
-    ax.set_ylabel(f"{label}, {points[0]['n_prompts']} test prompts")
-    ax.set_title(f"reward vs KL on {cfg.task} (cf. DPO paper, fig. 2)")
+    ax.set(xlabel="KL(pi || pi_ref)  [nats per answer]", ylabel=f"{label}, {points[0]['n_prompts']} test prompts",
+           title=f"reward vs KL on {cfg.task} (cf. DPO paper, fig. 2)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(os.path.join(folder, "frontier.png"), dpi=100)
     plt.close(fig)
+    if y != "gold":
+        return
 
-    keys = [("score", "proxy: reward-model score")] + ([("gold", "gold: judge log-odds")] if y == "gold" else [])
-    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4), squeeze=False)
-    for ax, (key, title) in zip(axes[0], keys):
-        ax.plot([math.sqrt(max(b["kl"], 0)) for b in bon], [b[key] for b in bon], marker=".", label="best-of-n")
-        ax.plot([math.sqrt(max(c["kl"], 0)) for c in curve], [c[key] for c in curve], marker="o",
-                label=f"PPO, beta={curve[0]['beta']}" if curve else "PPO")
-        ax.set_xlabel("sqrt(KL(pi || pi_ref))")
-        ax.set_title(title)
+    colour = {rm["name"]: f"C{i}" for i, rm in enumerate(rms)}
+    root = lambda rows: [math.sqrt(max(r["kl"], 0)) for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    small_beta = smallest_beta(cfg)
+    rl = dict(curves, **{rm["name"]: biased_runs[small_beta] for rm in rms if rm["bias"] and small_beta in biased_runs})
+    for ax, what, series in ((axes[0], "best-of-n", bon), (axes[1], f"PPO, beta={small_beta}", rl)):
+        for name, rows in series.items():
+            c = "black" if name == "judge" else colour[name]
+            ax.plot(root(rows), [r["gold"] for r in rows], "-o", ms=3, color=c, label=f"{name}: gold")
+            if name != "judge":
+                ax.plot(root(rows), [r["score"] for r in rows], "--", color=c, alpha=0.7, label=f"{name}: proxy")
+            fit = next((rm["fits"].get("bon" if series is bon else "rl") for rm in rms if rm["name"] == name), None)
+            if fit:
+                ds = torch.linspace(0, max(root(rows)), 50).tolist()
+                ax.plot(ds, [rows[0]["gold"] + gao_form(d, fit["alpha"], fit["beta"], fit["form"]) for d in ds], ":",
+                        color=c, alpha=0.8)
+        ax.set(xlabel="sqrt(KL(pi || pi_ref))  [sqrt(nats)]", ylabel="score (log-odds)",
+               title=f"{what}: gold (solid), proxy (dashed), Gao et al. fit (dotted)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle("over-optimisation (cf. Gao et al. 2022)")
+        ax.legend(fontsize=7, ncol=2)
+    fig.suptitle("over-optimisation: reward models of several sizes and a biased labeller (cf. Gao et al. 2022, fig. 1)")
     fig.tight_layout()
     fig.savefig(os.path.join(folder, "overoptimisation.png"), dpi=100)
     plt.close(fig)
+
+    if biased_runs:
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+        for i, (beta, rows) in enumerate(sorted(biased_runs.items())):
+            c = f"C{i}"
+            it = [r["iteration"] for r in rows]
+            axes[0].errorbar(it, [r["gold"] for r in rows], yerr=[2 * r["gold_se"] for r in rows], fmt="-o", ms=3,
+                             capsize=2, color=c, label=f"beta={beta}: gold (+- 2 s.e.)")
+            axes[0].plot(it, [r["score"] for r in rows], "--", color=c, alpha=0.7, label=f"beta={beta}: proxy")
+            axes[1].plot(root(rows), [r["gold"] for r in rows], "-o", ms=3, color=c, label=f"beta={beta}")
+        axes[0].set(xlabel="PPO iteration", ylabel="score (log-odds)", title="against the biased reward model")
+        axes[1].set(xlabel="sqrt(KL(pi || pi_ref))  [sqrt(nats)]", ylabel="gold (judge log-odds)",
+                    title="gold against sqrt(KL): one curve if beta acts as early stopping")
+        for ax in axes:
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7, ncol=2)
+        fig.tight_layout()
+        fig.savefig(os.path.join(folder, "kl_penalty.png"), dpi=100)
+        plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    plain = sorted((rm for rm in rms if not rm["bias"]), key=lambda rm: rm["n"])
+    for key, name, m in (("gold_accuracy", "all held-out pairs", "o"),
+                         ("gold_accuracy_clear", "pairs the judge separates by >= 1 log-odds", "s"),
+                         ("pool_corr", "corr(RM, gold) on the SFT answers", "^")):
+        ax.plot([rm["n"] for rm in plain], [rm[key] for rm in plain], f"-{m}", label=name)
+        ax.plot([rm["n"] for rm in rms if rm["bias"]], [rm[key] for rm in rms if rm["bias"]], m, mfc="none", ms=10,
+                color=ax.lines[-1].get_color(), label="  biased labeller" if m == "o" else None)
+    ax.set_xscale("log")
+    ax.set(xlabel="train prompts (x 6 ranked pairs each)", ylabel="agreement with the judge's order / correlation",
+           title="what a reward model learns from how much data")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(folder, "rm_scaling.png"), dpi=100)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- the report
+def peak_and_end(rows):
+    """Along a PPO curve (iteration 0 = SFT): the evaluation with the highest gold, the last one, and whether the gold
+    fell from the peak by more than two standard errors of the difference (independent s.e., sqrt(se_p^2 + se_l^2))."""
+    peak, last = max(rows, key=lambda r: r["gold"]), rows[-1]
+    se = math.sqrt(peak["gold_se"] ** 2 + last["gold_se"] ** 2)
+    return peak, last, peak["gold"] - last["gold"] > 2 * se
+
+
+def print_tables(cfg, points, bon, curves, biased_runs, rms, y):
+    print(f"\nthe lab on {cfg.task}: policies on {points[0]['n_prompts']} test prompts (seed {cfg.eval_seed}); "
+          f"{y} +- standard error:")
+    print(f"  {'method':10s} {'beta':>6s} {'KL':>7s} {y + ' (se)':>18s} {'proxy (se)':>18s}")
+    for p in points:
+        positive = f"  positive {p['positive']:.2f}" if "positive" in p else ""
+        print(f"  {p['method']:10s} {p['beta']:>6g} {p['kl']:7.2f} {p[y]:+9.3f} ({p[f'{y}_se']:.3f})"
+              f" {p['score']:+9.3f} ({p['score_se']:.3f}){positive}")
+    print(f"\nbest-of-n from one pool of {cfg.bon_pool} SFT answers to each of {cfg.bon_prompts} test prompts; "
+          f"{y} of the reward model's favourite (proxy in brackets):")
+    ns = [r["n"] for r in bon[rms[0]["name"]]]
+    print(f"  {'ranker':12s}" + "".join(f" {'n=' + str(n):>14s}" for n in ns))
+    for name, rows in bon.items():
+        print(f"  {name:12s}" + "".join(f" {r[y]:+6.2f} ({r['score']:+5.2f})" for r in rows))
+    print(f"  {'KL':12s}" + "".join(f" {r['kl']:14.2f}" for r in bon[rms[0]['name']]))
+    if y != "gold":
+        return
+    print("\nreward models (the same held-out pairs of comparisons.pt; corr(RM, gold) on the best-of-n pool):")
+    print(f"  {'name':10s} {'train prompts':>13s} {'agreement':>9s} {'separated':>9s} {'own labels':>10s} {'corr':>6s}")
+    for rm in rms:
+        own = f"{rm['labeller_accuracy']:.3f}" if "labeller_accuracy" in rm else "="
+        print(f"  {rm['name']:10s} {rm['n']:13d} {rm['gold_accuracy']:9.3f} {rm['gold_accuracy_clear']:9.3f} "
+              f"{own:>10s} {rm['pool_corr']:+6.2f}")
+    print("\nPPO curves (gold at the evaluation where it peaks, and at the end; +- s.e.):")
+    print(f"  {'reward model':12s} {'beta':>5s} {'peak gold':>15s} {'at it':>5s} {'KL':>5s} {'end gold':>15s} "
+          f"{'KL':>5s} {'proxy start -> end':>19s}  falls > 2 s.e.")
+    runs = [(name, smallest_beta(cfg), rows) for name, rows in curves.items()] + \
+           [("rm_biased", beta, rows) for beta, rows in sorted(biased_runs.items())]
+    for name, beta, rows in runs:
+        peak, last, falls = peak_and_end(rows)
+        print(f"  {name:12s} {beta:5g} {peak['gold']:+7.2f} +- {peak['gold_se']:.2f} {peak['iteration']:5d} "
+              f"{peak['kl']:5.1f} {last['gold']:+7.2f} +- {last['gold_se']:.2f} {last['kl']:5.1f} "
+              f"{rows[0]['score']:+8.2f} -> {last['score']:+6.2f}  {'YES' if falls else 'no'}")
+    print("\nGao et al.'s forms fitted to the gold gain over SFT, d = sqrt(KL): best-of-n d (alpha - beta d), "
+          "RL d (alpha - beta log d):")
+    for rm in rms:
+        for form, fit in rm["fits"].items():
+            peak = f"peak at KL {fit['peak_kl']:.1f} (gain {fit['peak_gain']:+.2f})" if fit["peak_kl"] else "no peak"
+            print(f"  {rm['name']:10s} {form:3s} alpha {fit['alpha']:+.3f} beta {fit['beta']:+.3f}  {peak}")
 
 
 def main(argv=None):
     cfg = common.parse_config(config, argv, cuda_overrides=cuda_config)
     ppo.make_missing_checkpoints(cfg)
     rt = common.setup_runtime(cfg)
-    ppo_betas, dpo_betas = ([float(b) for b in s.split(",") if b] for s in (cfg.ppo_betas, cfg.dpo_betas))
-    points, curve = [], []
-    for beta in sorted(ppo_betas):
-        point, folder = run("ppo", beta, cfg, cfg.ppo_args)
+    task = data.load_task(cfg, verbose=False)
+    judge, small_beta = task.judge, smallest_beta(cfg)
+    rms = reward_models(cfg) if judge is not None else [dict(name="rm", path=os.path.join(cfg.out_dir, "rm.pt"),
+                                                             n=0, bias=0.0, default=True)]
+    points, folders = [], {}
+    for beta in sorted(floats(cfg.ppo_betas)):
+        point, folders[beta] = run("ppo", beta, cfg, cfg.ppo_args)
         points.append(point)
-        if not curve:  # the smallest beta: the longest way from the reference
-            curve = [dict(c, beta=beta) for c in [dict(step=-1, kl=0.0, score=None, gold=None)] + ppo_curve(folder)]
     for estimator in [e for e in cfg.critic_free.split(",") if e]:
         points.append(run(estimator, cfg.critic_free_beta, cfg, cfg.ppo_args)[0])
-    for beta in sorted(dpo_betas):
+    for beta in sorted(floats(cfg.dpo_betas)):
         points.append(run("dpo", beta, cfg, cfg.dpo_args)[0])
+    curve_folders = {rms[0]["name"]: folders.get(small_beta)} if small_beta in folders else {}
+    biased_folders = {}
+    for rm in rms[1:]:  # PPO against every other reward model: its curve at the smallest beta, or several betas
+        for beta in (floats(cfg.bias_betas) if rm["bias"] else [small_beta]):
+            folder = run("ppo", beta, cfg, cfg.ppo_args, rm)[1]
+            if rm["bias"]:
+                biased_folders[beta] = folder
+            else:
+                curve_folders[rm["name"]] = folder
 
-    # best-of-n from the SFT policy, ranked by the reward model: no training, the baseline every method must beat
-    task = data.load_task(cfg, verbose=False)
-    load = lambda name, **kw: model_from_checkpoint(load_checkpoint(os.path.join(cfg.out_dir, name)), **kw)
-    sft, rm = load("sft.pt").to(rt.device), load("rm.pt", scalar_head=True).to(rt.device)
+    # the SFT policy's answers to the evaluation prompts, and best-of-n from one pool, under every reward model
+    load = lambda path, **kw: model_from_checkpoint(load_checkpoint(path), **kw).to(rt.device).eval()
+    sft = load(os.path.join(cfg.out_dir, "sft.pt"))
     prompts = evaluate.eval_prompts(task.prompts_test, cfg)
-    bon = evaluate.best_of_n(sft, rm, prompts, rt, cfg, cfg.bon_max_n, task.judge)
-    sft_point = dict(method="sft", beta=0.0, **{k: v for k, v in bon[0].items() if k not in ("n",)},
-                     n_prompts=len(prompts))
-    points = [sft_point] + [dict(p, n_prompts=len(prompts)) for p in points]
-    if curve:
-        curve[0].update(score=bon[0]["score"], gold=bon[0].get("gold"))  # the curve starts at SFT
+    sft_answers = evaluate.sample_and_score(sft, None, None, prompts, rt, cfg.eval_batch_size, cfg.max_new_tokens,
+                                            seed=cfg.eval_seed, judge=judge)
+    pool = answer_pool(cfg, rt, sft, judge, prompts[:cfg.bon_prompts])
+    test = data.load_rankings(cfg, task)[1] if judge is not None else None
+    bon, sft_points = {}, {}
+    for rm in rms:
+        model = load(rm["path"], scalar_head=True)
+        key = f"{rm['name']}:{os.path.getmtime(rm['path'])}"
+        if key not in pool["scores"]:
+            pool["scores"][key] = reward.score_answers(model, pool["examples"], rt, cfg.eval_batch_size).view(
+                len(pool["examples"]) // cfg.bon_pool, -1)  # (P, N)
+            save_pool(os.path.join(cfg.out_dir, "lab", "pool.pt"), pool)
+        bon[rm["name"]] = evaluate.best_of_n_curve(pool["scores"][key], pool["gold"])
+        sft_points[rm["name"]] = dict(evaluate.summarize(dict(sft_answers, scores=reward.score_answers(
+            model, [dict(prompt=p["prompt"], chosen=a) for p, a in zip(prompts, sft_answers["responses"])], rt,
+            cfg.eval_batch_size))), kl=0.0, kl_se=0.0)
+        if judge is not None:
+            rm.update(agreement(rm, model, test, cfg, rt), pool_corr=torch.corrcoef(torch.stack(
+                [pool["scores"][key].flatten(), pool["gold"].flatten()]))[0, 1].item(), fits={})
+    if judge is not None:
+        bon["judge"] = evaluate.best_of_n_curve(pool["gold"], pool["gold"])  # the judge as its own ranker: the ceiling
+    y = "gold" if judge is not None else "score"
+    points = [dict(method="sft", beta=0.0, **sft_points[rms[0]["name"]])] + points
+    points = [dict(p, rm=rms[0]["name"], n_prompts=len(prompts)) for p in points]
+    curves = {name: ppo_curve(f, sft_points[name]) for name, f in curve_folders.items()}
+    biased = next((rm for rm in rms if rm["bias"]), None)
+    biased_runs = {beta: ppo_curve(f, sft_points[biased["name"]]) for beta, f in biased_folders.items()}
+    if judge is not None:  # Gao et al.'s forms, per reward model, on the gold gain over the curve's start (SFT)
+        for rm in rms:
+            for form, rows in (("bon", bon[rm["name"]]),
+                               ("rl", curves.get(rm["name"]) or (biased_runs.get(small_beta) if rm["bias"] else None))):
+                if rows and sum(r["kl"] > 0 for r in rows) >= 2:
+                    rm["fits"][form] = fit_gao([r["kl"] for r in rows], [r["gold"] - rows[0]["gold"] for r in rows], form)
 
-    y = "gold" if task.judge is not None else "score"
     with open(os.path.join(cfg.out_dir, "lab", "points.jsonl"), "w") as f:
-        for p in points + [dict(method="best-of-n", **b) for b in bon] + [dict(method="ppo-curve", **c) for c in curve]:
-            f.write(json.dumps(p) + "\n")
-    plot(cfg, points, bon, curve, y)
-    print(f"\nthe lab on {cfg.task}, {len(prompts)} test prompts (seed {cfg.eval_seed}); {y} +- standard error:")
-    print(f"  {'method':10s} {'beta / n':>8s} {'KL':>7s} {y + ' (se)':>18s} {'proxy (se)':>18s}")
-    for p in points + [dict(method="best-of-n", beta=b["n"], **b) for b in bon]:
-        positive = f"  positive {p['positive']:.2f}" if "positive" in p else ""
-        print(f"  {p['method']:10s} {p['beta']:>8g} {p['kl']:7.2f} {p[y]:+9.3f} ({p[f'{y}_se']:.3f})"
-              f" {p['score']:+9.3f} ({p['score_se']:.3f}){positive}")
-    print(f"wrote {cfg.out_dir}/lab/frontier.png, overoptimisation.png, points.jsonl")
+        rows = points + [dict(method="best-of-n", rm=name, **r) for name, rs in bon.items() for r in rs]
+        rows += [dict(method="ppo-curve", rm=name, beta=small_beta, **r) for name, rs in curves.items() for r in rs]
+        rows += [dict(method="ppo-curve", rm=biased["name"], beta=beta, **r) for beta, rs in biased_runs.items() for r in rs]
+        rows += [dict(method="reward-model", rm=rm["name"], **{k: v for k, v in rm.items()
+                                                              if k not in ("name", "path", "default")})
+                 for rm in rms if judge is not None]
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    plot(cfg, points, bon, curves, biased_runs, rms, y)
+    print_tables(cfg, points, bon, curves, biased_runs, rms, y)
+    charts = "frontier.png" + (", overoptimisation.png, kl_penalty.png, rm_scaling.png" if judge is not None else "")
+    print(f"wrote {cfg.out_dir}/lab/{charts}, points.jsonl")
     common.cleanup(rt)
-    return dict(points=points, best_of_n=bon, curve=curve)
+    return dict(points=points, best_of_n=bon, curves=curves, biased_runs=biased_runs, reward_models=rms)
 
 
 if __name__ == "__main__":

@@ -50,6 +50,10 @@ config = dict(common.SHARED, # out_dir, data_dir, device, block_size, checkpoint
     n_test_prompts=256,      # imdb: held-out prompts, from test prompts (C(K,2) pairs each)
     answers_per_prompt=4,    # imdb: K answers ranked per prompt (InstructGPT ranks 4-9); hh has K = 2
     label_temperature=0.0,   # imdb: Plackett-Luce temperature of the labeller (0 = the judge's own order)
+    label_bias_weight=0.0,   # imdb: a labeller with a bias: + this many log-odds per occurrence of label_bias in an
+    label_bias="!",          #   answer, on the train rankings only (0 = none); needs an --out_dir of its own
+    train_rankings=0,        # imdb: train on the first n train rankings of comparisons.pt only (0 = all): nested
+                             #   subsets of one set of comparisons, for the reward-model scaling curve (lab.py)
     max_iters=400,           # optimiser steps (400 x 16 prompts: ~2 epochs of the 3,000)
     batch_size=16,           # prompts per micro-batch (a forward of batch_size * K rows)
     grad_accum=1,            # micro-batches per optimiser step (per DDP rank)
@@ -112,7 +116,7 @@ def accumulate_gradients(score, micro_batches, rt, K):
         loss = ranking_loss(rewards)
         (loss * n / total * rt.world_size).backward()
         loss_sum += loss.item() * n
-        correct += (rewards[:, i] > rewards[:, j]).float().mean().item() * n  # pairs ordered as ranked
+        correct += win_rate(rewards[:, i], rewards[:, j]) * n  # pairs ordered as ranked (a tie counts 1/2)
     return loss_sum / sum(counts), correct / sum(counts)
 
 
@@ -184,7 +188,11 @@ def same_comparisons(cfg, recipe):
     path = data.tasks.rankings_path(cfg)
     if not os.path.exists(path):
         return False
-    info = torch.load(path, weights_only=False).get("info", {})
+    try:
+        info = torch.load(path, weights_only=False).get("info", {})
+    except Exception as e:  # a damaged file (a kill mid-copy, a truncated download): make it again
+        print(f"{path} is damaged ({type(e).__name__}): sampling the comparisons again")
+        return False
     if {k: info.get(k) for k in recipe} != recipe:
         return False
     print(f"reusing {path}: made from the same sft.pt with the same settings")
@@ -242,6 +250,12 @@ def show_pairs(examples, chosen, rejected, n, vocab_size):
 # ----------------------------------------------------------------------------- training
 def main(argv=None):
     cfg = common.parse_config(config, argv, cuda_overrides=cuda_config)
+    if (cfg.label_bias_weight or cfg.train_rankings) and os.path.abspath(cfg.out_dir) == os.path.abspath(
+            os.path.join("out", cfg.task)):  # never overwrite the pipeline's own rm.pt with an experiment's
+        raise common.ConfigError(f"--label_bias_weight / --train_rankings make a reward model of another labeller or "
+                                 f"less data: give it a folder of its own, e.g. --out_dir=out/{cfg.task}/rm_biased "
+                                 f"--sft_ckpt=out/{cfg.task}/sft.pt, so that out/{cfg.task}/rm.pt stays the default "
+                                 f"(`python lab.py` does this for you)")
     rt = common.setup_runtime(cfg)
     t_start = time.time()
     path = os.path.join(cfg.out_dir, "rm.pt")
@@ -263,6 +277,13 @@ def main(argv=None):
         if rt.ddp:
             torch.distributed.barrier()
     train, test = data.load_rankings(cfg, task)  # rankings: K responses per prompt, best first
+    if cfg.train_rankings:  # the first n: nested subsets of the same comparisons
+        train = train[:cfg.train_rankings]
+    if cfg.label_bias_weight and "gold" not in train[0]:
+        raise common.ConfigError("--label_bias_weight: only on imdb, whose comparisons carry the judge's scores")
+    if cfg.label_bias_weight:  # a labeller with a bias ranks the train answers; the held-out ones keep the judge's order
+        train = data.relabel_rankings(train, cfg.label_bias_weight, cfg.label_bias, cfg.vocab_size,
+                                      cfg.label_temperature, torch.Generator().manual_seed(cfg.seed))
     K = len(train[0]["responses"])
     torch.manual_seed(cfg.seed)  # the same fresh head on every DDP rank
     model = model_from_checkpoint(sft_ckpt, scalar_head=True).to(rt.device).train()  # SFT trunk + fresh head
@@ -270,7 +291,6 @@ def main(argv=None):
     score = torch.compile(model.score) if cfg.compile else model.score
     test_eval = common.subset(test, cfg.eval_rankings)
     gen = torch.Generator().manual_seed(cfg.seed + rt.rank)  # each rank samples its own batches
-    optimizer, state, start, logger = common.start_training(model, cfg, rt, ckpt, "rm", dict(gen=gen))
     if rt.master:
         print(f"reward model: {sft_path} trunk + fresh scalar head, {model.num_params() / 1e6:.2f}M parameters; "
               f"{len(train)} train / {len(test)} test prompts x K = {K} ranked answers ({K * (K - 1) // 2} pairs each)")
@@ -283,10 +303,12 @@ def main(argv=None):
             m.update(gold_agreement(pairs, c, r))
         print(f"\nstep {step}: test accuracy {m['accuracy']:.3f}, margin {m['margin']:+.3f}, loss {m['loss']:.4f}"
               + (f", gold agreement {m['gold_accuracy']:.3f}" if "gold_accuracy" in m else ""))
-        logger.log(step, **{f"test_{k}": v for k, v in m.items()})
         return m, rewards
 
-    before = run_eval(start)[0] if rt.master else None
+    before = run_eval(0)[0] if rt.master else None  # the fresh head, also when resuming: "before" = before training
+    optimizer, state, start, logger = common.start_training(model, cfg, rt, ckpt, "rm", dict(gen=gen))
+    if rt.master and start == 0:
+        logger.log(0, **{f"test_{k}": v for k, v in before.items()})
     losses = []
     warmup = max(1, int(cfg.warmup_frac * cfg.max_iters))
     bar = tqdm(range(start, cfg.max_iters), disable=not rt.master, desc="reward", dynamic_ncols=True)
@@ -304,7 +326,7 @@ def main(argv=None):
         logger.log(step, loss=loss, accuracy=acc, lr=lr, grad_norm=grad_norm)
         periodic = cfg.eval_every > 0 and (step + 1) % cfg.eval_every == 0
         if rt.master and periodic and step + 1 < cfg.max_iters:
-            run_eval(step + 1)
+            logger.log(step + 1, **{f"test_{k}": v for k, v in run_eval(step + 1)[0].items()})
         if step + 1 < cfg.max_iters and common.checkpoint_due(step + 1, cfg, cfg.max_iters):  # the last: below
             common.save_training_state(path, "rm", cfg, step + 1, cfg.max_iters, rt, **state)
     bar.close()
@@ -312,6 +334,7 @@ def main(argv=None):
     report = {}
     if rt.master:
         after, rewards = run_eval(cfg.max_iters)
+        logger.log(cfg.max_iters, **{f"test_{k}": v for k, v in after.items()})
         # InstructGPT normalisation: shift the head's bias so that the best answer of each train prompt (the
         # stand-in for the labeller demonstrations) has mean reward 0
         norm = [dict(prompt=x["prompt"], chosen=x["responses"][0]) for x in common.subset(train, cfg.norm_examples)]

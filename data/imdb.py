@@ -8,7 +8,8 @@ so that a gold sentiment judge (data/judge.py) finds the continuation positive. 
   - load_imdb: a token stream of the train + unsup reviews (pretraining / SFT text), prompts cut from the
     TRAIN reviews (for PPO and pair sampling) and from the TEST reviews (for evaluation), each with the
     review's next tokens as an SFT target, cached on disk;
-  - plackett_luce_ranking: a noisy labeller that ranks K responses, preferring those the judge scores higher.
+  - plackett_luce_ranking: a noisy labeller that ranks K responses, preferring those the judge scores higher;
+  - biased_labeller_scores: a labeller with a preference the judge does not share (the Goodhart lab's).
 
 Data root: one folder holds both tasks, <root>/imdb/aclImdb_v1.tar.gz and <root>/hh-rlhf/... . The root
 is the `data_dir` argument, else $RLHF_DATA_DIR, else this package's folder (data/), where the archive
@@ -158,6 +159,21 @@ def plackett_luce_ranking(gold, temperature=1.0, generator=None):
         u = torch.rand(gold.shape, generator=generator, dtype=torch.float64).clamp(min=1e-300)
         keys = keys / temperature - torch.log(-torch.log(u))  # g / T + Gumbel(0, 1)
     return keys.argsort(dim=1, descending=True, stable=True)  # (P, K)
+
+
+def biased_labeller_scores(gold, answers, weight, feature="!"):
+    """The score a labeller with a bias gives each answer: the judge's log-odds plus a preference the judge does
+    not share, `weight` log-odds per occurrence of the string `feature` in the answer's text (not the prompt's):
+        s(x, y) = g(x, y) + weight * count(feature, y)
+    Labellers' systematic preferences (answer length: Singhal et al. 2023; style) are what RLHF policies learn to
+    exploit (Gao et al. 2022). gold: (P, K) float; answers: P lists of K answer texts. Returns (P, K) float64.
+    weight 0 is the judge itself. Raises ValueError for an empty feature or answers of another shape."""
+    if not feature:
+        raise ValueError("biased_labeller_scores: the feature must be a non-empty string")
+    counts = torch.tensor([[a.count(feature) for a in row] for row in answers], dtype=torch.float64)  # (P, K)
+    if counts.shape != gold.shape:
+        raise ValueError(f"biased_labeller_scores: {tuple(counts.shape)} answers for {tuple(gold.shape)} gold scores")
+    return gold.double() + weight * counts
 
 
 # ----------------------------------------------------------------------------- cache

@@ -22,7 +22,7 @@ import torch
 
 from common import UserError, atomic_write
 from data.hh_rlhf import load_hh_rlhf, pretraining_tokens
-from data.imdb import load_imdb
+from data.imdb import biased_labeller_scores, load_imdb, plackett_luce_ranking
 from data.judge import load_judge
 from data.tokenizer import check_vocab_size, decode
 
@@ -110,3 +110,18 @@ def ranking_pairs(rankings, which="all"):
                 pair.update(gold_chosen=r["gold"][i], gold_rejected=r["gold"][j])
             out.append(pair)
     return out
+
+
+def relabel_rankings(rankings, weight, feature, vocab_size, temperature=0.0, generator=None):
+    """imdb: the same answers as ranked by a labeller with a bias (data.imdb.biased_labeller_scores: the judge's
+    log-odds + weight per occurrence of `feature` in the answer), drawn by Plackett-Luce at `temperature` (0: that
+    labeller's own order). rankings: imdb rankings (they carry "gold"), K answers each. Returns new rankings, each
+    with its responses and gold re-ordered best first for that labeller and "labeller" = the labeller's scores in
+    that order. weight 0 at temperature 0 gives back the judge's order (a stable sort of tied scores keeps the
+    stored order)."""
+    gold = torch.tensor([r["gold"] for r in rankings], dtype=torch.float64)  # (P, K)
+    answers = [[decode(y, vocab_size) for y in r["responses"]] for r in rankings]
+    scores = biased_labeller_scores(gold, answers, weight, feature)  # (P, K)
+    order = plackett_luce_ranking(scores, temperature, generator)  # (P, K) best first
+    return [dict(r, responses=[r["responses"][k] for k in o], gold=[r["gold"][k] for k in o],
+                 labeller=[s[k].item() for k in o]) for r, o, s in zip(rankings, order.tolist(), scores)]

@@ -1,14 +1,15 @@
 """Best-of-n and the lab: the KL of best-of-n against an exact enumeration, best-of-n's choice against a max over
 independent samples, and the sweep on a tiny imdb fixture writing every point and both charts."""
+import itertools
 import json
 import math
 import os
-import types
 
 import pytest
 import torch
 
 import common
+import data
 import evaluate
 import lab
 import ppo
@@ -35,22 +36,89 @@ def test_best_of_n_kl_equals_the_closed_form_and_an_exact_enumeration(n):
     assert exact_best_of_n_kl(lumpy, n) <= evaluate.best_of_n_kl(n) + 1e-9  # an upper bound for any categorical
 
 
-def test_best_of_n_takes_the_reward_models_favourite_and_n_1_is_plain_sampling(one_thread):
-    torch.manual_seed(0)
-    policy = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=64)).eval()
-    rm = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=64, scalar_head=True)).eval()
-    prompts = [{"prompt": [5 + i, 6, 7 + i]} for i in range(6)]
-    rt = common.setup_runtime(types.SimpleNamespace(device="cpu", dtype="float32", seed=0))
-    cfg = types.SimpleNamespace(eval_batch_size=4, max_new_tokens=6, eval_seed=3)
-    rows = evaluate.best_of_n(policy, rm, prompts, rt, cfg, n_max=4)
-    assert [r["n"] for r in rows] == [1, 2, 4]
-    assert [r["kl"] for r in rows] == [evaluate.best_of_n_kl(n) for n in (1, 2, 4)]
-    plain = [evaluate.sample_and_score(policy, None, rm, prompts, rt, 4, 6, seed=3 + j)["scores"] for j in range(4)]
-    assert rows[0]["score"] == pytest.approx(plain[0].mean().item(), abs=1e-6)  # n = 1: the plain evaluation
-    for row in rows[1:]:  # the chosen answer's proxy score is the best of the first n samples, prompt by prompt
-        best = torch.stack(plain[:row["n"]]).max(0).values
-        assert row["score"] == pytest.approx(best.mean().item(), abs=1e-6)
-    assert rows[2]["score"] >= rows[1]["score"] >= rows[0]["score"]
+def brute_force_best_of_n(proxy, values, n):
+    """The average, over every n-subset of each prompt's pool, of the value of the subset's proxy-argmax (a tie goes
+    to the answer sampled later, as documented)."""
+    out = []
+    for p in range(proxy.shape[0]):
+        subsets = list(itertools.combinations(range(proxy.shape[1]), n))
+        best = [max(S, key=lambda k: (proxy[p, k].item(), k)) for S in subsets]
+        out.append(sum(values[p, k].item() for k in best) / len(subsets))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_best_of_n_from_one_pool_is_the_average_over_every_subset(ties):
+    g = torch.Generator().manual_seed(1)
+    proxy, values = torch.randn(3, 8, generator=g), torch.randn(3, 8, generator=g)
+    if ties:  # a coarse reward model: many equal scores
+        proxy = proxy.round()
+    for n in range(1, 9):
+        assert torch.allclose(evaluate.best_of_n_from_pool(proxy, values, n), brute_force_best_of_n(proxy, values, n),
+                              atol=1e-12), n
+    assert torch.allclose(evaluate.best_of_n_from_pool(proxy, values, 1), values.double().mean(1))  # n = 1: any answer
+    assert torch.equal(evaluate.best_of_n_from_pool(proxy, proxy, 8), proxy.double().max(1).values)  # n = N: the best
+    with pytest.raises(ValueError):
+        evaluate.best_of_n_from_pool(proxy, values, 9)
+
+
+def test_best_of_n_curve_means_and_standard_errors_over_prompts():
+    g = torch.Generator().manual_seed(2)
+    proxy, gold = torch.randn(5, 16, generator=g), torch.randn(5, 16, generator=g)
+    rows = evaluate.best_of_n_curve(proxy, gold)
+    assert [r["n"] for r in rows] == [1, 2, 4, 8, 16]
+    assert [r["kl"] for r in rows] == [evaluate.best_of_n_kl(n) for n in (1, 2, 4, 8, 16)]
+    for r in rows:
+        per_prompt = brute_force_best_of_n(proxy, gold, r["n"]) if r["n"] <= 4 else \
+            evaluate.best_of_n_from_pool(proxy, gold, r["n"])
+        assert r["gold"] == pytest.approx(per_prompt.mean().item())
+        assert r["gold_se"] == pytest.approx(per_prompt.std().item() / 5 ** 0.5)
+    assert [r["score"] for r in rows] == sorted(r["score"] for r in rows)  # the proxy of the favourite only rises
+
+
+@pytest.mark.parametrize("form, alpha, beta", [("bon", 1.3, 0.25), ("rl", 0.6, 0.3), ("bon", 0.8, -0.05)])
+def test_gao_fits_recover_known_coefficients_and_peaks(form, alpha, beta):
+    kl = [0.0, 0.3, 1.0, 2.0, 4.0, 7.0, 11.0, 16.0, 25.0]
+    gain = [lab.gao_form(math.sqrt(k), alpha, beta, form) for k in kl]
+    fit = lab.fit_gao(kl, gain, form)
+    assert fit["alpha"] == pytest.approx(alpha, abs=1e-9) and fit["beta"] == pytest.approx(beta, abs=1e-9)
+    if beta <= 0:
+        assert fit["peak_kl"] is None  # the fitted gold keeps rising: no peak
+        return
+    d = torch.linspace(1e-3, 20, 200001, dtype=torch.float64).tolist()  # the peak, found by a grid search
+    best = max(d, key=lambda x: lab.gao_form(x, alpha, beta, form))
+    assert fit["peak_kl"] == pytest.approx(best ** 2, rel=1e-3)
+    assert fit["peak_gain"] == pytest.approx(lab.gao_form(best, alpha, beta, form), rel=1e-6)
+    with pytest.raises(ValueError):
+        lab.fit_gao([0.0, 1.0], [0.0, 1.0], form)  # one point with KL > 0 fixes nothing
+
+
+def test_biased_labeller_weight_zero_is_the_judge_and_a_large_weight_puts_the_feature_first():
+    g = torch.Generator().manual_seed(3)
+    gold = torch.randn(50, 4, generator=g, dtype=torch.float64)
+    answers = [[("great film" + "!" * ((i + k) % 3 == 0)) if (i * k) % 5 else "fine" for k in range(4)]
+               for i in range(50)]
+    judge_order = data.plackett_luce_ranking(gold, 0.0)
+    assert torch.equal(data.plackett_luce_ranking(data.biased_labeller_scores(gold, answers, 0.0), 0.0), judge_order)
+    order = data.plackett_luce_ranking(data.biased_labeller_scores(gold, answers, 100.0, "!"), 0.0)
+    for row, o in zip(answers, order.tolist()):
+        if any("!" in a for a in row):
+            assert "!" in row[o[0]]  # an answer with the feature always ranks first
+    scores = data.biased_labeller_scores(gold, [["a!!b!", "", "!", "x"]] + answers[1:], 0.5)
+    assert scores[0].tolist() == pytest.approx((gold[0] + torch.tensor([1.5, 0.0, 0.5, 0.0], dtype=torch.float64))
+                                               .tolist())  # 0.5 per "!" by hand
+
+
+def test_relabelled_rankings_keep_every_answer_with_its_gold():
+    from data.tokenizer import get_tokenizer
+    enc = get_tokenizer(8192)
+    texts = [[" good!", " bad", " great!!", " meh"], [" a", " b!", " c", " d"]]
+    rankings = [dict(prompt=[1, 2], responses=[enc.encode(t) for t in row], gold=[2.0, 1.0, 0.5, -1.0]) for row in texts]
+    assert data.relabel_rankings(rankings, 0.0, "!", 8192)[0]["responses"] == rankings[0]["responses"]  # the judge's
+    out = data.relabel_rankings(rankings, 1.0, "!", 8192)
+    assert [data.decode(y, 8192) for y in out[0]["responses"]] == [" good!", " great!!", " bad", " meh"]  # 3, 2.5, 1, -1
+    assert out[0]["gold"] == [2.0, 0.5, 1.0, -1.0] and out[0]["labeller"] == [3.0, 2.5, 1.0, -1.0]
+    assert [data.decode(y, 8192) for y in out[1]["responses"]] == [" a", " b!", " c", " d"]  # 2, 2, 0.5, -1: stable
 
 
 def test_gae_answers_come_from_ppos_real_config(monkeypatch):
@@ -92,7 +160,7 @@ def test_critic_free_runs_get_as_many_answers_per_iteration_as_gae(ppo_args, tmp
 
 
 @pytest.mark.slow
-def test_the_sweep_writes_every_point_and_both_charts(imdb_root, tmp_path, monkeypatch, one_thread):
+def test_the_lab_writes_every_point_and_every_chart_and_keeps_what_it_ran(imdb_root, tmp_path, monkeypatch, one_thread):
     monkeypatch.chdir(tmp_path)
     out = str(tmp_path / "out")
     shared = dict(task="imdb", device="cpu", data_dir=imdb_root, out_dir=out, block_size=64, max_new_tokens=6,
@@ -102,27 +170,45 @@ def test_the_sweep_writes_every_point_and_both_charts(imdb_root, tmp_path, monke
                   eval_every=0, eval_examples=4, n_answers=1))
     reward.main(argv(n_prompts=8, n_test_prompts=4, answers_per_prompt=3, max_iters=2, batch_size=4, eval_every=0,
                      norm_examples=4, n_show=0))
-    report = lab.main(argv(ppo_betas="0.05,0.2", dpo_betas="0.1", bon_max_n=4, eval_every=1, critic_free="grpo",
-                           samples_per_prompt=2,
-                           ppo_args="--iterations=2 --batch_size=4 --minibatch_size=2 --ptx_coef=0",
-                           dpo_args="--max_iters=2 --batch_size=2 --eval_every=0 --eval_pairs=4"))
+    lab_args = dict(ppo_betas="0.05,0.2", dpo_betas="0.1", eval_every=1, critic_free="grpo", samples_per_prompt=2,
+                    rm_sizes="4", bias_betas="0.05,1", bon_prompts=3, bon_pool=4, rm_args="--max_iters=2 --batch_size=4",
+                    ppo_args="--iterations=2 --batch_size=4 --minibatch_size=2 --ptx_coef=0",
+                    dpo_args="--max_iters=2 --batch_size=2 --eval_every=0 --eval_pairs=4")
+    report = lab.main(argv(**lab_args))
     rows = [json.loads(line) for line in open(os.path.join(out, "lab", "points.jsonl"))]
-    methods = [(r["method"], r.get("beta", r.get("n"))) for r in rows]
-    assert methods[:5] == [("sft", 0.0), ("ppo", 0.05), ("ppo", 0.2), ("grpo", 0.2), ("dpo", 0.1)]
-    assert [r["n"] for r in rows if r["method"] == "best-of-n"] == [1, 2, 4]
-    curve = [r for r in rows if r["method"] == "ppo-curve"]
-    assert len(curve) == 3 and curve[0]["kl"] == 0 and all(r["beta"] == 0.05 for r in curve)  # SFT + 2 evaluations
-    policies = [r for r in rows if r["method"] in ("sft", "ppo", "grpo", "dpo")]
-    assert all({"gold", "gold_se", "score", "kl"} <= set(r) for r in policies)
+    methods = [(r["method"], r.get("beta")) for r in rows if r["method"] in ("sft", "ppo", "grpo", "dpo")]
+    assert methods == [("sft", 0.0), ("ppo", 0.05), ("ppo", 0.2), ("grpo", 0.2), ("dpo", 0.1)]
+    rms = [r["rm"] for r in rows if r["method"] == "reward-model"]
+    n_all = len(torch.load(os.path.join(out, "comparisons.pt"), weights_only=False)["train"])
+    assert rms == [f"rm{n_all}", "rm4", "rm_biased"]
+    for name in rms + ["judge"]:  # best-of-n from one pool of 4 answers per prompt, under every ranker
+        assert [r["n"] for r in rows if r["method"] == "best-of-n" and r["rm"] == name] == [1, 2, 4]
+    curves = {(r["rm"], r["beta"]) for r in rows if r["method"] == "ppo-curve"}
+    assert curves == {(f"rm{n_all}", 0.05), ("rm4", 0.05), ("rm_biased", 0.05), ("rm_biased", 1.0)}
+    for key in curves:  # SFT at iteration 0, then an evaluation after each of the 2 iterations
+        curve = [r for r in rows if r["method"] == "ppo-curve" and (r["rm"], r["beta"]) == key]
+        assert [r["iteration"] for r in curve] == [0, 1, 2] and curve[0]["kl"] == 0
+        assert all({"gold", "gold_se", "score", "score_se", "kl"} <= set(r) for r in curve)
+    for r in rows:
+        if r["method"] == "reward-model":
+            assert {"gold_accuracy", "gold_accuracy_clear", "pool_corr", "fits"} <= set(r)
+            assert ("labeller_accuracy" in r) == (r["rm"] == "rm_biased")
+    small = torch.load(os.path.join(out, "lab", "rm4", "rm.pt"), weights_only=False)
+    assert small["config"]["train_rankings"] == 4 and small["config"]["out_dir"].endswith("rm4")
+    assert os.path.islink(os.path.join(out, "lab", "ppo_rm_biased_beta1.0", "rm.pt"))  # PPO against the biased RM
+    assert os.path.realpath(os.path.join(out, "lab", "ppo_rm_biased_beta1.0", "rm.pt")) == \
+        os.path.realpath(os.path.join(out, "lab", "rm_biased", "rm.pt"))
     grpo = [json.loads(line) for line in open(os.path.join(out, "lab", "grpo_beta0.2", "ppo_log.jsonl"))]
     assert "value_loss" not in grpo[0]  # the critic-free run builds no critic
     assert os.path.islink(os.path.join(out, "lab", "dpo_beta0.1", "comparisons.pt"))  # the shared comparisons
-    for f in ("frontier.png", "overoptimisation.png"):
+    for f in ("frontier.png", "overoptimisation.png", "kl_penalty.png", "rm_scaling.png"):
         assert os.path.getsize(os.path.join(out, "lab", f)) > 1000, f
-    assert len(report["points"]) == 5
-    # finished runs are kept, not redone
-    again = lab.main(argv(ppo_betas="0.05,0.2", dpo_betas="0.1", bon_max_n=4, critic_free="grpo", samples_per_prompt=2))
+    # finished runs, reward models and the pool are kept, not redone
+    stamps = {f: os.path.getmtime(os.path.join(out, "lab", f)) for f in ("rm4/rm.pt", "pool.pt", "ppo_beta0.05/ppo.pt")}
+    again = lab.main(argv(**lab_args))
     assert [p["gold"] for p in again["points"]] == [p["gold"] for p in report["points"]]
+    assert again["best_of_n"] == report["best_of_n"]
+    assert stamps == {f: os.path.getmtime(os.path.join(out, "lab", f)) for f in stamps}
 
 
 def test_distinct_n_and_the_proxy_gold_correlation_by_hand():

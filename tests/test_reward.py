@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import common
 import data
 import reward
 from common import setup_runtime
@@ -222,3 +223,39 @@ def test_tiny_end_to_end(tmp_path, hh_dir, monkeypatch, capsys):
         rewards = [rm.scalar(torch.tensor([p["prompt"] + p["chosen"]]))[0, -1].item() for p in train]
     assert sum(rewards) / len(rewards) == pytest.approx(0.0, abs=1e-4)
     assert ckpt["reward_bias"] == pytest.approx(report["reward_bias"]) and ckpt["reward_bias"] != 0
+
+
+def test_a_biased_or_smaller_reward_model_never_overwrites_the_default_one(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for flag in ("--label_bias_weight=1", "--train_rankings=300"):
+        with pytest.raises(common.ConfigError, match="folder of its own"):
+            reward.main(["--device=cpu", flag])  # out_dir defaults to out/imdb: refused before anything is read
+
+
+def test_the_training_accuracy_counts_a_tie_as_one_half_like_the_test_accuracy(hh_dir):
+    rankings = fixture_rankings(hh_dir, 4)
+    rt = RT
+    weight = torch.nn.Parameter(torch.zeros(()))
+    constant = lambda idx, mask: weight + torch.zeros(idx.shape[0])  # every answer the same reward: all ties
+    loss, acc = reward.accumulate_gradients(constant, [data.collate_rankings(rankings)], rt, 3)
+    assert acc == 0.5 and loss == pytest.approx(math.log(2))
+
+
+def test_a_damaged_comparisons_file_is_sampled_again_saying_so(tmp_path, capsys):
+    (tmp_path / "comparisons.pt").write_bytes(b"not a torch file")
+    cfg = SimpleNamespace(out_dir=str(tmp_path))
+    assert reward.same_comparisons(cfg, dict(n_prompts=3)) is False
+    assert "damaged" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_the_before_figures_of_a_resumed_run_are_those_of_the_start(tmp_path, hh_dir, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = str(tmp_path / "out")
+    save_checkpoint(os.path.join(out, "sft.pt"), tiny_gpt(n_tokens=8192, vocab_size=8192),
+                    dict(block_size=64, max_prompt_len=32), "sft")
+    first = reward.main(args(out_dir=out, data_dir=hh_dir, max_iters=6, eval_every=0, n_show=0))
+    again = reward.main(args(out_dir=out, data_dir=hh_dir, max_iters=9, eval_every=0, n_show=0, resume=True))
+    for k in ("accuracy", "margin", "loss"):
+        assert again[f"{k}_before"] == pytest.approx(first[f"{k}_before"], abs=1e-6), k  # the fresh head's
+    assert again["loss_after"] != pytest.approx(again["loss_before"])
