@@ -44,26 +44,28 @@ from evaluate import win_rate
 from checkpoint import load_checkpoint, model_from_checkpoint
 
 # ----------------------------------------------------------------------------- config
-config = dict(common.SHARED, # out_dir, data_dir, device, block_size, checkpoint_every, resume, ... (common.py)
-    sft_ckpt="",             # the trunk to start from; "" = <out_dir>/sft.pt
-    n_prompts=3000,          # imdb: train prompts, answers_per_prompt SFT answers each, ranked by the gold judge
-    n_test_prompts=256,      # imdb: held-out prompts, from test prompts (C(K,2) pairs each)
-    answers_per_prompt=4,    # imdb: K answers ranked per prompt (InstructGPT ranks 4-9); hh has K = 2
-    label_temperature=0.0,   # imdb: Plackett-Luce temperature of the labeller (0 = the judge's own order)
-    label_bias_weight=0.0,   # imdb: a labeller with a bias: + this many log-odds per occurrence of label_bias in an
-    label_bias="!",          #   answer, on the train rankings only (0 = none); needs an --out_dir of its own
-    train_rankings=0,        # imdb: train on the first n train rankings of comparisons.pt only (0 = all): nested
-                             #   subsets of one set of comparisons, for the reward-model scaling curve (lab.py)
-    max_iters=400,           # optimiser steps (400 x 16 prompts: ~2 epochs of the 3,000)
-    batch_size=16,           # prompts per micro-batch (a forward of batch_size * K rows)
-    grad_accum=1,            # micro-batches per optimiser step (per DDP rank)
-    lr=1e-3,                 # peak learning rate (warmup, then cosine to 10%)
-    weight_decay=0.1, grad_clip=1.0,  # max gradient norm (0 = off)
-    warmup_frac=0.1,         # linear warmup over this fraction of max_iters
-    eval_every=0,            # evaluate on `test` every this many steps (0: only at the start and the end)
-    eval_rankings=0,         # test rankings per evaluation, a fixed random subset (0 = all)
-    norm_examples=512,       # train rankings (fixed random subset) whose best answers set the normalisation (0 = all)
-    n_show=4,                # test pairs printed with their scores in the report
+S = common.setting  # a default with the values it allows, checked by the config parser
+config = dict(common.SHARED,  # out_dir, data_dir, device, block_size, checkpoint_every, resume, ... (common.py)
+    sft_ckpt="",              # the trunk to start from; "" = <out_dir>/sft.pt
+    n_prompts=S(3000, ">= 1"),  # imdb: train prompts, answers_per_prompt SFT answers each, ranked by the gold judge
+    n_test_prompts=S(256, ">= 1"),  # imdb: held-out prompts, from test prompts (C(K,2) pairs each)
+    answers_per_prompt=S(4, ">= 2"),  # imdb: K answers ranked per prompt (InstructGPT ranks 4-9); hh has K = 2
+    label_temperature=S(0.0, ">= 0"),  # imdb: Plackett-Luce temperature of the labeller (0 = the judge's own order)
+    label_bias_weight=S(0.0, ">= 0"),  # imdb: a labeller with a bias: + this many log-odds per occurrence of
+    label_bias="!",           #   label_bias in an answer, on the train rankings only (0 = none); needs its own out_dir
+    train_rankings=S(0, ">= 0"),  # imdb: train on the first n train rankings of comparisons.pt only (0 = all):
+                              #   nested subsets of one set of comparisons, for the reward-model scaling curve (lab.py)
+    max_iters=S(400, ">= 1"),  # optimiser steps (400 x 16 prompts: ~2 epochs of the 3,000)
+    batch_size=S(16, ">= 1"),  # prompts per micro-batch (a forward of batch_size * K rows)
+    grad_accum=S(1, ">= 1"),  # micro-batches per optimiser step (per DDP rank)
+    lr=S(1e-3, ">= 0"),       # peak learning rate (warmup, then cosine to 10%)
+    weight_decay=S(0.1, ">= 0"),
+    grad_clip=S(1.0, ">= 0"),  # max gradient norm (0 = off)
+    warmup_frac=S(0.1, "[0, 1]"),  # linear warmup over this fraction of max_iters
+    eval_every=S(0, ">= 0"),  # evaluate on `test` every this many steps (0: only at the start and the end)
+    eval_rankings=S(0, ">= 0"),  # test rankings per evaluation, a fixed random subset (0 = all)
+    norm_examples=S(512, ">= 0"),  # train rankings (fixed random subset) whose best answers set the normalisation (0 = all)
+    n_show=S(4, ">= 0"),      # test pairs printed with their scores in the report
 )
 cuda_config = dict(common.SHARED_CUDA,
     n_prompts=10000, n_test_prompts=500,  # imdb: more comparisons, of the longer answers of the CUDA preset
@@ -267,8 +269,6 @@ def main(argv=None):
     if cfg.block_size > sft_ckpt["model_args"]["block_size"]:
         raise common.UserError(f"--block_size={cfg.block_size} exceeds the block_size "
                                f"{sft_ckpt['model_args']['block_size']} of {sft_path}")
-    if cfg.answers_per_prompt < 2:
-        raise common.ConfigError(f"--answers_per_prompt={cfg.answers_per_prompt}: a comparison needs at least 2")
     task = data.load_task(cfg, verbose=rt.master)
     recipe = comparisons_recipe(cfg, sft_path)
     if task.judge is not None and not same_comparisons(cfg, recipe):

@@ -214,9 +214,7 @@ def outside(rule, is_int):
     return [float(low) - (step if rule[0] == "[" else 0), float(high) + (step if rule[-1] == "]" else 0)]
 
 
-STAGES = ["sft", "ppo", "dpo",
-          pytest.param("reward", marks=pytest.mark.xfail(strict=True, reason="reward.py's settings() are to come")),
-          pytest.param("lab", marks=pytest.mark.xfail(strict=True, reason="lab.py's settings() are to come"))]
+STAGES = ["sft", "ppo", "dpo", "reward", "lab"]
 
 
 @pytest.mark.parametrize("stage", STAGES)
