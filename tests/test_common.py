@@ -175,7 +175,7 @@ def test_torchrun_two_cpu_processes_train_in_sync(tmp_path):
     """torchrun --nproc_per_node=2 with gloo: ranks see different data, yet end with identical weights,
     equal to one process training on the union of their batches (the mean of the two gradients)."""
     worker = os.path.join(os.path.dirname(__file__), "ddp_worker.py")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",  # a free port
            worker, str(tmp_path)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]

@@ -67,8 +67,11 @@ def test_kl_estimators_on_a_known_categorical():
         est = ppo.kl_estimate(logp, logq, kind)
         stderr = est.std().item() / math.sqrt(est.numel())
         assert abs(est.mean().item() - true_kl) < 4 * stderr + 1e-3, kind
-    k3 = ppo.kl_estimate(torch.randn(1000) * 5, torch.randn(1000) * 5, "k3")
-    assert torch.all(k3 >= 0) and torch.all(ppo.kl_estimate(logp, logq, "k3") >= 0)
+    # k3 >= 0 per token: log ratios drawn from this test's own generator (the global RNG's state depends on which tests
+    # ran before), in float64 (in float32, exp(x) - 1 - x rounds below 0 for |x| < ~3e-4: 17 of 20,000 draws did)
+    k3 = ppo.kl_estimate(torch.randn(1000, generator=g, dtype=torch.float64) * 5,
+                         torch.randn(1000, generator=g, dtype=torch.float64) * 5, "k3")
+    assert torch.all(k3 >= 0) and torch.all(ppo.kl_estimate(logp.double(), logq.double(), "k3") >= 0)
     with pytest.raises(ValueError, match="k2"):
         ppo.kl_estimate(logp, logq, "k2")
 
@@ -409,20 +412,57 @@ def test_every_flag_switched_at_once(hh_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     out = str(tmp_path / "out")
     write_tiny_checkpoints(out)
+    batches, real_rollout = [], ppo.rollout
+    monkeypatch.setattr(ppo, "rollout", lambda *a, **k: batches.append(real_rollout(*a, **k)) or batches[-1])
     ppo.main(TINY + [f"--data_dir={hh_dir}", f"--out_dir={out}", "--iterations=3", "--eval_prompts=4",
-                     "--whiten_advantages=False", "--clip_value_loss=False", "--ptx_coef=0", "--kl_estimator=k3",
+                     "--whiten_advantages=False", "--clip_value_loss=False", "--ptx_coef=0.5", "--kl_estimator=k3",
                      "--adaptive_kl=True", "--target_kl=100", "--kl_horizon=16", "--missing_eos_penalty=1",
                      "--grad_clip=0", "--decay_lr=False", "--beta=0.1", "--normalize_scores=False",
                      "--sample_every=0"])
     rows = [json.loads(line) for line in open(os.path.join(out, "ppo_log.jsonl"))]
     assert ["sample_0" in r for r in rows] == [False, False, True]  # sample_every=0: only the last iteration
-    assert all(r["ptx_loss"] == 0 and r["value_clipfrac"] == 0 and r["lr"] == rows[0]["lr"] for r in rows)
+    assert all(r["ptx_loss"] > 0 and r["value_clipfrac"] == 0 and r["lr"] == rows[0]["lr"] for r in rows)
     # KL far below target: beta shrinks by the clipped factor (1 - 0.2 * 16 / 16) each iteration
     assert [round(r["beta"], 6) for r in rows] == [0.1, 0.08, 0.064]
-    assert all(r["kl"] >= 0 for r in rows)  # k3 is never negative
+    # the logged KL is k3's, by hand from each rollout's logprobs (k1's, the default, is another number once the
+    # policy has moved: at the first rollout pi = pi_ref and both are 0)
+    for r, b in zip(rows, batches):
+        log_ratio = b.ref_logprobs - b.old_logprobs  # log(pi_ref / pi)
+        k3 = ((log_ratio.exp() - 1 - log_ratio) * b.mask).sum(1).mean().item()
+        k1 = (-log_ratio * b.mask).sum(1).mean().item()
+        assert r["kl"] == pytest.approx(k3, rel=1e-5, abs=1e-7) and (r is rows[0] or abs(k3 - k1) > 1e-3 * k3)
+    assert rows[0]["kl"] == 0 < rows[1]["kl"]
     # no EOS in these tiny answers: every response is penalised, objective = score - 1 - beta * kl
     assert all(r["eos_rate"] == 0 for r in rows)
     assert all(abs(r["objective"] - (r["score"] - 1 - r["beta"] * r["kl"])) < 1e-4 for r in rows)
+
+
+def test_ptx_runs_with_its_batch_shape_and_changes_the_update(hh_dir, tmp_path, monkeypatch):
+    """PPO-ptx end to end: with --ptx_coef > 0 every minibatch step draws ptx_batch_size windows of ptx_block_size
+    tokens, the logged ptx loss is finite and nonzero, and the loss reaches the update: one iteration (the same
+    rollout, the same text windows) with ptx_coef 0.5 and 2 ends with other weights."""
+    monkeypatch.chdir(tmp_path)
+    shapes, real_sample = [], data.sample_text_batch
+
+    def sample(stream, batch_size, block_size, generator):
+        tb = real_sample(stream, batch_size, block_size, generator)
+        shapes.append(tuple(tb["idx"].shape))
+        return tb
+    monkeypatch.setattr(data, "sample_text_batch", sample)
+    weights, rows = {}, {}
+    for coef in (0.5, 2.0):
+        out = str(tmp_path / f"out{coef}")
+        write_tiny_checkpoints(out)
+        shapes.clear()
+        ppo.main(TINY + [f"--data_dir={hh_dir}", f"--out_dir={out}", "--iterations=1", "--eval_prompts=4",
+                         f"--ptx_coef={coef}", "--ptx_batch_size=3", "--ptx_block_size=20"])
+        assert shapes == [(3, 20)] * 4  # 2 epochs x 2 minibatches of 8 of the 16 sequences
+        rows[coef] = json.loads(open(os.path.join(out, "ppo_log.jsonl")).readline())
+        assert math.isfinite(rows[coef]["ptx_loss"]) and rows[coef]["ptx_loss"] > 0
+        weights[coef] = torch.load(os.path.join(out, "ppo.pt"))["model"]
+    assert rows[2.0]["ptx_loss"] > 2 * rows[0.5]["ptx_loss"]  # about 4x: the same windows, the same start
+    assert rows[2.0]["score"] == rows[0.5]["score"]  # the same rollout: the runs differ in the update only
+    assert any(not torch.equal(weights[0.5][k], weights[2.0][k]) for k in weights[0.5])
 
 
 @pytest.mark.parametrize("V", [50257, 8192])  # GPT-2's vocabulary (EOT 50256) and the default cut one (EOT 8191)
