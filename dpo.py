@@ -54,7 +54,7 @@ config = dict(common.SHARED, # out_dir, data_dir, device, block_size, eval_promp
     warmup_iters=setting(10, ">= 0"),
     weight_decay=setting(0.0, ">= 0"),
     grad_clip=setting(1.0, ">= 0"),  # max gradient norm (0 = off)
-    log_interval=setting(5, ">= 1"),  # log the mean of the train metrics over this many steps
+    log_every=setting(5, ">= 1"),  # log the mean of the train metrics over this many steps
     eval_pairs=setting(256, ">= 0"),  # test pairs for the implicit-reward accuracy (0 = all of `test`)
     eval_every=setting(25, ">= 0"),   # every this many steps log test accuracy / margin (0 = only at the end)
 )
@@ -223,7 +223,7 @@ def main(argv=None):
             step_means = {k: step_means.get(k, 0.0) + v / cfg.grad_accum for k, v in step_stats.items()}
         common.optimizer_step(policy, optimizer, cfg.grad_clip, rt, it)
         window.append({k: common.all_reduce_mean(v, rt) for k, v in step_means.items()})
-        if (it + 1) % cfg.log_interval == 0 or it + 1 == cfg.max_iters:  # the mean over the last steps
+        if (it + 1) % cfg.log_every == 0 or it + 1 == cfg.max_iters:  # the mean over the last steps
             metrics = {k: sum(w[k] for w in window) / len(window) for k in window[0]}
             logger.log(it, lr=lr, **metrics)
             pbar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['accuracy']:.2f}",
@@ -263,8 +263,8 @@ def make_report(policy, test_pairs, ref_test, task, logger, cfg, rt):
               **{f"test_{k}_before": v for k, v in before.items()},
               **{f"test_{k}": v for k, v in final.items()}}
     print(f"\nDPO ({cfg.loss_type}, beta {cfg.beta}): train loss {report['loss_first']:.4f} -> "
-          f"{report['loss_last']:.4f} (first / last {n * cfg.log_interval} steps), train batch accuracy "
-          f"{report['train_accuracy_last']:.3f} (last {n * cfg.log_interval} steps)")
+          f"{report['loss_last']:.4f} (first / last {n * cfg.log_every} steps), train batch accuracy "
+          f"{report['train_accuracy_last']:.3f} (last {n * cfg.log_every} steps)")
     print(f"test pairs ({len(test_pairs)}), the SFT policy -> DPO: implicit-reward accuracy {before['accuracy']:.3f} -> "
           f"{final['accuracy']:.3f}, margin {before['margin']:.4f} -> {final['margin']:.4f}, loss {before['loss']:.4f} -> "
           f"{final['loss']:.4f}, likelihood accuracy {before['likelihood_accuracy']:.3f} -> "

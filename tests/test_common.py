@@ -197,6 +197,10 @@ def test_a_renamed_flag_says_what_replaced_it():
     with pytest.raises(ConfigError, match=r"--eval_interval was renamed --eval_every.*--eval_every=5"):
         parse_config(sft.config, ["--eval_interval=5"], verbose=False)
     assert parse_config(sft.config, ["--eval_every=5"], verbose=False).eval_every == 5
+    import dpo  # and --log_interval became --log_every (dpo.py's last *_interval)
+    with pytest.raises(ConfigError, match=r"--log_interval was renamed --log_every.*--log_every=2"):
+        parse_config(dpo.config, ["--log_interval=2"], verbose=False)
+    assert parse_config(dpo.config, ["--log_every=2"], verbose=False).log_every == 2
 
 
 # ----------------------------------------------------------------------------- declared settings

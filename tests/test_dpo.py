@@ -173,7 +173,7 @@ def write_checkpoints(out_dir, rm=True):
 def tiny_args(out_dir, hh_dir, **over):
     args = dict(task="hh", out_dir=out_dir, data_dir=hh_dir, device="cpu", block_size=128, max_prompt_len=64,
                 batch_size=4, max_iters=30, lr=3e-3, warmup_iters=3, eval_pairs=0, eval_every=10,
-                eval_batch_size=8, log_interval=1, eval_prompts=8, max_new_tokens=8, train_pairs=0,
+                eval_batch_size=8, log_every=1, eval_prompts=8, max_new_tokens=8, train_pairs=0,
                 vocab_size=50257)  # the tiny checkpoints have GPT-2's vocabulary (GPTConfig's default)
     args.update(over)
     return [f"--{k}={v}" for k, v in args.items()]

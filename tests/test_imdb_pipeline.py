@@ -77,7 +77,7 @@ def test_every_stage_runs_on_imdb(imdb_root, tmp_path, monkeypatch, capsys, one_
     row = json.loads(open(os.path.join(out, "gold", "ppo_log.jsonl")).readline())
     assert row["score"] == pytest.approx(row["gold"], abs=1e-5)
 
-    report = dpo.main(argv(**common, max_iters=2, batch_size=2, eval_every=0, log_interval=1, eval_pairs=4,
+    report = dpo.main(argv(**common, max_iters=2, batch_size=2, eval_every=0, log_every=1, eval_pairs=4,
                            pairs_of_ranking="best_worst"))
     assert "gold" in report["dpo"] and report["dpo"]["gold"] == pytest.approx(
         json.load(open(os.path.join(out, "eval_dpo.json")))["gold"])

@@ -71,7 +71,7 @@ def test_a_run_killed_and_resumed_ends_where_an_unbroken_run_ends(stage, tmp_pat
         "reward": (reward, "rm.pt", dict(task="hh", device="cpu", block_size=64, max_prompt_len=32, max_iters=5, batch_size=4,
                                          eval_every=0, eval_batch_size=16, norm_examples=8, n_show=0)),
         "dpo": (dpo, "dpo.pt", dict(task="hh", device="cpu", block_size=64, max_prompt_len=32, batch_size=4, max_iters=5,
-                                    train_pairs=16, eval_pairs=8, eval_every=0, log_interval=1, eval_prompts=4,
+                                    train_pairs=16, eval_pairs=8, eval_every=0, log_every=1, eval_prompts=4,
                                     max_new_tokens=4, eval_batch_size=8)),
         "ppo": (ppo, "ppo.pt", dict(task="hh", device="cpu", block_size=64, max_prompt_len=32, max_new_tokens=6, batch_size=4,
                                     minibatch_size=2, iterations=5, ptx_batch_size=2, ptx_block_size=16,
@@ -246,7 +246,8 @@ def test_a_checkpoint_whose_weights_do_not_fit_is_one_line_and_exit_status_2(tmp
     ("ppo.py", ["--iterations=-3"], ["--iterations=-3", "expected a value >= 1"]),
     ("ppo.py", ["--minibatch_size=0"], ["--minibatch_size=0", "expected a value >= 1"]),
     ("ppo.py", ["--lr=nan"], ["--lr=nan", "expected a finite float"]),
-    ("dpo.py", ["--log_interval=0"], ["--log_interval=0", "expected a value >= 1"]),
+    ("dpo.py", ["--log_every=0"], ["--log_every=0", "expected a value >= 1"]),
+    ("dpo.py", ["--log_interval=5"], ["--log_interval was renamed --log_every", "--log_every=5"]),
 ])
 def test_a_users_mistake_is_one_line_and_exit_status_2(script, args, words, tmp_path):
     if "cuda" in args[0] and torch.cuda.is_available():
