@@ -157,7 +157,8 @@ SHARED_CUDA = dict(vocab_size=50257, compile=True, dtype="bfloat16", block_size=
                    eval_prompts=1024, eval_batch_size=128, checkpoint_every=500)
 
 
-RENAMED = dict(eval_interval="eval_every", log_interval="log_every")  # old flag -> the flag that replaced it (one name per idea in every stage)
+# old flag -> the flag that replaced it (one name per idea in every stage)
+RENAMED = dict(eval_interval="eval_every", log_interval="log_every")
 
 
 def _parse_value(key, text, default):

@@ -265,10 +265,10 @@ def make_report(policy, test_pairs, ref_test, task, logger, cfg, rt):
     print(f"\nDPO ({cfg.loss_type}, beta {cfg.beta}): train loss {report['loss_first']:.4f} -> "
           f"{report['loss_last']:.4f} (first / last {n * cfg.log_every} steps), train batch accuracy "
           f"{report['train_accuracy_last']:.3f} (last {n * cfg.log_every} steps)")
-    print(f"test pairs ({len(test_pairs)}), the SFT policy -> DPO: implicit-reward accuracy {before['accuracy']:.3f} -> "
-          f"{final['accuracy']:.3f}, margin {before['margin']:.4f} -> {final['margin']:.4f}, loss {before['loss']:.4f} -> "
-          f"{final['loss']:.4f}, likelihood accuracy {before['likelihood_accuracy']:.3f} -> "
-          f"{final['likelihood_accuracy']:.3f}")
+    print(f"test pairs ({len(test_pairs)}), the SFT policy -> DPO: implicit-reward accuracy "
+          f"{before['accuracy']:.3f} -> {final['accuracy']:.3f}, margin {before['margin']:.4f} -> "
+          f"{final['margin']:.4f}, loss {before['loss']:.4f} -> {final['loss']:.4f}, likelihood accuracy "
+          f"{before['likelihood_accuracy']:.3f} -> {final['likelihood_accuracy']:.3f}")
     rm_path = os.path.join(cfg.out_dir, "rm.pt")
     if not os.path.exists(rm_path):
         print(f"no {rm_path}: the sample evaluation (reward-model score, KL, win rate, frontier chart) needs "

@@ -27,7 +27,7 @@ The logged figures (score, gold, kl, explained_var, ...) are explained in the RE
 checkpoint_every iterations; `--resume=True` continues a killed run to the same final iteration.
 
 Layout: sequences = cat([prompt (B, P) left-padded, response (B, R)], 1); everything per token is the (B, R)
-response slice [:, P:] with `mask` (1 up to and including the first EOS, 0 after it).
+response slice [:, P:] with `response_mask` (1 up to and including the first EOS, 0 after it).
 Value convention: V_t = the critic's scalar at sequence position P + t - 1, i.e. at the token BEFORE response
 token t: the state s_t in which the policy chose y_t (for t = 0 that is the last prompt token). V after the
 last response token is 0 (the episode has ended).
@@ -138,33 +138,35 @@ def ptx_loss(policy, text_batch, ptx_coef):
     return -ptx_coef * masked_mean(text_logprobs, text_batch["loss_mask"])
 
 
-def per_token_rewards(scores, logprobs, ref_logprobs, mask, beta, kind="k1"):
+def per_token_rewards(scores, logprobs, ref_logprobs, response_mask, beta, kind="k1"):
     """The per-token reward of RLHF (Ziegler et al. 2019; InstructGPT eq. 2):
         r_t = -beta * kl_t  +  s * 1[t is the last real response token]
-    scores (B,) reward-model scores s; logprobs, ref_logprobs, mask (B, T) over the response tokens; mask is 1 up
-    to and including the EOS, so the score lands on the EOS when there is one and never on a pad. beta float;
-    kind the KL estimator (see kl_estimate). Returns rewards (B, T) float, 0 outside the mask."""
+    scores (B,) reward-model scores s; logprobs, ref_logprobs, response_mask (B, T) over the response tokens;
+    response_mask is 1 up to and including the EOS, so the score lands on the EOS when there is one and never on a
+    pad. beta float; kind the KL estimator (see kl_estimate). Returns rewards (B, T) float, 0 outside the mask."""
     kl = kl_estimate(logprobs, ref_logprobs, kind)  # (B, T)
-    last = torch.zeros_like(mask).scatter_(1, last_token_index(mask)[:, None], 1.0) * mask  # (B, T) one-hot
-    return (-beta * kl + scores[:, None] * last) * mask  # r_t = -beta kl_t (+ s on the last token)
+    last = torch.zeros_like(response_mask).scatter_(1, last_token_index(response_mask)[:, None], 1.0)  # (B, T) one-hot
+    last = last * response_mask
+    return (-beta * kl + scores[:, None] * last) * response_mask  # r_t = -beta kl_t (+ s on the last token)
 
 
-def compute_gae(rewards, values, mask, gamma, lam):
+def compute_gae(rewards, values, response_mask, gamma, lam):
     """Generalised advantage estimation (Schulman et al. 2016, eqs. 11-16), as a backward loop over time:
         delta_t = r_t + gamma * V_{t+1} - V_t           (V after the last real token is 0)
         A_t     = delta_t + gamma * lam * A_{t+1}  =  sum_l (gamma lam)^l delta_{t+l}
         returns_t = A_t + V_t
-    rewards, values, mask (B, T) float; mask is a prefix mask (1 on each row's first L_b tokens, 0 after).
+    rewards, values, response_mask (B, T) float; response_mask is a prefix mask (1 on each row's first L_b tokens,
+    0 after).
     Returns (advantages, returns), (B, T) each, 0 outside the mask."""
     B, T = rewards.shape
     advantages = torch.zeros_like(rewards)
     next_advantage = torch.zeros_like(rewards[:, 0])  # (B,) A_{t+1}
     for t in reversed(range(T)):
-        next_value = values[:, t + 1] * mask[:, t + 1] if t + 1 < T else torch.zeros_like(next_advantage)  # V_{t+1}
+        next_value = values[:, t + 1] * response_mask[:, t + 1] if t + 1 < T else torch.zeros_like(next_advantage)
         delta = rewards[:, t] + gamma * next_value - values[:, t]  # delta_t = r_t + gamma V_{t+1} - V_t
-        next_advantage = (delta + gamma * lam * next_advantage) * mask[:, t]  # A_t = delta_t + gamma lam A_{t+1}
+        next_advantage = (delta + gamma * lam * next_advantage) * response_mask[:, t]
         advantages[:, t] = next_advantage
-    returns = (advantages + values) * mask  # returns_t = A_t + V_t
+    returns = (advantages + values) * response_mask  # returns_t = A_t + V_t
     return advantages, returns
 
 
@@ -176,14 +178,14 @@ def whiten(x, mask):
     return (x - mean) * torch.rsqrt(var + 1e-8) * mask  # mean 0, std 1
 
 
-def policy_loss(logprobs, old_logprobs, advantages, mask, cliprange):
+def policy_loss(logprobs, old_logprobs, advantages, response_mask, cliprange):
     """PPO's clipped surrogate (Schulman et al. 2017, eq. 7), negated to be minimised, token-level mean:
         rho_t = exp(log pi_theta(y_t) - log pi_old(y_t))
         L = - mean_t min(rho_t A_t, clip(rho_t, 1 - cliprange, 1 + cliprange) A_t)
-    logprobs (B, T) (with grad), old_logprobs, advantages, mask (B, T). Returns (loss, clipfrac): clipfrac is the
-    fraction of masked tokens where the clipped term is the smaller one, i.e. where no gradient flows."""
+    logprobs (B, T) (with grad), old_logprobs, advantages, response_mask (B, T). Returns (loss, clipfrac): clipfrac is
+    the fraction of masked tokens where the clipped term is the smaller one, i.e. where no gradient flows."""
     objective, clipped = clipped_surrogate(logprobs, old_logprobs, advantages, cliprange)  # (B, T) x2
-    return -masked_mean(objective, mask), masked_mean(clipped, mask)  # -L^CLIP, PPO eq. 7
+    return -masked_mean(objective, response_mask), masked_mean(clipped, response_mask)  # -L^CLIP, PPO eq. 7
 
 
 def clipped_surrogate(logprobs, old_logprobs, advantages, cliprange):
@@ -218,42 +220,43 @@ def grpo_advantages(scores, k, eps=1e-4):
     return ((s - s.mean(1, keepdim=True)) / (s.std(1, keepdim=True) + eps)).flatten()
 
 
-def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, cliprange, beta):
+def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, response_mask, cliprange, beta):
     """GRPO's objective (DeepSeekMath, eq. 3), negated: per token the clipped surrogate plus the KL to the reference
     as a loss term (not in the reward), beta * k3 with k3 = pi_ref / pi - log(pi_ref / pi) - 1; each sequence's
     token losses are averaged first, then the mean is over sequences (1/G sum_i 1/|o_i| sum_t):
         L = mean_i [ 1 / |o_i| * sum_t ( -min(rho_t A_i, clip(rho_t) A_i) + beta * k3_t ) ]
-    logprobs (B, T) (with grad), old_logprobs, ref_logprobs, advantages, mask (B, T). Returns (loss, clipfrac)."""
+    logprobs (B, T) (with grad), old_logprobs, ref_logprobs, advantages, response_mask (B, T).
+    Returns (loss, clipfrac)."""
     objective, clipped = clipped_surrogate(logprobs, old_logprobs, advantages, cliprange)  # (B, T) x2
     per_token = -objective + beta * kl_estimate(logprobs, ref_logprobs, "k3")  # (B, T)
-    per_sequence = (per_token * mask).sum(1) / mask.sum(1).clamp(min=1)  # (B,) 1 / |o_i| sum_t
-    return per_sequence.mean(), masked_mean(clipped, mask)
+    per_sequence = (per_token * response_mask).sum(1) / response_mask.sum(1).clamp(min=1)  # (B,) 1 / |o_i| sum_t
+    return per_sequence.mean(), masked_mean(clipped, response_mask)
 
 
-def critic_free_advantages(scores, rewards, mask, estimator, k):
+def critic_free_advantages(scores, rewards, response_mask, estimator, k):
     """The advantage of every response token when there is no critic: its sequence's. rloo: the leave-one-out
     advantage of R_i = sum_t r_t = score - beta * KL; grpo: the group-normalised score (its KL term is in the loss).
-    scores (B,), rewards (B, R) per-token rewards, mask (B, R). Returns (B, R), 0 outside the mask."""
+    scores (B,), rewards (B, R) per-token rewards, response_mask (B, R). Returns (B, R), 0 outside the mask."""
     if estimator == "rloo":
-        return rloo_advantages(rewards.sum(1), k)[:, None] * mask
-    return grpo_advantages(scores, k)[:, None] * mask
+        return rloo_advantages(rewards.sum(1), k)[:, None] * response_mask
+    return grpo_advantages(scores, k)[:, None] * response_mask
 
 
-def value_loss(values, old_values, returns, mask, cliprange_value):
+def value_loss(values, old_values, returns, response_mask, cliprange_value):
     """Clipped value loss (the PPO baselines code of Schulman et al. 2017), token-level mean:
         V_clip = V_old + clip(V - V_old, -cliprange_value, cliprange_value)
         L = 0.5 * mean_t max((V_t - returns_t)^2, (V_clip_t - returns_t)^2)
-    values (B, T) (with grad), old_values, returns, mask (B, T). cliprange_value None: no clipping, exactly
+    values (B, T) (with grad), old_values, returns, response_mask (B, T). cliprange_value None: no clipping, exactly
     L = 0.5 * mean_t (V_t - returns_t)^2 and clipfrac 0 (not V_old + clamp(V - V_old, -inf, inf), which is not
     exactly V in floating point). Returns (loss, clipfrac): the fraction of masked tokens where the clipped
     term is the larger one."""
     if cliprange_value is None:
-        return 0.5 * masked_mean((values - returns) ** 2, mask), torch.zeros((), device=values.device)
+        return 0.5 * masked_mean((values - returns) ** 2, response_mask), torch.zeros((), device=values.device)
     clipped_values = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
     unclipped_loss = (values - returns) ** 2
     clipped_loss = (clipped_values - returns) ** 2
-    loss = 0.5 * masked_mean(torch.max(unclipped_loss, clipped_loss), mask)  # 0.5 max((V-G)^2, (V_clip-G)^2)
-    clipfrac = masked_mean((clipped_loss > unclipped_loss).float(), mask)
+    loss = 0.5 * masked_mean(torch.max(unclipped_loss, clipped_loss), response_mask)  # 0.5 max((V-G)^2, (V_clip-G)^2)
+    clipfrac = masked_mean((clipped_loss > unclipped_loss).float(), response_mask)
     return loss, clipfrac
 
 
@@ -271,9 +274,9 @@ class AdaptiveKLController:
         return self.value
 
 
-def explained_variance(values, returns, mask):
+def explained_variance(values, returns, response_mask):
     """1 - Var(returns - values) / Var(returns) over the masked tokens (cleanrl's diagnostic of the critic)."""
-    var = lambda x: masked_mean((x - masked_mean(x, mask)) ** 2, mask)
+    var = lambda x: masked_mean((x - masked_mean(x, response_mask)) ** 2, response_mask)
     return 1 - var(returns - values) / var(returns).clamp(min=1e-8)
 
 
@@ -288,7 +291,7 @@ def rollout(policy, reference, critic, reward_model, prompts, rt, max_new_tokens
     aligned tensors on rt.device:
       idx, attn, target  (B, P+R)  prompt + response tokens, their attention mask, 1 on the response tokens
       P                  int       the (padded) prompt width: response token t sits at position P + t
-      mask               (B, R)    1 up to and including the first EOS, 0 after it
+      response_mask      (B, R)    1 up to and including the first EOS, 0 after it
       old_logprobs       (B, R)    log pi_old(y_t | x, y_<t) at `temperature`
       ref_logprobs       (B, R)    log pi_ref(y_t | x, y_<t) at `temperature`
       entropy            (B, R)    entropy of pi_old's distribution at t (nats)
@@ -296,22 +299,24 @@ def rollout(policy, reference, critic, reward_model, prompts, rt, max_new_tokens
                                    0 when there is no critic: rloo, grpo)
       scores             (B,)      r(x, y) at the last real token (its EOS when it has one), raw reward-model units
       has_eos            (B,)      1 if the response ended with EOS
-    Everything is 0 outside the mask."""
+    Everything is 0 outside the response mask."""
     prompt_idx, prompt_mask = prompts["idx"].to(rt.device), prompts["attention_mask"].to(rt.device)  # (B, P)
     P = prompt_idx.shape[1]
     with rt.autocast():
         s = sample_answers(policy, prompt_idx, prompt_mask, max_new_tokens, temperature, sampler)
         idx, attn, target = s["idx"], s["attention_mask"], s["target_mask"]  # (B, P+R) x3
-        mask = s["response_mask"]  # (B, R) 1 through the first EOS
+        response_mask = s["response_mask"]  # (B, R) 1 through the first EOS
         logprobs, entropy = policy.logprobs(idx, attn, target, temperature, return_entropy=True)  # (B, P+R) x2
         if policy_logprobs is not None:  # the update's compiled function: pi_old from it, so the first ratio is 1
             logprobs = policy_logprobs(idx, attn, target, temperature)
         ref_logprobs = reference.logprobs(idx, attn, target, temperature)  # (B, P+R)
-        values = critic.scalar(idx, attn)[:, P - 1:-1] * mask if critic else torch.zeros_like(mask)  # (B, R) V_t
+        values = torch.zeros_like(response_mask)  # (B, R) V_t, 0 without a critic (rloo, grpo)
+        if critic:
+            values = critic.scalar(idx, attn)[:, P - 1:-1] * response_mask
         scores = reward_model.score(idx, attn)  # (B,) r(x, y) at the last real token
-    return SimpleNamespace(idx=idx, attn=attn, target=target, P=P, mask=mask, old_logprobs=logprobs[:, P:],
-                           ref_logprobs=ref_logprobs[:, P:], entropy=entropy[:, P:], old_values=values,
-                           scores=scores.float(), has_eos=s["has_eos"])
+    return SimpleNamespace(idx=idx, attn=attn, target=target, P=P, response_mask=response_mask,
+                           old_logprobs=logprobs[:, P:], ref_logprobs=ref_logprobs[:, P:], entropy=entropy[:, P:],
+                           old_values=values, scores=scores.float(), has_eos=s["has_eos"])
 
 
 def update(learner, batch, beta, cfg, rt, gen, text, it):
@@ -327,14 +332,14 @@ def update(learner, batch, beta, cfg, rt, gen, text, it):
     P, stats = batch.P, defaultdict(list)
     for _ in range(cfg.ppo_epochs):
         for mb in torch.randperm(len(batch.idx), generator=gen).to(rt.device).split(cfg.minibatch_size):
-            m, idx, attn = batch.mask[mb], batch.idx[mb], batch.attn[mb]  # (b, R), (b, P+R) x2
+            response_mask, idx, attn = batch.response_mask[mb], batch.idx[mb], batch.attn[mb]  # (b, R), (b, P+R) x2
             with rt.autocast():
                 logprobs = train_logprobs(idx, attn, batch.target[mb], cfg.temperature)[:, P:]  # (b, R)
                 if cfg.advantage_estimator == "grpo":  # the KL to the reference is a loss term, not a reward
                     pg_loss, pg_clipfrac = grpo_loss(logprobs, batch.old_logprobs[mb], batch.ref_logprobs[mb],
-                                                     advantages[mb], m, cfg.cliprange, beta)
+                                                     advantages[mb], response_mask, cfg.cliprange, beta)
                 else:
-                    pg_loss, pg_clipfrac = policy_loss(logprobs, batch.old_logprobs[mb], advantages[mb], m,
+                    pg_loss, pg_clipfrac = policy_loss(logprobs, batch.old_logprobs[mb], advantages[mb], response_mask,
                                                        cfg.cliprange)
                 ptx = torch.zeros((), device=rt.device)
                 if cfg.ptx_coef > 0:  # PPO-ptx: a batch of pretraining text windows
@@ -343,13 +348,15 @@ def update(learner, batch, beta, cfg, rt, gen, text, it):
             common.check_finite(it, policy_loss=pg_loss, ptx_loss=ptx)
             (pg_loss + ptx).backward()
             common.optimizer_step(policy, learner.opt_policy, cfg.grad_clip, rt, it)
-            approx_kl = masked_mean(kl_estimate(batch.old_logprobs[mb], logprobs.detach(), "k3"), m)  # KL(old || new)
+            approx_kl = masked_mean(kl_estimate(batch.old_logprobs[mb], logprobs.detach(), "k3"),  # KL(old || new)
+                                    response_mask)
             step_stats = dict(policy_loss=pg_loss, ptx_loss=ptx, approx_kl=approx_kl,
                               policy_clipfrac=pg_clipfrac)
             if critic is not None:
                 with rt.autocast():
                     values = critic.scalar(idx, attn)[:, P - 1:-1]  # (b, R) V_t, the rollout's convention
-                    vf_loss, vf_clipfrac = value_loss(values, batch.old_values[mb], returns[mb], m, cliprange_value)
+                    vf_loss, vf_clipfrac = value_loss(values, batch.old_values[mb], returns[mb], response_mask,
+                                                      cliprange_value)
                 common.check_finite(it, value_loss=vf_loss)
                 vf_loss.backward()
                 common.optimizer_step(critic, learner.opt_critic, cfg.grad_clip, rt, it)
@@ -361,7 +368,7 @@ def update(learner, batch, beta, cfg, rt, gen, text, it):
 
 def responses(batch):
     """The sampled responses of a rollout as token lists (through the EOS, nothing after it)."""
-    return [row[:int(n)] for row, n in zip(batch.idx[:, batch.P:].tolist(), batch.mask.sum(1).tolist())]
+    return [row[:int(n)] for row, n in zip(batch.idx[:, batch.P:].tolist(), batch.response_mask.sum(1).tolist())]
 
 
 def score_scale_from(batch, critic, cfg, rt, critic_scores=None):
@@ -391,12 +398,12 @@ def score_scale_from(batch, critic, cfg, rt, critic_scores=None):
 
 def rollout_metrics(batch, rewards, returns, beta, kl_estimator):
     """The rollout's figures logged each iteration (see the module docstring), means over the batch."""
-    kl = (kl_estimate(batch.old_logprobs, batch.ref_logprobs, kl_estimator) * batch.mask).sum(1)  # (B,) per sequence
+    kl = (kl_estimate(batch.old_logprobs, batch.ref_logprobs, kl_estimator) * batch.response_mask).sum(1)  # (B,)
     metrics = dict(score=batch.scores.mean(), kl=kl.mean(), objective=rewards.sum(1).mean(), beta=beta,
-                   entropy=masked_mean(batch.entropy, batch.mask), length=batch.mask.sum(1).mean(),
+                   entropy=masked_mean(batch.entropy, batch.response_mask), length=batch.response_mask.sum(1).mean(),
                    eos_rate=batch.has_eos.mean())
     if returns is not None:  # a critic to judge
-        metrics["explained_var"] = explained_variance(batch.old_values, returns, batch.mask)
+        metrics["explained_var"] = explained_variance(batch.old_values, returns, batch.response_mask)
     return metrics
 
 
@@ -426,7 +433,7 @@ def check_combinations(cfg):
                                  f"(got {cfg.samples_per_prompt}): its baseline is the prompt's other samples")
 
 
-def load_models(cfg, rt, prompts):
+def load_ppo_models(cfg, rt, prompts):
     """Policy + frozen reference from out/sft.pt, frozen reward model + trainable critic (gae only) from out/rm.pt, on
     rt.device and in eval mode throughout (no dropout: the rollout's and the update's logprobs come from one and the
     same function). Raises UserError for a missing or wrong checkpoint, or when the longest of the `prompts` plus
@@ -458,7 +465,7 @@ def main(argv=None):
     task = data.load_task(cfg, verbose=rt.master)  # train prompts, pretraining text for ptx, the judge (imdb)
     train, text = task.prompts_train, task.text
     watch = sorted(task.prompts_test, key=lambda e: len(e["prompt"]))[:cfg.n_sample_prompts]  # the shortest
-    policy, reference, critic, reward_model = load_models(cfg, rt, train)
+    policy, reference, critic, reward_model = load_ppo_models(cfg, rt, train)
     train_logprobs = torch.compile(policy.logprobs, dynamic=True) if cfg.compile else policy.logprobs
     opt_policy = common.configure_optimizer(policy, cfg.lr, cfg.weight_decay)
     opt_critic = common.configure_optimizer(critic, cfg.critic_lr, cfg.weight_decay) if critic else None
@@ -506,15 +513,15 @@ def main(argv=None):
 
         # ------------------------------------------------------------------- 3-4. rewards, advantages
         final_scores = penalised_scores(batch.scores, batch.has_eos, score_scale, cfg.missing_eos_penalty)  # (B,)
-        rewards = per_token_rewards(final_scores, batch.old_logprobs, batch.ref_logprobs, batch.mask, beta,
+        rewards = per_token_rewards(final_scores, batch.old_logprobs, batch.ref_logprobs, batch.response_mask, beta,
                                     cfg.kl_estimator)  # (B, R)
         if cfg.advantage_estimator == "gae":
-            advantages, returns = compute_gae(rewards, batch.old_values, batch.mask, cfg.gamma, cfg.lam)  # (B, R) x2
+            advantages, returns = compute_gae(rewards, batch.old_values, batch.response_mask, cfg.gamma, cfg.lam)
             if cfg.whiten_advantages:
-                advantages = whiten(advantages, batch.mask)
+                advantages = whiten(advantages, batch.response_mask)
         else:  # critic-free: the baseline comes from the other samples of the same prompt
-            advantages, returns = critic_free_advantages(final_scores, rewards, batch.mask, cfg.advantage_estimator,
-                                                         cfg.samples_per_prompt), None
+            advantages, returns = critic_free_advantages(final_scores, rewards, batch.response_mask,
+                                                         cfg.advantage_estimator, cfg.samples_per_prompt), None
 
         # ------------------------------------------------------------------- 5. PPO epochs over minibatches
         t_update = time.time()

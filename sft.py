@@ -117,7 +117,7 @@ def target_loss(model, batch, trunk=None):
     return sft_loss(logits, idx[:, 1:][sel], mask[sel]), mask.sum()
 
 
-def accumulate_gradients(model, micro_batches, rt, trunk=None):
+def accumulate_sft_gradients(model, micro_batches, rt, trunk=None):
     """Forward + backward of one optimiser step over its micro-batches (already on rt.device).
     Each micro-batch's loss (a mean over its n_i target tokens) is scaled by n_i / N, N = the step's target
     tokens over all micro-batches and all DDP ranks (times world_size, because all_reduce_grads then
@@ -269,7 +269,7 @@ def main(argv=None):
             micro = [data.collate_sft([train[i] for i in torch.randint(len(train), (cfg.batch_size,),
                                                                        generator=gen)]) for _ in range(cfg.grad_accum)]
         micro = [common.to_device(b, rt) for b in micro]
-        loss = accumulate_gradients(model, micro, rt, trunk)
+        loss = accumulate_sft_gradients(model, micro, rt, trunk)
         common.check_finite(step, loss=loss)
         grad_norm = common.optimizer_step(model, optimizer, cfg.grad_clip, rt, step)
         if rt.device_type == "cuda":

@@ -428,8 +428,8 @@ def test_every_flag_switched_at_once(hh_dir, tmp_path, monkeypatch):
     # policy has moved: at the first rollout pi = pi_ref and both are 0)
     for r, b in zip(rows, batches):
         log_ratio = b.ref_logprobs - b.old_logprobs  # log(pi_ref / pi)
-        k3 = ((log_ratio.exp() - 1 - log_ratio) * b.mask).sum(1).mean().item()
-        k1 = (-log_ratio * b.mask).sum(1).mean().item()
+        k3 = ((log_ratio.exp() - 1 - log_ratio) * b.response_mask).sum(1).mean().item()
+        k1 = (-log_ratio * b.response_mask).sum(1).mean().item()
         assert r["kl"] == pytest.approx(k3, rel=1e-5, abs=1e-7) and (r is rows[0] or abs(k3 - k1) > 1e-3 * k3)
     assert rows[0]["kl"] == 0 < rows[1]["kl"]
     # no EOS in these tiny answers: every response is penalised, objective = score - 1 - beta * kl
@@ -483,9 +483,9 @@ def test_rollout_tensors_are_aligned_with_a_slow_per_sequence_computation(V):
     rt = common.setup_runtime(types.SimpleNamespace(device="cpu", dtype="float32", seed=0))
     temp = 0.7
     batch = ppo.rollout(policy, reference, critic, rm, batch_in, rt, 10, temp, torch.Generator().manual_seed(1))
-    lengths = batch.mask.sum(1).long().tolist()
+    lengths = batch.response_mask.sum(1).long().tolist()
     assert len(set(lengths)) > 1 and batch.has_eos.sum() > 0  # a mix: padding after the EOS matters
-    R = batch.mask.shape[1]
+    R = batch.response_mask.shape[1]
     for b, prompt in enumerate(prompts):
         n = lengths[b]
         response = batch.idx[b, batch.P:batch.P + n].tolist()
@@ -664,7 +664,7 @@ def test_rollout_takes_pi_old_from_the_updates_function():
     a = ppo.rollout(policy, reference, None, rm, prompts, rt, 6, 1.0, torch.Generator().manual_seed(0))
     b = ppo.rollout(policy, reference, None, rm, prompts, rt, 6, 1.0, torch.Generator().manual_seed(0), shifted)
     assert torch.equal(a.idx, b.idx)
-    torch.testing.assert_close(b.old_logprobs, a.old_logprobs + a.mask)
+    torch.testing.assert_close(b.old_logprobs, a.old_logprobs + a.response_mask)
 
 
 def test_flags_whiten_off_and_grad_clip_0_really_switch_off(hh_dir, tmp_path, monkeypatch):

@@ -91,7 +91,7 @@ def test_target_only_logits_equal_full_logits(hh_dir):
 
 def grads_of(model, micro_batches):
     model.zero_grad()
-    loss = sft.accumulate_gradients(model, micro_batches, RT)
+    loss = sft.accumulate_sft_gradients(model, micro_batches, RT)
     return loss, {k: p.grad.clone() for k, p in model.named_parameters()}
 
 
