@@ -8,12 +8,10 @@ DPO: fit the SFT policy to the human comparisons directly, with no reward model 
 
 The policy pi_theta and the frozen reference pi_ref both start from out/<task>/sft.pt. For a prompt x with a chosen
 response y_w and a rejected one y_l (imdb: every pair of the K answers per prompt that reward.py sampled and the
-judge ranked, out/imdb/comparisons.pt; hh: the `train` pairs of HH-RLHF) every loss is a function of
-    h = beta * [ (log pi(y_w|x) - log pi_ref(y_w|x)) - (log pi(y_l|x) - log pi_ref(y_l|x)) ]    (eq. 7)
-with log pi(y|x) summed over the response tokens. r_hat(x, y) = beta * (log pi(y|x) - log pi_ref(y|x)) is
-DPO's implicit reward (section 4): the `sigmoid` loss is the reward model's Bradley-Terry loss with r_hat in
-place of r, so the policy is its own reward model. Other losses: conservative DPO (label smoothing), IPO
-(Azar et al. 2023), hinge (SLiC, Zhao et al. 2023; RSO, Liu et al. 2023).
+judge ranked, out/imdb/comparisons.pt; hh: the `train` pairs of HH-RLHF) every loss (dpo_loss) is a function of the
+margin between the implicit rewards r_hat(x, y) = beta * (log pi(y|x) - log pi_ref(y|x)) of y_w and y_l (section 4):
+the `sigmoid` loss is the reward model's Bradley-Terry loss with r_hat in place of r, so the policy is its own
+reward model. Other losses: conservative DPO (label smoothing), IPO, hinge (SLiC / RSO).
 
 The reference enters only through log pi_ref(y|x) of the pairs, which never change: they are computed once
 before training, and the reference is freed. The training loss never samples; the report does, to put DPO
@@ -49,7 +47,7 @@ config = dict(common.SHARED, # out_dir, data_dir, device, block_size, eval_promp
     train_pairs=setting(0, ">= 0"),  # train pairs used, a fixed random subset (0 = all of `train`)
     batch_size=setting(16, ">= 1"),  # pairs per micro-batch (2 * batch_size sequences)
     grad_accum=setting(1, ">= 1"),   # micro-batches per optimiser step
-    max_iters=setting(300, ">= 1"),  # optimiser steps (300 x 16 = 4,800 pairs, a quarter of imdb's 18,000)
+    max_iters=setting(300, ">= 1"),  # optimiser steps (of batch_size x grad_accum pairs each)
     lr=setting(2e-4, ">= 0"),        # peak learning rate (AdamW, warmup then cosine to 10%)
     warmup_iters=setting(10, ">= 0"),
     weight_decay=setting(0.0, ">= 0"),
@@ -81,9 +79,9 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
     Returns (losses (B,), chosen_rewards (B,), rejected_rewards (B,)); the rewards are the implicit rewards
     beta * (logpi - logref), detached. Raises ValueError for an unknown loss_type.
     """
-    chosen_logratios = policy_chosen_logps - ref_chosen_logps  # (B,) log pi(y_w|x) / pi_ref(y_w|x)
-    rejected_logratios = policy_rejected_logps - ref_rejected_logps  # (B,)
-    h = beta * (chosen_logratios - rejected_logratios)  # (B,)
+    chosen_logratios = policy_chosen_logps - ref_chosen_logps  # (B,)
+    rejected_logratios = policy_rejected_logps - ref_rejected_logps
+    h = beta * (chosen_logratios - rejected_logratios)
     if loss_type == "sigmoid":
         losses = -(1 - label_smoothing) * F.logsigmoid(h) - label_smoothing * F.logsigmoid(-h)
     elif loss_type == "ipo":

@@ -1,36 +1,27 @@
 """
-Step 3 of InstructGPT (Ouyang et al. 2022, section 3.5): optimise the SFT policy against the reward model
-with PPO (Schulman et al. 2017), a per-token KL penalty to the frozen SFT reference (Ziegler et al. 2019)
-and, optionally, pretraining gradients ("PPO-ptx", InstructGPT eq. 2).
+Step 3 of InstructGPT (Ouyang et al. 2022, section 3.5): optimise the SFT policy against the reward model with PPO
+(Schulman et al. 2017), a per-token KL penalty to the frozen SFT reference (Ziegler et al. 2019) and, optionally,
+pretraining gradients ("PPO-ptx", InstructGPT eq. 2).
 
     python ppo.py                                  # CPU preset; runs sft.py / reward.py first if out/ lacks them
     python ppo.py --beta=0.1 --ptx_coef=0.5        # any config key as --key=value (each is explained where it is set)
     torchrun --nproc_per_node=2 ppo.py             # DDP: each rank rolls out its own prompts, gradients averaged
 
-Models: policy pi_theta and reference pi_ref <- sft.pt (pi_ref frozen); reward model r <- rm.pt (frozen); value
-model (critic) V <- rm.pt (trained: a reward model trained on K-wise rankings already explains ~0.7 of the variance
-of the returns at the first iteration, so it needs no warm-up). All four stay in eval mode (no dropout), so the
-rollout's and the update's logprobs come from one and the same function.
-
-One iteration, as main() reads it (rollout() and update() are one screen each):
-  1. rollout  y ~ pi_old(.|x) for `batch_size` train prompts (KV cache); log pi_old(y_t), log pi_ref(y_t), V_t
-  2. score    s = r(x, y) at the last real response token, divided by the std of the first rollout's scores
-              (Ziegler et al. 2019), so that beta means the same for any reward model; the critic's head is divided
-              by the same std. A response without EOS gets s - missing_eos_penalty.
-  3. rewards  r_t = -beta * kl_t, plus s on the last response token                  (InstructGPT eq. 2)
-  4. GAE      A_t and returns_t = A_t + V_t, then A whitened over the batch's response tokens; or, critic-free
-              (advantage_estimator rloo / grpo, k = samples_per_prompt answers per prompt), each answer's
-              advantage from the prompt's other answers, on every one of its tokens
+Models: policy and frozen reference <- sft.pt; frozen reward model and trainable critic <- rm.pt (a reward model
+already predicts the returns well, so the critic needs no warm-up). All stay in eval mode (no dropout), so the
+rollout's and the update's logprobs come from one function. One iteration of main():
+  1. rollout  answers y ~ pi_old(.|x) to `batch_size` train prompts: log pi_old, log pi_ref, V per response token
+  2. score    s = r(x, y) / (std of the first rollout's scores) (Ziegler et al. 2019); critic head likewise
+  3. rewards  per_token_rewards: -beta * kl_t, plus s on the last response token (InstructGPT eq. 2)
+  4. advantages  compute_gae (then whitened), or critic-free from the prompt's other answers (rloo, grpo)
   5. update   ppo_epochs x shuffled minibatches: clipped policy loss (+ ptx loss), clipped value loss
-  6. beta     fixed (default) or the adaptive controller                    (Ziegler et al. 2019, section 2.2)
-The logged figures (score, gold, kl, explained_var, ...) are explained in the README. ppo.pt is written every
-checkpoint_every iterations; `--resume=True` continues a killed run to the same final iteration.
+  6. beta     fixed, or AdaptiveKLController (Ziegler et al. 2019, section 2.2)
+The logged figures are explained in the README; ppo.pt is written every checkpoint_every iterations, and
+`--resume=True` continues a killed run to the same final iteration.
 
-Layout: sequences = cat([prompt (B, P) left-padded, response (B, R)], 1); everything per token is the (B, R)
-response slice [:, P:] with `response_mask` (1 up to and including the first EOS, 0 after it).
-Value convention: V_t = the critic's scalar at sequence position P + t - 1, i.e. at the token BEFORE response
-token t: the state s_t in which the policy chose y_t (for t = 0 that is the last prompt token). V after the
-last response token is 0 (the episode has ended).
+Layout: sequences = cat([prompt (B, P) left-padded, response (B, R)], 1); everything per token is the (B, R) response
+slice [:, P:] with `response_mask` (1 up to and including the first EOS). V_t is the critic at position P + t - 1,
+the token before response token t (the state in which y_t was chosen); V after the last response token is 0.
 """
 import importlib
 import os
@@ -115,10 +106,10 @@ def kl_estimate(logprobs, ref_logprobs, kind="k1"):
       k3 = (ratio - 1) - log ratio, ratio = pi_ref / pi          (unbiased, never negative, lower variance)
     (Schulman, "Approximating KL divergence", 2020). Returns (B, T) in nats. Raises ValueError for another kind."""
     if kind == "k1":
-        return logprobs - ref_logprobs  # k1 = log(pi / pi_ref)
+        return logprobs - ref_logprobs
     if kind == "k3":
-        log_ratio = ref_logprobs - logprobs  # log(pi_ref / pi)
-        return log_ratio.exp() - 1 - log_ratio  # k3 = (ratio - 1) - log ratio
+        log_ratio = ref_logprobs - logprobs
+        return log_ratio.exp() - 1 - log_ratio
     raise ValueError(f"kl_estimator {kind!r}: expected 'k1' or 'k3'")
 
 
@@ -147,7 +138,7 @@ def per_token_rewards(scores, logprobs, ref_logprobs, response_mask, beta, kind=
     kl = kl_estimate(logprobs, ref_logprobs, kind)  # (B, T)
     last = torch.zeros_like(response_mask).scatter_(1, last_token_index(response_mask)[:, None], 1.0)  # (B, T) one-hot
     last = last * response_mask
-    return (-beta * kl + scores[:, None] * last) * response_mask  # r_t = -beta kl_t (+ s on the last token)
+    return (-beta * kl + scores[:, None] * last) * response_mask
 
 
 def compute_gae(rewards, values, response_mask, gamma, lam):
@@ -163,10 +154,10 @@ def compute_gae(rewards, values, response_mask, gamma, lam):
     next_advantage = torch.zeros_like(rewards[:, 0])  # (B,) A_{t+1}
     for t in reversed(range(T)):
         next_value = values[:, t + 1] * response_mask[:, t + 1] if t + 1 < T else torch.zeros_like(next_advantage)
-        delta = rewards[:, t] + gamma * next_value - values[:, t]  # delta_t = r_t + gamma V_{t+1} - V_t
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
         next_advantage = (delta + gamma * lam * next_advantage) * response_mask[:, t]
         advantages[:, t] = next_advantage
-    returns = (advantages + values) * response_mask  # returns_t = A_t + V_t
+    returns = (advantages + values) * response_mask
     return advantages, returns
 
 
@@ -185,13 +176,13 @@ def policy_loss(logprobs, old_logprobs, advantages, response_mask, cliprange):
     logprobs (B, T) (with grad), old_logprobs, advantages, response_mask (B, T). Returns (loss, clipfrac): clipfrac is
     the fraction of masked tokens where the clipped term is the smaller one, i.e. where no gradient flows."""
     objective, clipped = clipped_surrogate(logprobs, old_logprobs, advantages, cliprange)  # (B, T) x2
-    return -masked_mean(objective, response_mask), masked_mean(clipped, response_mask)  # -L^CLIP, PPO eq. 7
+    return -masked_mean(objective, response_mask), masked_mean(clipped, response_mask)
 
 
 def clipped_surrogate(logprobs, old_logprobs, advantages, cliprange):
-    """Per token: min(rho_t A_t, clip(rho_t, 1 - cliprange, 1 + cliprange) A_t) with rho_t = exp(logprobs -
-    old_logprobs), and a 0/1 float that is 1 where the clipped term is the smaller (no gradient there). (B, T) x2."""
-    ratio = torch.exp(logprobs - old_logprobs)  # rho_t = pi_theta / pi_old
+    """policy_loss's min(rho_t A_t, clip(rho_t) A_t) per token, and a 0/1 float that is 1 where the clipped term is
+    the smaller (no gradient there). (B, T) x2."""
+    ratio = torch.exp(logprobs - old_logprobs)
     unclipped = ratio * advantages
     clipped = torch.clamp(ratio, 1 - cliprange, 1 + cliprange) * advantages
     return torch.min(unclipped, clipped), (clipped < unclipped).float()
@@ -205,7 +196,7 @@ def rloo_advantages(rewards, k):
     if k < 2 or rewards.numel() % k:
         raise ValueError(f"rloo_advantages: need k >= 2 dividing the {rewards.numel()} rewards, got k = {k}")
     R = rewards.view(-1, k)  # (G, k)
-    baseline = (R.sum(1, keepdim=True) - R) / (k - 1)  # the mean of the other k - 1 samples
+    baseline = (R.sum(1, keepdim=True) - R) / (k - 1)
     return (R - baseline).flatten()
 
 
@@ -229,7 +220,7 @@ def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, response_mask, c
     Returns (loss, clipfrac)."""
     objective, clipped = clipped_surrogate(logprobs, old_logprobs, advantages, cliprange)  # (B, T) x2
     per_token = -objective + beta * kl_estimate(logprobs, ref_logprobs, "k3")  # (B, T)
-    per_sequence = (per_token * response_mask).sum(1) / response_mask.sum(1).clamp(min=1)  # (B,) 1 / |o_i| sum_t
+    per_sequence = (per_token * response_mask).sum(1) / response_mask.sum(1).clamp(min=1)  # (B,)
     return per_sequence.mean(), masked_mean(clipped, response_mask)
 
 
@@ -255,7 +246,7 @@ def value_loss(values, old_values, returns, response_mask, cliprange_value):
     clipped_values = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
     unclipped_loss = (values - returns) ** 2
     clipped_loss = (clipped_values - returns) ** 2
-    loss = 0.5 * masked_mean(torch.max(unclipped_loss, clipped_loss), response_mask)  # 0.5 max((V-G)^2, (V_clip-G)^2)
+    loss = 0.5 * masked_mean(torch.max(unclipped_loss, clipped_loss), response_mask)
     clipfrac = masked_mean((clipped_loss > unclipped_loss).float(), response_mask)
     return loss, clipfrac
 
@@ -269,8 +260,8 @@ class AdaptiveKLController:
         self.value, self.target, self.horizon = init_kl_coef, target, horizon
 
     def update(self, current_kl, n_steps):
-        error = min(max(current_kl / self.target - 1, -0.2), 0.2)  # e = clip(KL / target - 1, -0.2, 0.2)
-        self.value *= 1 + error * n_steps / self.horizon  # beta <- beta (1 + e n / horizon)
+        error = min(max(current_kl / self.target - 1, -0.2), 0.2)
+        self.value *= 1 + error * n_steps / self.horizon
         return self.value
 
 

@@ -1,39 +1,27 @@
 """
-Step 1 of InstructGPT (Ouyang et al. 2022, section 3.5): supervised fine-tuning (SFT) of a language model
-on demonstrations: on the imdb task (the default) the continuations of review prefixes, on hh the `chosen`
-responses of HH-RLHF.
+Step 1 of InstructGPT (Ouyang et al. 2022, section 3.5): supervised fine-tuning (SFT) of a language model on
+demonstrations: on the imdb task (the default) the continuations of review prefixes, on hh the `chosen` responses of
+HH-RLHF. The loss (sft_loss) is the next-token loss on the response tokens only, so the model learns to answer, not
+to write questions.
 
-    L_SFT = - sum_t mask_t log pi(y_t | x, y_<t) / sum_t mask_t          (InstructGPT section 3.5)
+InstructGPT starts from a pretrained GPT-3. Without a pretrained GPT at hand (offline, or on a laptop), this script
+makes its own, so there are two starts:
+  --init_from=scratch (the CPU preset): a small GPT first PRETRAINS for `pretrain_iters` steps on the task's text
+      (imdb: the train and unsup reviews; hh: the chosen dialogues of `train`; every token a target), then
+      fine-tunes on prompt -> response for `sft_iters` steps;
+  --init_from=gpt2 (or gpt2-medium ..., or a local model.safetensors / folder): GPT-2's weights, no pretraining.
+Each phase has its own warmup + cosine schedule; AdamW (beta2 = 0.95), gradient clipping and accumulation as in
+nanoGPT; logits only at the target positions. sft.pt is written every checkpoint_every steps and at the end, and
+`--resume=True` continues a killed run up to n_pretrain + sft_iters steps.
 
-with mask_t = 1 on the response tokens (their EOT included) and 0 on the prompt and the padding, so the
-model learns to answer, not to write questions.
-
-InstructGPT starts from a pretrained GPT-3. Without a pretrained GPT at hand (offline, or on a laptop), this
-script makes its own, so there are two starts:
-  --init_from=scratch (the CPU preset): a small GPT first PRETRAINS on the task's text (imdb: the 75,000 train
-      and unsup reviews; hh: the chosen dialogue of every `train` pair; one EOT-separated stream, the same
-      loss with mask = 1 on every token) for `pretrain_iters` steps, then fine-tunes on prompt -> response for
-      `sft_iters` steps;
-  --init_from=gpt2 (or gpt2-medium ..., or a local model.safetensors / folder): OpenAI GPT-2 weights,
-      the pretraining phase is skipped.
-The run is saved to out/<task>/sft.pt every checkpoint_every steps and at the end (weights, optimiser, step, RNG
-states); `--resume=True` continues it up to n_pretrain + sft_iters steps (raise --sft_iters to train longer).
-Each phase has its own warmup + cosine learning-rate schedule; AdamW (beta2 = 0.95), gradient clipping
-and gradient accumulation as in nanoGPT. Logits are computed only at target positions (the output layer is
-the main cost of a small model on a CPU; the task vocabulary, --vocab_size, makes it smaller).
-
-    python sft.py                                  # CPU preset, imdb (a few minutes on 2 cores)
-    python sft.py --task=hh                        # the HH-RLHF dialogues
-    python sft.py --sft_iters=400 --lr=3e-4        # any config key, --key=value
+    python sft.py                                  # CPU preset, imdb
+    python sft.py --task=hh --sft_iters=400        # any config key, --key=value
     python sft.py --init_from=gpt2 --vocab_size=50257 --lr=3e-5   # GPT-2 weights (downloaded once when online)
     torchrun --nproc_per_node=2 sft.py             # DDP (gloo on CPU, nccl on CUDA)
 
-Writes out/<task>/sft.pt, sft_log.jsonl and sft.png, and prints a report: test response loss, perplexity and
-bits per byte before and after, greedy / sampled answers to fixed test prompts, tokens/s and the model FLOPs utilisation
-(MFU) against the GPU's bf16 peak where it is known, and on imdb the gold judge's view of the SFT policy's
-answers to the evaluation prompts (the starting point of every RL run).
-
-The README gives the figures to expect from each preset.
+Writes out/<task>/sft.pt, sft_log.jsonl and sft.png and prints a report: test response loss, perplexity and bits per
+byte before and after, answers to fixed test prompts, tokens/s and MFU where the GPU's peak is known, and on imdb the
+gold judge's view of the SFT policy (the start of every RL run). The README gives the figures to expect.
 """
 import math
 import os
