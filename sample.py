@@ -161,7 +161,7 @@ def main(argv=None):
     V, width = cfg.vocab_size, max(len(label) for label in policies)
     results = {label: [] for label in policies}
     for text, tokens in prompts:
-        print(f"\nPROMPT {text!r}: {cfg.num_samples} answers per policy, sampler seed {cfg.seed}, "
+        print(f"\nPROMPT {text!r}: answers per policy {cfg.num_samples}, sampler seed {cfg.seed}, "
               f"temperature {cfg.temperature}")
         for label, policy in policies.items():
             r = evaluate.sample_and_score(policy, None, reward_model, [dict(prompt=tokens)] * cfg.num_samples, rt,
@@ -174,7 +174,7 @@ def main(argv=None):
     merged = {label: {k: sum((r[k] for r in rs), []) if k == "responses" else torch.cat([r[k] for r in rs])
                       for k in rs[0]} for label, rs in results.items() if rs}
     if merged:
-        print(f"\nover all {len(next(iter(results.values())))} prompts, {cfg.num_samples} answers each:")
+        print(f"\nmeans over every answer ({len(next(iter(results.values())))} prompts x {cfg.num_samples}):")
         for label, r in merged.items():
             evaluate.print_summary(label, evaluate.summarize(r))
     return merged

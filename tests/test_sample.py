@@ -75,7 +75,7 @@ def test_prompts_from_the_flag_from_repeated_flags_and_from_a_file_give_the_same
     path.write_text("Tell me about tea\n\nWhat is a kite?\n")  # a blank line is skipped
     from_file = sample.main(args(run, f"--prompt=FILE:{path}", num_samples=2, policies="sft"))
     out = capsys.readouterr().out
-    assert "PROMPT '\\n\\nHuman: Tell me about tea\\n\\nAssistant:'" in out and "over all 2 prompts" in out
+    assert "PROMPT '\\n\\nHuman: Tell me about tea\\n\\nAssistant:'" in out and "means over every answer (2 prompts x 2)" in out
     joined = sample.main(args(run, "--prompt=Tell me about tea|What is a kite?", num_samples=2, policies="sft"))
     repeated = sample.main(args(run, "--prompt=Tell me about tea", "--prompt=What is a kite?", num_samples=2,
                                 policies="sft"))
