@@ -5,11 +5,13 @@ whatever a stage adds to resume (optimiser, step, RNG states: common.save_traini
 loading one that is missing, damaged, of another stage or of another vocabulary is a one-line error naming the
 command that writes it.
 """
+import importlib
 import os
 from dataclasses import asdict
 
 import torch
 
+import common
 from common import Diverged, UserError, atomic_write
 from model import GPT, GPTConfig, GPT2_TOKENS
 
@@ -88,3 +90,19 @@ def model_from_checkpoint(ckpt, scalar_head=None):
                         f"unexpected {unexpected[:3]}): it is damaged or of another version; "
                         f"`{STAGE_COMMANDS.get(stage, 'the stage that wrote it')}` writes it again")
     return model
+
+
+def make_missing_checkpoints(cfg, *stages):
+    """Write the checkpoints of `stages` (e.g. "sft", "rm") that <out_dir> lacks, or that a killed run left
+    unfinished, by running the stage that writes each one (STAGE_COMMANDS: sft.py, reward.py, ...) with its own
+    defaults plus the settings every stage shares (common.shared_flags), --resume=True for an unfinished one:
+    `python ppo.py` on a fresh machine runs the whole pipeline."""
+    for stage in stages:
+        path = os.path.join(cfg.out_dir, f"{stage}.pt")
+        unfinished = os.path.exists(path) and not load_checkpoint(path, stage=stage).get("finished", True)
+        if unfinished or not os.path.exists(path):
+            script = STAGE_COMMANDS[stage].split()[-1]  # reward.py
+            print(f"{path} is {'unfinished' if unfinished else 'missing'}: running `python {script}"
+                  f"{' --resume=True' if unfinished else ''}` (its default settings) first")
+            module = importlib.import_module(script[:-3])  # imported here only: no stage needs another's code
+            module.main(common.shared_flags(cfg, module.config) + (["--resume=True"] if unfinished else []))

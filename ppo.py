@@ -23,7 +23,6 @@ Layout: sequences = cat([prompt (B, P) left-padded, response (B, R)], 1); everyt
 slice [:, P:] with `response_mask` (1 up to and including the first EOS). V_t is the critic at position P + t - 1,
 the token before response token t (the state in which y_t was chosen); V after the last response token is 0.
 """
-import importlib
 import os
 import time
 from collections import defaultdict
@@ -35,7 +34,7 @@ from tqdm import tqdm
 import common
 import data
 import evaluate
-from checkpoint import load_checkpoint, model_from_checkpoint
+from checkpoint import load_checkpoint, make_missing_checkpoints, model_from_checkpoint
 from common import setting
 from model import last_token_index, sample_answers
 
@@ -48,18 +47,15 @@ config = dict(common.SHARED,  # out_dir, data_dir, device, block_size, max_new_t
     temperature=setting(1.0, "> 0"),   # sampling temperature; every logprob (old, new, reference) uses the same one
     # reward
     beta=setting(0.2, ">= 0"),         # KL coefficient (initial value when adaptive_kl); the README: KL for each beta
-    kl_estimator=setting("k1", "k1 | k3"),  # per-token KL estimate in the reward: k1 = log pi - log pi_ref, or k3
-                                       # (Schulman's (ratio - 1) - log ratio, never negative per token); grpo's loss
-                                       # term is always k3 (DeepSeekMath), this flag then sets only the logged kl
+    kl_estimator=setting("k1", "k1 | k3"),  # the per-token KL in the reward (kl_estimate); grpo's loss term is
+                                       # always k3 (DeepSeekMath): this flag then sets only the logged kl
     adaptive_kl=False,                 # True: beta follows the controller towards target_kl (Ziegler et al. 2019, 2.2)
     target_kl=setting(6.0, "> 0"),     # adaptive_kl: target KL per sequence, nats
     kl_horizon=setting(10000, ">= 1"),  # adaptive_kl: horizon in samples
-    reward=setting("rm", "rm | gold"),  # rm: the learned reward model (RLHF) | gold: imdb's gold judge itself
-                                       # ("PPO-GT"): what RL reaches when the reward model is perfect
+    reward=setting("rm", "rm | gold"),  # the learned reward model | imdb's gold judge ("PPO-GT": a perfect RM)
     normalize_scores=True,             # False: raw scores, so beta trades nats against the reward model's scale
-    missing_eos_penalty=setting(0.0, ">= 0"),  # subtracted from the (normalised) score of a response cut off without
-                                       # EOS (0 = off: on hh the small reward model scores unfinished answers higher,
-                                       # and PPO learns to stop emitting EOS; the penalty makes it finish its answers)
+    missing_eos_penalty=setting(0.0, ">= 0"),  # subtracted from the score of an answer cut off without EOS (0 = off;
+                                       # on hh, where the reward model prefers unfinished answers, it keeps EOS)
     # PPO update
     ppo_epochs=setting(2, ">= 1"),      # passes over each rollout batch
     minibatch_size=setting(16, ">= 1"),  # sequences per gradient step
@@ -74,20 +70,18 @@ config = dict(common.SHARED,  # out_dir, data_dir, device, block_size, max_new_t
     gamma=setting(1.0, "[0, 1]"),       # discount
     lam=setting(0.95, "[0, 1]"),        # GAE lambda
     whiten_advantages=True,             # False: raw GAE advantages (their scale then follows the reward's)
-    advantage_estimator=setting("gae", "gae | rloo | grpo"),  # a learned critic | critic-free: the other samples of
-                                        # the prompt (compare at the same budget: keep batch_size * samples_per_prompt)
+    advantage_estimator=setting("gae", "gae | rloo | grpo"),  # a critic | the prompt's other samples (same budget:
+                                        # the same batch_size * samples_per_prompt)
     samples_per_prompt=setting(1, ">= 1"),  # k responses per prompt, consecutive in the batch (k >= 2: rloo, grpo)
     # PPO-ptx: off in the CPU preset, where it slows the gain and keeps almost nothing (README); try --ptx_coef=0.5
     ptx_coef=setting(0.0, ">= 0"),      # weight of the pretraining loss (0 = plain PPO)
     ptx_batch_size=setting(4, ">= 1"),  # pretraining windows per gradient step
     ptx_block_size=setting(64, ">= 2"),  # tokens per pretraining window
     # logging
-    sample_every=setting(10, ">= 0"),   # print and log the answers to a few fixed test prompts every N iterations and
-                                        # at the last (0 = only at the last)
-    eval_every=setting(0, ">= 0"),      # every N iterations, evaluate on the evaluation prompts (eval_score, eval_gold,
-                                        # eval_kl: a run traces a curve on the reward-versus-KL chart); 0 = only the
-                                        # final report
-    n_sample_prompts=setting(2, ">= 0"),  # how many
+    sample_every=setting(10, ">= 0"),   # log the answers to n_sample_prompts fixed test prompts every N iterations and
+    n_sample_prompts=setting(2, ">= 0"),  # at the last (0 = only at the last)
+    eval_every=setting(0, ">= 0"),      # evaluate every N iterations (eval_*: a curve on the reward-versus-KL chart;
+                                        # 0 = only in the final report)
 )
 cuda_config = dict(common.SHARED_CUDA, checkpoint_every=25, iterations=300, batch_size=128, minibatch_size=32,
                    lr=1e-5, critic_lr=5e-5, ptx_batch_size=8, ptx_block_size=512, sample_every=25)
@@ -310,14 +304,14 @@ def rollout(policy, reference, critic, reward_model, prompts, rt, max_new_tokens
                            old_values=values, scores=scores.float(), has_eos=s["has_eos"])
 
 
-def update(learner, batch, beta, cfg, rt, gen, text, it):
+def update(run, batch, beta, cfg, rt, gen, text, it):
     """Step 5: ppo_epochs passes over shuffled minibatches of the rollout: the clipped policy loss (grpo: GRPO's
     loss, with its KL term) plus the ptx loss, and (gae) the (clipped) value loss, one optimiser step each per
-    minibatch. learner: what trains (policy, critic (None without one), opt_policy, opt_critic, and logprobs: the
+    minibatch. run: what trains (policy, critic (None without one), opt_policy, opt_critic, and logprobs: the
     function computing log pi_theta, policy.logprobs or its torch.compile); batch: rollout()'s namespace plus
     advantages and returns (B, R) (returns None without a critic); text: the pretraining token stream for ptx; it:
     the iteration (for error messages). Returns the mean of each loss / diagnostic over the minibatch steps."""
-    policy, critic, train_logprobs = learner.policy, learner.critic, learner.logprobs
+    policy, critic, train_logprobs = run.policy, run.critic, run.logprobs
     advantages, returns = batch.advantages, batch.returns
     cliprange_value = cfg.cliprange_value if cfg.clip_value_loss else None
     P, stats = batch.P, defaultdict(list)
@@ -338,7 +332,7 @@ def update(learner, batch, beta, cfg, rt, gen, text, it):
                     ptx = ptx_loss(policy, common.to_device(tb, rt), cfg.ptx_coef)
             common.check_finite(it, policy_loss=pg_loss, ptx_loss=ptx)
             (pg_loss + ptx).backward()
-            common.optimizer_step(policy, learner.opt_policy, cfg.grad_clip, rt, it)
+            common.optimizer_step(policy, run.opt_policy, cfg.grad_clip, rt, it)
             approx_kl = masked_mean(kl_estimate(batch.old_logprobs[mb], logprobs.detach(), "k3"),  # KL(old || new)
                                     response_mask)
             step_stats = dict(policy_loss=pg_loss, ptx_loss=ptx, approx_kl=approx_kl,
@@ -350,7 +344,7 @@ def update(learner, batch, beta, cfg, rt, gen, text, it):
                                                       cliprange_value)
                 common.check_finite(it, value_loss=vf_loss)
                 vf_loss.backward()
-                common.optimizer_step(critic, learner.opt_critic, cfg.grad_clip, rt, it)
+                common.optimizer_step(critic, run.opt_critic, cfg.grad_clip, rt, it)
                 step_stats.update(value_loss=vf_loss, value_clipfrac=vf_clipfrac)
             for k, v in step_stats.items():
                 stats[k].append(v.item())
@@ -399,20 +393,6 @@ def rollout_metrics(batch, rewards, returns, beta, kl_estimator):
 
 
 # ----------------------------------------------------------------------------- training
-def make_missing_checkpoints(cfg):
-    """`python ppo.py` on a fresh machine: run sft.py and/or reward.py (their own defaults plus the settings every
-    stage shares, common.SHARED) for whichever of out/sft.pt, out/rm.pt is missing, or resume one that a killed
-    run left unfinished."""
-    for stage, name in (("sft", "sft.pt"), ("reward", "rm.pt")):
-        path = os.path.join(cfg.out_dir, name)
-        unfinished = os.path.exists(path) and not load_checkpoint(path, stage=name[:-3]).get("finished", True)
-        if unfinished or not os.path.exists(path):
-            print(f"{path} is {'unfinished' if unfinished else 'missing'}: running `python {stage}.py"
-                  f"{' --resume=True' if unfinished else ''}` (its default settings) first")
-            module = importlib.import_module(stage)  # imported here only: ppo.py uses none of their math
-            module.main(common.shared_flags(cfg, module.config) + (["--resume=True"] if unfinished else []))
-
-
 def check_combinations(cfg):
     """ConfigError for settings each allowed but not together (what one setting() declaration cannot say): the gold
     reward on a task without a judge, rloo / grpo with fewer than two samples per prompt (their baseline comes
@@ -426,9 +406,8 @@ def check_combinations(cfg):
 
 def load_ppo_models(cfg, rt, prompts):
     """Policy + frozen reference from out/sft.pt, frozen reward model + trainable critic (gae only) from out/rm.pt, on
-    rt.device and in eval mode throughout (no dropout: the rollout's and the update's logprobs come from one and the
-    same function). Raises UserError for a missing or wrong checkpoint, or when the longest of the `prompts` plus
-    max_new_tokens does not fit its block_size."""
+    rt.device and in eval mode throughout. Raises UserError for a missing or wrong checkpoint, or when the longest of
+    the `prompts` plus max_new_tokens does not fit its block_size."""
     sft_ckpt = load_checkpoint(os.path.join(cfg.out_dir, "sft.pt"), stage="sft", vocab_size=cfg.vocab_size)
     rm_ckpt = load_checkpoint(os.path.join(cfg.out_dir, "rm.pt"), stage="rm", vocab_size=cfg.vocab_size)
     load = lambda ckpt, head: model_from_checkpoint(ckpt, scalar_head=head).to(rt.device).eval()
@@ -443,10 +422,95 @@ def load_ppo_models(cfg, rt, prompts):
     return policy, reference, critic, reward_model
 
 
+def start_run(cfg, rt, prompts, ckpt):
+    """Everything an iteration uses: the four models, the optimisers, the KL controller, the samplers (gen: prompts,
+    minibatch order, text windows; sampler: the rollout's tokens), the state that save_training_state writes, the
+    first iteration and the score scale (None until the first rollout), restored from ppo.pt when resuming."""
+    policy, reference, critic, reward_model = load_ppo_models(cfg, rt, prompts)
+    run = SimpleNamespace(policy=policy, reference=reference, critic=critic, reward_model=reward_model,
+                          logprobs=torch.compile(policy.logprobs, dynamic=True) if cfg.compile else policy.logprobs)
+    run.opt_policy = common.configure_optimizer(policy, cfg.lr, cfg.weight_decay)
+    run.opt_critic = common.configure_optimizer(critic, cfg.critic_lr, cfg.weight_decay) if critic else None
+    run.kl_ctl = AdaptiveKLController(cfg.beta, cfg.target_kl, cfg.kl_horizon) if cfg.adaptive_kl else None
+    run.gen = torch.Generator().manual_seed(cfg.seed + rt.rank)
+    run.sampler = torch.Generator(device=rt.device).manual_seed(cfg.seed + rt.rank)
+    state = dict(models=dict(model=policy, critic=critic), optimizers=dict(policy=run.opt_policy, critic=run.opt_critic),
+                 generators=dict(gen=run.gen, sampler=run.sampler))
+    run.state = {k: {name: x for name, x in v.items() if x is not None} for k, v in state.items()}  # no critic: none
+    run.start, run.score_scale = 0, None
+    if ckpt:
+        run.start, run.score_scale = common.restore_training_state(ckpt, rt, **run.state), ckpt["score_scale"]
+        if run.kl_ctl:
+            run.kl_ctl.value = ckpt["beta"]
+    return run
+
+
+def iteration(run, it, beta, cfg, rt, task):
+    """Iteration `it` (steps 1-6 of the module docstring): rollout and score, rewards and advantages, the PPO update,
+    beta. Returns the iteration's figures, means over the DDP ranks."""
+    lr_scale = common.lr_at(it, cfg.iterations, 1.0, 0) if cfg.decay_lr else 1.0
+    common.set_lr(run.opt_policy, cfg.lr * lr_scale)
+    if run.critic:
+        common.set_lr(run.opt_critic, cfg.critic_lr * lr_scale)
+    t_rollout = time.time()
+    train = task.prompts_train
+    examples = [train[i] for i in torch.randperm(len(train), generator=run.gen)[:cfg.batch_size]
+                for _ in range(cfg.samples_per_prompt)]  # k samples of each prompt, consecutive
+    batch = rollout(run.policy, run.reference, run.critic, run.reward_model, data.collate_prompts(examples), rt,
+                    cfg.max_new_tokens, cfg.temperature, run.sampler, run.logprobs if cfg.compile else None)
+    gold = data.gold_scores(task.judge, [e["prompt"] for e in examples], responses(batch),
+                            cfg.vocab_size) if task.judge else None
+    proxy = None  # the reward model's scores, the critic's own units, where they are not the rewards
+    if cfg.reward == "gold":  # the truth as the reward: what RL achieves when the reward model is perfect
+        proxy, batch.scores = batch.scores, gold.to(rt.device)
+    if run.score_scale is None:  # the first rollout: the SFT policy's answers
+        run.score_scale = score_scale_from(batch, run.critic, cfg, rt, critic_scores=proxy)
+
+    final_scores = penalised_scores(batch.scores, batch.has_eos, run.score_scale, cfg.missing_eos_penalty)  # (B,)
+    rewards = per_token_rewards(final_scores, batch.old_logprobs, batch.ref_logprobs, batch.response_mask, beta,
+                                cfg.kl_estimator)  # (B, R)
+    if cfg.advantage_estimator == "gae":
+        advantages, returns = compute_gae(rewards, batch.old_values, batch.response_mask, cfg.gamma, cfg.lam)
+        if cfg.whiten_advantages:
+            advantages = whiten(advantages, batch.response_mask)
+    else:  # critic-free: the baseline comes from the other samples of the same prompt
+        advantages, returns = critic_free_advantages(final_scores, rewards, batch.response_mask,
+                                                     cfg.advantage_estimator, cfg.samples_per_prompt), None
+
+    t_update = time.time()
+    batch.advantages, batch.returns = advantages, returns
+    stats = update(run, batch, beta, cfg, rt, run.gen, task.text, it)
+    metrics = dict(rollout_metrics(batch, rewards, returns, beta, cfg.kl_estimator), lr=cfg.lr * lr_scale,
+                   rollout_s=t_update - t_rollout, update_s=time.time() - t_update, **stats)
+    if gold is not None:  # the truth behind the proxy score: does the policy really get more positive?
+        metrics["gold"] = gold.mean()
+    metrics = {k: common.all_reduce_mean(v, rt) for k, v in metrics.items()}  # means over the ranks
+    if run.kl_ctl:  # 6. beta for the next iteration
+        run.kl_ctl.update(metrics["kl"], len(batch.idx) * rt.world_size)
+    return metrics
+
+
+def samples_and_evaluation(run, it, cfg, rt, task):
+    """The master's extra figures of iteration `it`: the answers to the shortest test prompts (every sample_every
+    iterations and at the last) and, every eval_every iterations, the evaluation (a curve on the reward-versus-KL
+    chart)."""
+    metrics = {}
+    if rt.master and ((cfg.sample_every and it % cfg.sample_every == 0) or it == cfg.iterations - 1):
+        prompts = sorted(task.prompts_test, key=lambda e: len(e["prompt"]))[:cfg.n_sample_prompts]
+        for i, answer in enumerate(evaluate.answers_text(run.policy, prompts, rt, cfg.max_new_tokens, seed=cfg.seed)):
+            metrics[f"sample_{i}"] = answer
+            tqdm.write(f"[iter {it}] sample {i}: {answer!r}")
+    if rt.master and cfg.eval_every and (it + 1) % cfg.eval_every == 0:
+        metrics.update({f"eval_{k}": v for k, v in evaluate.summarize(evaluate.sample_and_score(
+            run.policy, run.reference, run.reward_model, evaluate.eval_prompts(task.prompts_test, cfg), rt,
+            cfg.eval_batch_size, cfg.max_new_tokens, seed=cfg.eval_seed, judge=task.judge)).items()})
+    return metrics
+
+
 def main(argv=None):
     cfg = common.parse_config(config, argv, cuda_overrides=cuda_config)
     check_combinations(cfg)
-    make_missing_checkpoints(cfg)
+    make_missing_checkpoints(cfg, "sft", "rm")  # `python ppo.py` on a fresh machine runs sft.py, reward.py first
     rt = common.setup_runtime(cfg)
     t0 = time.time()
     path = os.path.join(cfg.out_dir, "ppo.pt")
@@ -454,101 +518,28 @@ def main(argv=None):
     if done:
         return common.cleanup(rt) or {}
     task = data.load_task(cfg, verbose=rt.master)  # train prompts, pretraining text for ptx, the judge (imdb)
-    train, text = task.prompts_train, task.text
-    watch = sorted(task.prompts_test, key=lambda e: len(e["prompt"]))[:cfg.n_sample_prompts]  # the shortest
-    policy, reference, critic, reward_model = load_ppo_models(cfg, rt, train)
-    train_logprobs = torch.compile(policy.logprobs, dynamic=True) if cfg.compile else policy.logprobs
-    opt_policy = common.configure_optimizer(policy, cfg.lr, cfg.weight_decay)
-    opt_critic = common.configure_optimizer(critic, cfg.critic_lr, cfg.weight_decay) if critic else None
-    kl_ctl = AdaptiveKLController(cfg.beta, cfg.target_kl, cfg.kl_horizon) if cfg.adaptive_kl else None
-    learner = SimpleNamespace(policy=policy, critic=critic, opt_policy=opt_policy, opt_critic=opt_critic,
-                              logprobs=train_logprobs)
+    run = start_run(cfg, rt, task.prompts_train, ckpt)
+    t0 -= ckpt.get("seconds", 0.0) if ckpt else 0.0  # the report's seconds count the run before a resume too
+    logger = common.Logger(cfg.out_dir, "ppo", rt.master, start_step=run.start)
 
-    # the samplers: prompts, minibatch order, text windows; and the rollout's tokens
-    gen = torch.Generator().manual_seed(cfg.seed + rt.rank)
-    sampler = torch.Generator(device=rt.device).manual_seed(cfg.seed + rt.rank)
-
-    # resume: the policy, critic, optimisers, beta, score scale and RNG states of ppo.pt
-    start, score_scale = 0, None
-    state = dict(models=dict(model=policy, critic=critic), optimizers=dict(policy=opt_policy, critic=opt_critic),
-                 generators=dict(gen=gen, sampler=sampler))
-    state = {k: {name: x for name, x in v.items() if x is not None} for k, v in state.items()}  # no critic: none
-    if ckpt:
-        start, score_scale = common.restore_training_state(ckpt, rt, **state), ckpt["score_scale"]
-        t0 -= ckpt.get("seconds", 0.0)  # the report's seconds count the run before the resume too
-        if kl_ctl:
-            kl_ctl.value = ckpt["beta"]
-    logger = common.Logger(cfg.out_dir, "ppo", rt.master, start_step=start)
-
-    pbar = tqdm(range(start, cfg.iterations), desc="ppo", disable=not rt.master)
+    pbar = tqdm(range(run.start, cfg.iterations), desc="ppo", disable=not rt.master)
     for it in pbar:
-        beta = kl_ctl.value if kl_ctl else cfg.beta
-        lr_scale = common.lr_at(it, cfg.iterations, 1.0, 0) if cfg.decay_lr else 1.0
-        common.set_lr(opt_policy, cfg.lr * lr_scale)
-        if critic:
-            common.set_lr(opt_critic, cfg.critic_lr * lr_scale)
-
-        # ------------------------------------------------------------------- 1-2. rollout and score (no gradients)
-        t_rollout = time.time()
-        examples = [train[i] for i in torch.randperm(len(train), generator=gen)[:cfg.batch_size]
-                    for _ in range(cfg.samples_per_prompt)]  # k samples of each prompt, consecutive
-        batch = rollout(policy, reference, critic, reward_model, data.collate_prompts(examples), rt,
-                        cfg.max_new_tokens, cfg.temperature, sampler, train_logprobs if cfg.compile else None)
-        gold = data.gold_scores(task.judge, [e["prompt"] for e in examples], responses(batch),
-                                cfg.vocab_size) if task.judge else None
-        proxy = None  # the reward model's scores, the critic's own units, where they are not the rewards
-        if cfg.reward == "gold":  # the truth as the reward: what RL achieves when the reward model is perfect
-            proxy, batch.scores = batch.scores, gold.to(rt.device)
-        if score_scale is None:  # the first rollout: the SFT policy's answers
-            score_scale = score_scale_from(batch, critic, cfg, rt, critic_scores=proxy)
-
-        # ------------------------------------------------------------------- 3-4. rewards, advantages
-        final_scores = penalised_scores(batch.scores, batch.has_eos, score_scale, cfg.missing_eos_penalty)  # (B,)
-        rewards = per_token_rewards(final_scores, batch.old_logprobs, batch.ref_logprobs, batch.response_mask, beta,
-                                    cfg.kl_estimator)  # (B, R)
-        if cfg.advantage_estimator == "gae":
-            advantages, returns = compute_gae(rewards, batch.old_values, batch.response_mask, cfg.gamma, cfg.lam)
-            if cfg.whiten_advantages:
-                advantages = whiten(advantages, batch.response_mask)
-        else:  # critic-free: the baseline comes from the other samples of the same prompt
-            advantages, returns = critic_free_advantages(final_scores, rewards, batch.response_mask,
-                                                         cfg.advantage_estimator, cfg.samples_per_prompt), None
-
-        # ------------------------------------------------------------------- 5. PPO epochs over minibatches
-        t_update = time.time()
-        batch.advantages, batch.returns = advantages, returns
-        stats = update(learner, batch, beta, cfg, rt, gen, text, it)
-
-        # ------------------------------------------------------------------- 6. beta, logging, checkpoint
-        metrics = dict(rollout_metrics(batch, rewards, returns, beta, cfg.kl_estimator), lr=cfg.lr * lr_scale,
-                       rollout_s=t_update - t_rollout, update_s=time.time() - t_update, **stats)
-        if gold is not None:  # the truth behind the proxy score: does the policy really get more positive?
-            metrics["gold"] = gold.mean()
-        metrics = {k: common.all_reduce_mean(v, rt) for k, v in metrics.items()}  # means over the ranks
-        if kl_ctl:
-            kl_ctl.update(metrics["kl"], len(batch.idx) * rt.world_size)
+        beta = run.kl_ctl.value if run.kl_ctl else cfg.beta
+        metrics = iteration(run, it, beta, cfg, rt, task)
         pbar.set_postfix(score=f"{metrics['score']:.3f}", kl=f"{metrics['kl']:.2f}", beta=f"{beta:.3f}",
                          **({"gold": f"{metrics['gold']:.2f}"} if "gold" in metrics else {}))
-        if rt.master and ((cfg.sample_every and it % cfg.sample_every == 0) or it == cfg.iterations - 1):
-            for i, answer in enumerate(evaluate.answers_text(policy, watch, rt, cfg.max_new_tokens, seed=cfg.seed)):
-                metrics[f"sample_{i}"] = answer
-                tqdm.write(f"[iter {it}] sample {i}: {answer!r}")
-        if rt.master and cfg.eval_every and (it + 1) % cfg.eval_every == 0:  # the curve for the over-optimisation chart
-            metrics.update({f"eval_{k}": v for k, v in evaluate.summarize(evaluate.sample_and_score(
-                policy, reference, reward_model, evaluate.eval_prompts(task.prompts_test, cfg), rt, cfg.eval_batch_size,
-                cfg.max_new_tokens, seed=cfg.eval_seed, judge=task.judge)).items()})
-        logger.log(it, **metrics)
+        logger.log(it, **metrics, **samples_and_evaluation(run, it, cfg, rt, task))
         if common.checkpoint_due(it + 1, cfg, cfg.iterations):
-            common.save_training_state(path, "ppo", cfg, it + 1, cfg.iterations, rt, **state, score_scale=score_scale,
-                                       beta=kl_ctl.value if kl_ctl else cfg.beta, seconds=time.time() - t0)
+            common.save_training_state(path, "ppo", cfg, it + 1, cfg.iterations, rt, **run.state,
+                                       score_scale=run.score_scale, beta=run.kl_ctl.value if run.kl_ctl else cfg.beta,
+                                       seconds=time.time() - t0)
     logger.plot()
 
-    # ----------------------------------------------------------------------- report (master only)
     report = {}
     if rt.master:
-        report = evaluate.compare("ppo", policy, reference, reward_model, evaluate.eval_prompts(task.prompts_test, cfg),
-                                  rt, cfg, judge=task.judge)
-        report.update(score_scale=score_scale, seconds=time.time() - t0)
+        report = evaluate.compare("ppo", run.policy, run.reference, run.reward_model,
+                                  evaluate.eval_prompts(task.prompts_test, cfg), rt, cfg, judge=task.judge)
+        report.update(score_scale=run.score_scale, seconds=time.time() - t0)
         print(f"  ppo.py took {report['seconds']:.0f} s; wrote {cfg.out_dir}/ppo.pt, ppo_log.jsonl, ppo.png")
     common.cleanup(rt)
     return report
