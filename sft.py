@@ -201,6 +201,38 @@ def build_model(cfg, ckpt=None):
     return gpt2.from_pretrained(cfg.init_from, block_size=cfg.block_size, dropout=cfg.dropout), 0
 
 
+def phase_at(step, n_pretrain, cfg):
+    """The phase of optimiser step `step` and its learning rate: each phase its own warmup, then cosine to 10%."""
+    phase = "pretrain" if step < n_pretrain else "sft"
+    start, length = (0, n_pretrain) if phase == "pretrain" else (n_pretrain, cfg.sft_iters)
+    peak_lr = cfg.pretrain_lr if phase == "pretrain" else cfg.lr
+    return phase, common.lr_at(step - start, length, peak_lr, max(1, int(cfg.warmup_frac * length)))
+
+
+def micro_batches(phase, stream, train, cfg, gen, rt):
+    """The grad_accum micro-batches of a step, on rt.device: random windows of the text stream, every token a target
+    (pretrain), or random (prompt, chosen) examples, the prompt masked out (sft)."""
+    if phase == "pretrain":
+        micro = [data.sample_text_batch(stream, cfg.pretrain_batch_size, cfg.block_size, gen)
+                 for _ in range(cfg.grad_accum)]
+    else:
+        micro = [data.collate_sft([train[i] for i in torch.randint(len(train), (cfg.batch_size,), generator=gen)])
+                 for _ in range(cfg.grad_accum)]
+    return [common.to_device(b, rt) for b in micro]
+
+
+def evaluate_and_log(model, test_eval, answer_prompts, logger, cfg, rt, step):
+    """Test response loss, perplexity, bits per byte and answers at `step`, printed and logged. Returns
+    (loss, ppl, answers, bpb)."""
+    loss, ppl, bpb = response_loss(model, test_eval, rt, cfg.eval_batch_size)
+    ans = answers(model, answer_prompts, rt, cfg.max_new_tokens, cfg.temperature, seed=cfg.seed)
+    print(f"\nstep {step}: test response loss {loss:.4f}, perplexity {ppl:.1f}, {bpb:.3f} bits per byte")
+    print_answers(ans)
+    logger.log(step, test_loss=loss, test_ppl=ppl, test_bpb=bpb,
+               **{f"answer{i}_{k}": a[k] for i, a in enumerate(ans) for k in ("greedy", "sampled")})
+    return loss, ppl, ans, bpb
+
+
 def main(argv=None):
     cfg = common.parse_config(config, argv, cuda_overrides=cuda_config)
     rt = common.setup_runtime(cfg)
@@ -223,40 +255,20 @@ def main(argv=None):
     optimizer, state, step, logger = common.start_training(model, cfg, rt, ckpt, "sft", dict(gen=gen))
     total_steps = n_pretrain + cfg.sft_iters
     stream = task.text if step < n_pretrain else None  # phase 1 text
-    peak, device_name = peak_flops(rt)
     if rt.master:
         print(f"GPT {model.num_params() / 1e6:.2f}M parameters ({cfg.init_from}); {n_pretrain} pretraining + "
               f"{cfg.sft_iters} SFT steps; {len(train)} train / {len(test)} test examples")
-
-    def run_eval(step):
-        loss, ppl, bpb = response_loss(model, test_eval, rt, cfg.eval_batch_size)
-        ans = answers(model, answer_prompts, rt, cfg.max_new_tokens, cfg.temperature, seed=cfg.seed)
-        print(f"\nstep {step}: test response loss {loss:.4f}, perplexity {ppl:.1f}, {bpb:.3f} bits per byte")
-        print_answers(ans)
-        logger.log(step, test_loss=loss, test_ppl=ppl, test_bpb=bpb,
-                   **{f"answer{i}_{k}": a[k] for i, a in enumerate(ans) for k in ("greedy", "sampled")})
-        return loss, ppl, ans, bpb
-
+    run_eval = lambda step: evaluate_and_log(model, test_eval, answer_prompts, logger, cfg, rt, step)
     before = None  # the model before its first training step: measured in a fresh run, kept in the checkpoint for
     if rt.master:  # a resumed one (which starts from trained weights)
         before = (ckpt or {}).get("before") or run_eval(step)
-    tokens_seen, flops, train_time, losses = 0, 0.0, 0.0, {"pretrain": [], "sft": []}
-    first_step = step
+    speed, losses, first_step = dict(tokens=0, flops=0.0, seconds=0.0), {"pretrain": [], "sft": []}, step
     bar = tqdm(range(step, total_steps), disable=not rt.master, desc="sft", dynamic_ncols=True)
     for step in bar:
-        phase = "pretrain" if step < n_pretrain else "sft"
-        start, length = (0, n_pretrain) if phase == "pretrain" else (n_pretrain, cfg.sft_iters)
-        peak_lr = cfg.pretrain_lr if phase == "pretrain" else cfg.lr
-        lr = common.lr_at(step - start, length, peak_lr, max(1, int(cfg.warmup_frac * length)))
+        phase, lr = phase_at(step, n_pretrain, cfg)
         common.set_lr(optimizer, lr)
         t0 = time.time()
-        if phase == "pretrain":  # random windows of the text stream, every token a target
-            micro = [data.sample_text_batch(stream, cfg.pretrain_batch_size, cfg.block_size, gen)
-                     for _ in range(cfg.grad_accum)]
-        else:  # random (prompt, chosen) examples, the prompt masked out
-            micro = [data.collate_sft([train[i] for i in torch.randint(len(train), (cfg.batch_size,),
-                                                                       generator=gen)]) for _ in range(cfg.grad_accum)]
-        micro = [common.to_device(b, rt) for b in micro]
+        micro = micro_batches(phase, stream, train, cfg, gen, rt)
         loss = accumulate_sft_gradients(model, micro, rt, trunk)
         common.check_finite(step, loss=loss)
         grad_norm = common.optimizer_step(model, optimizer, cfg.grad_clip, rt, step)
@@ -265,10 +277,10 @@ def main(argv=None):
         dt = time.time() - t0
         n_tok = sum(b["attention_mask"].sum().item() for b in micro) * rt.world_size  # real tokens, all ranks
         if step not in (first_step, n_pretrain):  # a phase's first step (warm-up, compilation) is not timed
-            tokens_seen, train_time = tokens_seen + n_tok, train_time + dt
-            flops += rt.world_size * sum(flops_per_step(model, b["attention_mask"].sum().item(),
-                                                        b["loss_mask"][:, 1:].sum().item(), b["idx"].shape[1])
-                                         for b in micro)
+            speed["tokens"], speed["seconds"] = speed["tokens"] + n_tok, speed["seconds"] + dt
+            speed["flops"] += rt.world_size * sum(flops_per_step(model, b["attention_mask"].sum().item(),
+                                                                 b["loss_mask"][:, 1:].sum().item(), b["idx"].shape[1])
+                                                  for b in micro)
         losses[phase].append(loss)
         bar.set_postfix(phase=phase, loss=f"{loss:.3f}", tok_s=f"{n_tok / dt:.0f}")
         logger.log(step, **{f"{phase}_loss": loss}, lr=lr, grad_norm=grad_norm, tokens_per_s=n_tok / dt)
@@ -284,37 +296,45 @@ def main(argv=None):
     if rt.master:
         after = run_eval(total_steps)
         logger.plot()
-        tok_s = tokens_seen / max(train_time, 1e-9)
-        achieved = flops / max(train_time, 1e-9)
-        mfu = achieved / peak if peak else None
-        report = dict(test_loss_before=before[0], test_ppl_before=before[1], test_loss_after=after[0],
-                      test_ppl_after=after[1], test_bpb_before=before[3], test_bpb_after=after[3], answers=after[2],
-                      tokens_per_s=tok_s, flops_per_s=achieved,
-                      mfu=mfu, **{f"{p}_loss_{w}": sum(x) / len(x) for p, v in losses.items() if v
-                                  for w, x in (("first", v[:5]), ("last", v[-5:]))})
-        print(f"\n=== SFT report ({cfg.init_from}, {n_pretrain} pretraining + {cfg.sft_iters} SFT steps, "
-              f"{time.time() - t_start:.0f} s) ===")
-        for p, v in losses.items():
-            if v:
-                print(f"  {p} train loss: {report[f'{p}_loss_first']:.3f} -> {report[f'{p}_loss_last']:.3f} "
-                      "(mean of the first 5 steps -> of the last 5)")
-        print(f"  test response loss {before[0]:.4f} -> {after[0]:.4f} nats/token "
-              f"(perplexity {before[1]:.1f} -> {after[1]:.1f}; {before[3]:.3f} -> {after[3]:.3f} bits per byte) on "
-              f"{len(test_eval)} test examples")
-        speed = f"  {tok_s:.0f} tokens/s, {achieved / 1e9:.1f} GFLOP/s achieved on {device_name}"
-        print(speed + (f", MFU {100 * mfu:.1f}% of {peak / 1e12:.0f} TFLOP/s bf16 peak" if peak
-                       else " (peak unknown, no MFU)"))
-        print("  answers to fixed test prompts:")
-        print_answers(after[2])
-        if task.judge is not None:  # the gold judge's view of the SFT policy: the start of every RL run
-            prompts = evaluate.eval_prompts(task.prompts_test, cfg)
-            report["eval"] = evaluate.summarize(evaluate.sample_and_score(
-                model, None, None, prompts, rt, cfg.eval_batch_size, cfg.max_new_tokens, seed=cfg.eval_seed,
-                judge=task.judge))
-            print(f"  answers to the first {len(prompts)} test prompts (seed {cfg.eval_seed}, temperature 1):")
-            evaluate.print_summary("sft", report["eval"])
-        print(f"  wrote {cfg.out_dir}/sft.pt, sft_log.jsonl, sft.png")
+        report = make_report(model, task, cfg, rt, before, after, losses, speed, len(test_eval),
+                             f"{n_pretrain} pretraining + {cfg.sft_iters} SFT steps, {time.time() - t_start:.0f} s")
     common.cleanup(rt)
+    return report
+
+
+def make_report(model, task, cfg, rt, before, after, losses, speed, n_test, run):
+    """Print and return the report: the train losses' ends, the test figures before -> after (evaluate_and_log's),
+    the speed, the answers, and on imdb the gold judge's view of the SFT policy (the start of every RL run)."""
+    peak, device_name = peak_flops(rt)
+    tok_s = speed["tokens"] / max(speed["seconds"], 1e-9)
+    achieved = speed["flops"] / max(speed["seconds"], 1e-9)
+    mfu = achieved / peak if peak else None
+    report = dict(test_loss_before=before[0], test_ppl_before=before[1], test_loss_after=after[0],
+                  test_ppl_after=after[1], test_bpb_before=before[3], test_bpb_after=after[3], answers=after[2],
+                  tokens_per_s=tok_s, flops_per_s=achieved,
+                  mfu=mfu, **{f"{p}_loss_{w}": sum(x) / len(x) for p, v in losses.items() if v
+                              for w, x in (("first", v[:5]), ("last", v[-5:]))})
+    print(f"\n=== SFT report ({cfg.init_from}, {run}) ===")
+    for p, v in losses.items():
+        if v:
+            print(f"  {p} train loss: {report[f'{p}_loss_first']:.3f} -> {report[f'{p}_loss_last']:.3f} "
+                  "(mean of the first 5 steps -> of the last 5)")
+    print(f"  test response loss {before[0]:.4f} -> {after[0]:.4f} nats/token "
+          f"(perplexity {before[1]:.1f} -> {after[1]:.1f}; {before[3]:.3f} -> {after[3]:.3f} bits per byte) on "
+          f"{n_test} test examples")
+    speed = f"  {tok_s:.0f} tokens/s, {achieved / 1e9:.1f} GFLOP/s achieved on {device_name}"
+    print(speed + (f", MFU {100 * mfu:.1f}% of {peak / 1e12:.0f} TFLOP/s bf16 peak" if peak
+                   else " (peak unknown, no MFU)"))
+    print("  answers to fixed test prompts:")
+    print_answers(after[2])
+    if task.judge is not None:  # the gold judge's view of the SFT policy: the start of every RL run
+        prompts = evaluate.eval_prompts(task.prompts_test, cfg)
+        report["eval"] = evaluate.summarize(evaluate.sample_and_score(
+            model, None, None, prompts, rt, cfg.eval_batch_size, cfg.max_new_tokens, seed=cfg.eval_seed,
+            judge=task.judge))
+        print(f"  answers to the first {len(prompts)} test prompts (seed {cfg.eval_seed}, temperature 1):")
+        evaluate.print_summary("sft", report["eval"])
+    print(f"  wrote {cfg.out_dir}/sft.pt, sft_log.jsonl, sft.png")
     return report
 
 
