@@ -37,9 +37,9 @@ config = dict({k: common.SHARED[k] for k in ("task", "out_dir", "data_dir", "dev
                                              "max_new_tokens", "eval_batch_size")},
     prompt="",               # prompts separated by "|", or FILE:path (one per line); "" = read them from the terminal
     policies="",             # comma-separated names (sft -> <out_dir>/sft.pt) and/or .pt paths; "" = sft,ppo,dpo found
-    num_samples=3,           # answers per prompt and policy
-    temperature=1.0,         # sampling temperature (1 = the policy as it is, as in every evaluation; 0 = greedy)
-)
+    num_samples=common.setting(3, ">= 1"),     # answers per prompt and policy
+    temperature=common.setting(1.0, ">= 0"),   # sampling temperature (1 = the policy as it is, as in every
+)                                              # evaluation; 0 = greedy)
 cuda_config = {k: v for k, v in common.SHARED_CUDA.items() if k in config}  # the vocabulary of a CUDA-preset run
 
 
@@ -140,11 +140,6 @@ def main(argv=None):
     given = [a.split("=", 1)[1] for a in argv if a.startswith("--prompt=")]  # several --prompt: joined with "|"
     argv = [a for a in argv if not a.startswith("--prompt=")] + (["--prompt=" + "|".join(given)] if given else [])
     cfg = common.parse_config(config, argv, cuda_overrides=cuda_config)
-    for key, ok in (("task", cfg.task in data.TASKS), ("num_samples", cfg.num_samples >= 1),
-                    ("max_new_tokens", cfg.max_new_tokens >= 1), ("temperature", cfg.temperature >= 0)):
-        if not ok:
-            raise UserError(f"--{key}={getattr(cfg, key)}: expected " + dict(
-                task=" or ".join(data.TASKS), temperature="a number >= 0").get(key, "an integer >= 1"))
     texts = read_prompts(cfg.prompt) if given else None  # a bad file fails before any model is loaded
     rt = common.setup_runtime(cfg)
     policies, reward_model = load_models(cfg, rt)
@@ -178,6 +173,7 @@ def main(argv=None):
         for label, r in merged.items():
             evaluate.print_summary(label, evaluate.summarize(r))
     return merged
+
 
 if __name__ == "__main__":
     common.cli(main)

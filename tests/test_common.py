@@ -218,7 +218,7 @@ def outside(rule, is_int):
     return [float(low) - (step if rule[0] == "[" else 0), float(high) + (step if rule[-1] == "]" else 0)]
 
 
-STAGES = ["sft", "ppo", "dpo", "reward", "lab"]
+STAGES = ["sft", "ppo", "dpo", "reward", "lab", "sample"]
 
 
 @pytest.mark.parametrize("stage", STAGES)
