@@ -30,7 +30,7 @@ import dpo
 import evaluate
 import ppo
 import reward
-from checkpoint import load_checkpoint, model_from_checkpoint
+from checkpoint import load_checkpoint, make_missing_checkpoints, model_from_checkpoint
 
 S = common.setting  # a default with the values it allows, checked by the config parser
 config = dict(common.SHARED,
@@ -364,7 +364,7 @@ def print_tables(cfg, points, bon, curves, biased_runs, rms, y):
 
 def main(argv=None):
     cfg = common.parse_config(config, argv, cuda_overrides=cuda_config)
-    ppo.make_missing_checkpoints(cfg)
+    make_missing_checkpoints(cfg, "sft", "rm")  # sft.py, reward.py first, where their checkpoints are missing
     rt = common.setup_runtime(cfg)
     task = data.load_task(cfg, verbose=False)
     judge, small_beta = task.judge, smallest_beta(cfg)

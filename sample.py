@@ -83,7 +83,7 @@ def encode_prompt(text, cfg, context):
     return text, tokens
 
 
-def load_models(cfg, rt):
+def load_policies(cfg, rt):
     """The policies to compare ({label: GPT}, in --policies order) and the reward model (GPT with a scalar head, or
     None without <out_dir>/rm.pt), in eval mode on rt.device. Raises UserError when out_dir is not there, no policy
     is found, or a checkpoint is missing, damaged, of another stage, vocabulary (cfg.vocab_size) or task."""
@@ -142,7 +142,7 @@ def main(argv=None):
     cfg = common.parse_config(config, argv, cuda_overrides=cuda_config)
     texts = read_prompts(cfg.prompt) if given else None  # a bad file fails before any model is loaded
     rt = common.setup_runtime(cfg)
-    policies, reward_model = load_models(cfg, rt)
+    policies, reward_model = load_policies(cfg, rt)
     judge = data.load_judge(cfg.data_dir or None, verbose=False) if cfg.task == "imdb" else None
     context = min(m.config.block_size for m in [*policies.values(), reward_model] if m is not None)
     encode = lambda text: encode_prompt(text, cfg, context)
