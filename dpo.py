@@ -157,6 +157,65 @@ def batch_indices(step, micro, n, batch_size, grad_accum, seed):
 
 
 # ----------------------------------------------------------------------------- training
+def load_sft(cfg):
+    """out/sft.pt's checkpoint, with dropout 0 (pi(.) is then deterministic and equals pi_ref at the start). Raises
+    UserError for a missing or wrong file, or a --block_size beyond its model's."""
+    sft_path = os.path.join(cfg.out_dir, "sft.pt")
+    sft_ckpt = load_checkpoint(sft_path, stage="sft", vocab_size=cfg.vocab_size)
+    sft_ckpt["model_args"]["dropout"] = 0.0
+    if cfg.block_size > sft_ckpt["model_args"]["block_size"]:
+        raise common.UserError(f"--block_size={cfg.block_size} exceeds the block_size "
+                               f"{sft_ckpt['model_args']['block_size']} of {sft_path}")
+    return sft_ckpt
+
+
+def load_pairs(cfg, rt, task):
+    """(train, test) pairs: every pair of each ranking (imdb: the comparisons reward.py sampled and the judge ranked;
+    hh: K = 2, its pairs), fixed random subsets of train_pairs and eval_pairs, train sharded over the DDP ranks."""
+    train_pairs, test_pairs = (data.ranking_pairs(r, cfg.pairs_of_ranking) for r in data.load_rankings(cfg, task))
+    train = common.subset(train_pairs, cfg.train_pairs, cfg.seed)[rt.rank::rt.world_size]  # a shard per rank
+    test = common.subset(test_pairs, cfg.eval_pairs, cfg.seed)
+    if len(train) < cfg.batch_size:
+        raise common.UserError(f"{len(train)} train pairs per process, fewer than --batch_size={cfg.batch_size}")
+    return train, test
+
+
+def reference_logprobs(sft_ckpt, train, test, cfg, rt):
+    """The frozen reference's logprobs of every train pair (and, on the master, test pair) once, then the reference
+    is freed: ((chosen, rejected) (N,) x2 of train, of test or None)."""
+    t0, average = time.time(), cfg.loss_type == "ipo"
+    reference = model_from_checkpoint(sft_ckpt).to(rt.device).eval()
+    ref_train = precompute_logprobs(reference, train, rt, cfg.eval_batch_size, average)
+    ref_test = precompute_logprobs(reference, test, rt, cfg.eval_batch_size, average) if rt.master else None
+    del reference
+    gc.collect()
+    if rt.master:
+        print(f"reference logprobs of {len(train)} train and {len(test)} test pairs in {time.time() - t0:.0f}s")
+    return ref_train, ref_test
+
+
+def accumulate_dpo_gradients(policy, train, ref_train, it, cfg, rt):
+    """Forward + backward of optimiser step `it` over its grad_accum micro-batches (batch_indices). Returns the step's
+    train figures (loss, implicit-reward accuracy and margin, rewards, logprobs), means over its micro-batches."""
+    step_means = {}
+    for micro in range(cfg.grad_accum):
+        ids = batch_indices(it, micro, len(train), cfg.batch_size, cfg.grad_accum, cfg.seed + rt.rank)
+        batch = common.to_device(data.collate_pairs([train[i] for i in ids]), rt)
+        with rt.autocast():
+            policy_chosen, policy_rejected = pair_logprobs(policy, batch, cfg.loss_type == "ipo")  # (B,) x2
+        losses, chosen_rewards, rejected_rewards = dpo_loss(
+            policy_chosen, policy_rejected, ref_train[0][ids], ref_train[1][ids], cfg.beta, cfg.loss_type,
+            cfg.label_smoothing)
+        common.check_finite(it, loss=losses.mean())
+        (losses.mean() / cfg.grad_accum).backward()
+        step_stats = {"loss": losses.mean().item(), **reward_metrics(chosen_rewards, rejected_rewards),
+                      "rewards_chosen": chosen_rewards.mean().item(),
+                      "rewards_rejected": rejected_rewards.mean().item(),
+                      "logps_chosen": policy_chosen.mean().item(), "logps_rejected": policy_rejected.mean().item()}
+        step_means = {k: step_means.get(k, 0.0) + v / cfg.grad_accum for k, v in step_stats.items()}
+    return step_means
+
+
 def main(argv=None):
     """Train the DPO policy from out/sft.pt on `train` pairs; write out/dpo.pt; return the report (dict)."""
     t_start = time.time()
@@ -166,31 +225,10 @@ def main(argv=None):
     ckpt, done = common.resume_checkpoint(cfg, path, "dpo", cfg.max_iters)
     if done:
         return common.cleanup(rt) or {}
-    sft_path = os.path.join(cfg.out_dir, "sft.pt")
-    sft_ckpt = load_checkpoint(sft_path, stage="sft", vocab_size=cfg.vocab_size)
-    sft_ckpt["model_args"]["dropout"] = 0.0  # pi(.) is then deterministic and equals pi_ref at the start
-    if cfg.block_size > sft_ckpt["model_args"]["block_size"]:
-        raise common.UserError(f"--block_size={cfg.block_size} exceeds the block_size "
-                               f"{sft_ckpt['model_args']['block_size']} of {sft_path}")
+    sft_ckpt = load_sft(cfg)
     task = data.load_task(cfg, verbose=rt.master)
-    # every pair of each ranking (imdb: the comparisons reward.py sampled and the judge ranked; hh: K = 2, its pairs)
-    train_pairs, test_pairs = (data.ranking_pairs(r, cfg.pairs_of_ranking) for r in data.load_rankings(cfg, task))
-    train = common.subset(train_pairs, cfg.train_pairs, cfg.seed)[rt.rank::rt.world_size]  # a shard per rank
-    test = common.subset(test_pairs, cfg.eval_pairs, cfg.seed)
-    if len(train) < cfg.batch_size:
-        raise common.UserError(f"{len(train)} train pairs per process, fewer than --batch_size={cfg.batch_size}")
-    average = cfg.loss_type == "ipo"  # IPO uses per-token mean logprobs
-
-    # the frozen reference: its logprobs of every pair once, then free it
-    t0 = time.time()
-    reference = model_from_checkpoint(sft_ckpt).to(rt.device).eval()
-    ref_train = precompute_logprobs(reference, train, rt, cfg.eval_batch_size, average)  # (N,), (N,)
-    ref_test = precompute_logprobs(reference, test, rt, cfg.eval_batch_size, average) if rt.master else None
-    del reference
-    gc.collect()
-    if rt.master:
-        print(f"reference logprobs of {len(train)} train and {len(test)} test pairs in {time.time() - t0:.0f}s")
-
+    train, test = load_pairs(cfg, rt, task)
+    ref_train, ref_test = reference_logprobs(sft_ckpt, train, test, cfg, rt)
     policy = model_from_checkpoint(sft_ckpt).to(rt.device)
     if cfg.compile:  # compile the blocks in place: DPO calls policy.logprobs, not policy.forward
         for block in policy.transformer.h:
@@ -203,22 +241,7 @@ def main(argv=None):
         policy.train()
         lr = common.lr_at(it, cfg.max_iters, cfg.lr, cfg.warmup_iters)
         common.set_lr(optimizer, lr)
-        step_means = {}  # metrics of this step, averaged over its micro-batches
-        for micro in range(cfg.grad_accum):
-            ids = batch_indices(it, micro, len(train), cfg.batch_size, cfg.grad_accum, cfg.seed + rt.rank)
-            batch = common.to_device(data.collate_pairs([train[i] for i in ids]), rt)
-            with rt.autocast():
-                policy_chosen, policy_rejected = pair_logprobs(policy, batch, average)  # (B,) x2
-            losses, chosen_rewards, rejected_rewards = dpo_loss(
-                policy_chosen, policy_rejected, ref_train[0][ids], ref_train[1][ids], cfg.beta, cfg.loss_type,
-                cfg.label_smoothing)
-            common.check_finite(it, loss=losses.mean())
-            (losses.mean() / cfg.grad_accum).backward()
-            step_stats = {"loss": losses.mean().item(), **reward_metrics(chosen_rewards, rejected_rewards),
-                          "rewards_chosen": chosen_rewards.mean().item(),
-                          "rewards_rejected": rejected_rewards.mean().item(),
-                          "logps_chosen": policy_chosen.mean().item(), "logps_rejected": policy_rejected.mean().item()}
-            step_means = {k: step_means.get(k, 0.0) + v / cfg.grad_accum for k, v in step_stats.items()}
+        step_means = accumulate_dpo_gradients(policy, train, ref_train, it, cfg, rt)
         common.optimizer_step(policy, optimizer, cfg.grad_clip, rt, it)
         window.append({k: common.all_reduce_mean(v, rt) for k, v in step_means.items()})
         if (it + 1) % cfg.log_every == 0 or it + 1 == cfg.max_iters:  # the mean over the last steps
