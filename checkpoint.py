@@ -1,15 +1,18 @@
 """
 Checkpoints of every stage: one file per stage (out/<task>/sft.pt, rm.pt, ppo.pt, dpo.pt) holding the model's
 shape (model_args, with its vocabulary n_tokens), its weights, the stage's config and which stage wrote it, plus
-whatever a stage adds to resume (optimiser, step, RNG states: common.save_training_state). Written atomically;
-loading one that is missing, damaged, of another stage or of another vocabulary is a one-line error naming the
-command that writes it.
+whatever a stage adds to resume (optimiser, step, RNG states: save_training_state). Written atomically; loading one
+that is missing, damaged, of another stage or of another vocabulary is a one-line error naming the command that
+writes it. The training state lives here too: what a checkpoint of a run holds (save_training_state,
+restore_training_state, rng_state), when one is due (checkpoint_due) and what --resume=True continues from
+(resume_checkpoint, start_training).
 """
 import importlib
 import os
 from dataclasses import asdict
 
 import torch
+import torch.distributed as dist
 
 import common
 from common import Diverged, UserError, atomic_write
@@ -106,3 +109,92 @@ def make_missing_checkpoints(cfg, *stages):
                   f"{' --resume=True' if unfinished else ''}` (its default settings) first")
             module = importlib.import_module(script[:-3])  # imported here only: no stage needs another's code
             module.main(common.shared_flags(cfg, module.config) + (["--resume=True"] if unfinished else []))
+
+
+# ----------------------------------------------------------------------------- training state and resume
+def checkpoint_due(step, cfg, final_step):
+    """True after `step` optimiser steps when a checkpoint is due: every cfg.checkpoint_every steps and at
+    the end."""
+    return step == final_step or (cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0)
+
+
+def rng_state(generators, rt):
+    """The RNG states a resumed run needs to draw the same random numbers: torch's global RNG (and CUDA's)
+    and each named torch.Generator of the stage (batch order, sampler), of every DDP rank (a collective:
+    every rank calls it). Returns a list with one dict per rank."""
+    state = {"torch": torch.get_rng_state(), **{name: g.get_state().cpu() for name, g in generators.items()}}
+    if rt.device_type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state()
+    states = [state]
+    if rt.ddp:
+        states = [None] * rt.world_size
+        dist.all_gather_object(states, state)
+    return states
+
+
+def set_rng_state(states, generators, rt):
+    """Restore this rank's part of what rng_state saved (generators: the same names, built on the same devices)."""
+    state = states[rt.rank]
+    torch.set_rng_state(state["torch"])
+    for name, g in generators.items():
+        g.set_state(state[name])
+    if "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save_training_state(path, stage, cfg, step, final_step, rt, models, optimizers, generators, **extra):
+    """Every DDP rank calls it; the master writes the stage's checkpoint (save_checkpoint: atomic, never
+    nan weights) with everything --resume needs: models["model"] is the model later stages load, any other
+    entry of `models` (e.g. PPO's critic) is stored under its name; the optimisers' states, the step
+    (optimiser steps done), finished (step >= final_step), every rank's RNG states and **extra (e.g. PPO's
+    beta and score scale)."""
+    rng = rng_state(generators, rt)
+    if rt.master:
+        others = {name: m.state_dict() for name, m in models.items() if name != "model"}
+        save_checkpoint(path, models["model"], cfg, stage, step=step, finished=step >= final_step,
+                        optimizers={name: o.state_dict() for name, o in optimizers.items()}, rng=rng,
+                        **others, **extra)
+
+
+def restore_training_state(ckpt, rt, models, optimizers, generators):
+    """Load what save_training_state wrote into the same named models, optimisers and generators (this rank's
+    RNG states); returns the step to continue from. A run resumed with another number of DDP ranks raises
+    UserError."""
+    if len(ckpt["rng"]) != rt.world_size:
+        raise UserError(f"the checkpoint was written by {len(ckpt['rng'])} process(es); resume it with as many")
+    for name, m in models.items():
+        m.load_state_dict(ckpt[name])
+    for name, o in optimizers.items():
+        o.load_state_dict(ckpt["optimizers"][name])
+    set_rng_state(ckpt["rng"], generators, rt)
+    return ckpt["step"]
+
+
+def start_training(model, cfg, rt, ckpt, log_name, generators):
+    """What a one-model stage (sft, reward, dpo) trains with: AdamW over `model` (cfg.lr, cfg.weight_decay), the
+    state that save_training_state writes (restored from `ckpt` when resuming), the step to start at, and the
+    stage's Logger (out/<log_name>_log.jsonl). Returns (optimizer, state, start, logger)."""
+    optimizer = common.configure_optimizer(model, cfg.lr, cfg.weight_decay)
+    state = dict(models=dict(model=model), optimizers=dict(model=optimizer), generators=generators)
+    start = restore_training_state(ckpt, rt, **state) if ckpt else 0
+    return optimizer, state, start, common.Logger(cfg.out_dir, log_name, master=rt.master, start_step=start)
+
+
+def resume_checkpoint(cfg, path, stage, final_step):
+    """What --resume=True continues from. Returns (ckpt, done): (None, False) for a fresh run (cfg.resume False);
+    else the checkpoint dict of `path` (load_checkpoint checks it), whose "step" says where to go on, and
+    done = True when that step has already reached final_step (an int, or a function of the checkpoint when the
+    checkpoint decides it, as sft.py's pretraining length): the stage then has nothing to do (it says so
+    here) and returns. Raises UserError when there is nothing to resume (no file, a damaged one, another
+    stage's)."""
+    if not cfg.resume:
+        return None, False
+    if not os.path.exists(path):
+        raise UserError(f"--resume=True: there is no {path} to resume from; run without --resume to start afresh")
+    ckpt = load_checkpoint(path, stage=stage, vocab_size=getattr(cfg, "vocab_size", None))
+    final_step = final_step(ckpt) if callable(final_step) else final_step
+    done = ckpt["step"] >= final_step
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"resuming {path} at step {ckpt['step']} of {final_step}" +
+              (": already finished, nothing to do (raise the step count to train longer)" if done else ""))
+    return ckpt, done

@@ -1,7 +1,8 @@
 """
 What every stage script needs and none of them owns: the settings every stage shares, command-line config
 overrides, one-line errors, device / dtype / DDP setup, the optimiser step (DDP averaging, clipping, the
-non-finite guard) and learning-rate schedule, checkpoint / resume state, and the logger. No RLHF math here.
+non-finite guard) and learning-rate schedule, and the logger. No RLHF math here; checkpoints and the training state
+that --resume restores are checkpoint.py's (which imports this file, never the other way).
 
 A stage script declares its defaults as a dict at the top of the file (the CPU preset, starting from
 SHARED; a default wrapped in setting(default, allowed) also says what values it may take, e.g.
@@ -449,97 +450,6 @@ def optimizer_step(model, optimizer, grad_clip, rt, step):
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return norm.item()
-
-
-# ----------------------------------------------------------------------------- checkpoints and resume
-def checkpoint_due(step, cfg, final_step):
-    """True after `step` optimiser steps when a checkpoint is due: every cfg.checkpoint_every steps and at
-    the end."""
-    return step == final_step or (cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0)
-
-
-def rng_state(generators, rt):
-    """The RNG states a resumed run needs to draw the same random numbers: torch's global RNG (and CUDA's)
-    and each named torch.Generator of the stage (batch order, sampler), of every DDP rank (a collective:
-    every rank calls it). Returns a list with one dict per rank."""
-    state = {"torch": torch.get_rng_state(), **{name: g.get_state().cpu() for name, g in generators.items()}}
-    if rt.device_type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state()
-    states = [state]
-    if rt.ddp:
-        states = [None] * rt.world_size
-        dist.all_gather_object(states, state)
-    return states
-
-
-def set_rng_state(states, generators, rt):
-    """Restore this rank's part of what rng_state saved (generators: the same names, built on the same devices)."""
-    state = states[rt.rank]
-    torch.set_rng_state(state["torch"])
-    for name, g in generators.items():
-        g.set_state(state[name])
-    if "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def save_training_state(path, stage, cfg, step, final_step, rt, models, optimizers, generators, **extra):
-    """Every DDP rank calls it; the master writes the stage's checkpoint (checkpoint.save_checkpoint: atomic, never
-    nan weights) with everything --resume needs: models["model"] is the model later stages load, any other
-    entry of `models` (e.g. PPO's critic) is stored under its name; the optimisers' states, the step
-    (optimiser steps done), finished (step >= final_step), every rank's RNG states and **extra (e.g. PPO's
-    beta and score scale)."""
-    from checkpoint import save_checkpoint
-    rng = rng_state(generators, rt)
-    if rt.master:
-        others = {name: m.state_dict() for name, m in models.items() if name != "model"}
-        save_checkpoint(path, models["model"], cfg, stage, step=step, finished=step >= final_step,
-                        optimizers={name: o.state_dict() for name, o in optimizers.items()}, rng=rng,
-                        **others, **extra)
-
-
-def restore_training_state(ckpt, rt, models, optimizers, generators):
-    """Load what save_training_state wrote into the same named models, optimisers and generators (this rank's
-    RNG states); returns the step to continue from. A run resumed with another number of DDP ranks raises
-    UserError."""
-    if len(ckpt["rng"]) != rt.world_size:
-        raise UserError(f"the checkpoint was written by {len(ckpt['rng'])} process(es); resume it with as many")
-    for name, m in models.items():
-        m.load_state_dict(ckpt[name])
-    for name, o in optimizers.items():
-        o.load_state_dict(ckpt["optimizers"][name])
-    set_rng_state(ckpt["rng"], generators, rt)
-    return ckpt["step"]
-
-
-def start_training(model, cfg, rt, ckpt, log_name, generators):
-    """What a one-model stage (sft, reward, dpo) trains with: AdamW over `model` (cfg.lr, cfg.weight_decay), the
-    state that save_training_state writes (restored from `ckpt` when resuming), the step to start at, and the
-    stage's Logger (out/<log_name>_log.jsonl). Returns (optimizer, state, start, logger)."""
-    optimizer = configure_optimizer(model, cfg.lr, cfg.weight_decay)
-    state = dict(models=dict(model=model), optimizers=dict(model=optimizer), generators=generators)
-    start = restore_training_state(ckpt, rt, **state) if ckpt else 0
-    return optimizer, state, start, Logger(cfg.out_dir, log_name, master=rt.master, start_step=start)
-
-
-def resume_checkpoint(cfg, path, stage, final_step):
-    """What --resume=True continues from. Returns (ckpt, done): (None, False) for a fresh run (cfg.resume False);
-    else the checkpoint dict of `path` (checkpoint.load_checkpoint checks it), whose "step" says where to go on, and
-    done = True when that step has already reached final_step (an int, or a function of the checkpoint when the
-    checkpoint decides it, as sft.py's pretraining length): the stage then has nothing to do (it says so
-    here) and returns. Raises UserError when there is nothing to resume (no file, a damaged one, another
-    stage's)."""
-    if not cfg.resume:
-        return None, False
-    from checkpoint import load_checkpoint
-    if not os.path.exists(path):
-        raise UserError(f"--resume=True: there is no {path} to resume from; run without --resume to start afresh")
-    ckpt = load_checkpoint(path, stage=stage, vocab_size=getattr(cfg, "vocab_size", None))
-    final_step = final_step(ckpt) if callable(final_step) else final_step
-    done = ckpt["step"] >= final_step
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(f"resuming {path} at step {ckpt['step']} of {final_step}" +
-              (": already finished, nothing to do (raise the step count to train longer)" if done else ""))
-    return ckpt, done
 
 
 # ----------------------------------------------------------------------------- logging

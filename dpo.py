@@ -34,8 +34,10 @@ from tqdm import tqdm
 import common
 import data
 import evaluate
-from checkpoint import load_checkpoint, model_from_checkpoint
+from checkpoint import (
+    checkpoint_due, load_checkpoint, model_from_checkpoint, resume_checkpoint, save_training_state, start_training)
 from common import setting
+from model import CompiledLogprobs
 
 # ----------------------------------------------------------------------------- config
 config = dict(common.SHARED, # out_dir, data_dir, device, block_size, eval_prompts, checkpoint_every, ... (common.py)
@@ -222,7 +224,7 @@ def main(argv=None):
     cfg = common.parse_config(config, argv, cuda_overrides=cuda_config)
     rt = common.setup_runtime(cfg)
     path = os.path.join(cfg.out_dir, "dpo.pt")
-    ckpt, done = common.resume_checkpoint(cfg, path, "dpo", cfg.max_iters)
+    ckpt, done = resume_checkpoint(cfg, path, "dpo", cfg.max_iters)
     if done:
         return common.cleanup(rt) or {}
     sft_ckpt = load_sft(cfg)
@@ -230,10 +232,9 @@ def main(argv=None):
     train, test = load_pairs(cfg, rt, task)
     ref_train, ref_test = reference_logprobs(sft_ckpt, train, test, cfg, rt)
     policy = model_from_checkpoint(sft_ckpt).to(rt.device)
-    if cfg.compile:  # compile the blocks in place: DPO calls policy.logprobs, not policy.forward
-        for block in policy.transformer.h:
-            block.compile(dynamic=True)
-    optimizer, state, start, logger = common.start_training(policy, cfg, rt, ckpt, "dpo", {})  # batches: by step
+    if cfg.compile:  # pair_logprobs calls policy.logprobs: the compiled one from here on (generation stays eager)
+        policy.logprobs = CompiledLogprobs(policy)
+    optimizer, state, start, logger = start_training(policy, cfg, rt, ckpt, "dpo", {})  # batches: by step
     t_start -= ckpt.get("seconds", 0.0) if ckpt else 0.0  # the report's seconds count the run before a resume too
     pbar = tqdm(range(start, cfg.max_iters), desc="dpo", disable=not rt.master)
     window = []  # per-step metrics since the last log line
@@ -252,9 +253,9 @@ def main(argv=None):
             window = []
         if rt.master and cfg.eval_every > 0 and (it + 1) % cfg.eval_every == 0 and it + 1 < cfg.max_iters:
             logger.log(it, **{f"test_{k}": v for k, v in evaluate_pairs(policy, test, *ref_test, cfg, rt).items()})
-        if common.checkpoint_due(it + 1, cfg, cfg.max_iters):
-            common.save_training_state(path, "dpo", cfg, it + 1, cfg.max_iters, rt, **state,
-                                       seconds=time.time() - t_start)
+        if checkpoint_due(it + 1, cfg, cfg.max_iters):
+            save_training_state(path, "dpo", cfg, it + 1, cfg.max_iters, rt, **state,
+                                seconds=time.time() - t_start)
 
     report = {}
     if rt.master:

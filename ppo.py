@@ -34,9 +34,11 @@ from tqdm import tqdm
 import common
 import data
 import evaluate
-from checkpoint import load_checkpoint, make_missing_checkpoints, model_from_checkpoint
+from checkpoint import (
+    checkpoint_due, load_checkpoint, make_missing_checkpoints, model_from_checkpoint, restore_training_state,
+    resume_checkpoint, save_training_state)
 from common import setting
-from model import last_token_index, sample_answers
+from model import CompiledLogprobs, last_token_index, sample_answers
 
 # ----------------------------------------------------------------------------- config
 config = dict(common.SHARED,  # out_dir, data_dir, device, block_size, max_new_tokens, eval_prompts, ... (common.py)
@@ -428,18 +430,19 @@ def start_run(cfg, rt, prompts, ckpt):
     first iteration and the score scale (None until the first rollout), restored from ppo.pt when resuming."""
     policy, reference, critic, reward_model = load_ppo_models(cfg, rt, prompts)
     run = SimpleNamespace(policy=policy, reference=reference, critic=critic, reward_model=reward_model,
-                          logprobs=torch.compile(policy.logprobs, dynamic=True) if cfg.compile else policy.logprobs)
+                          logprobs=CompiledLogprobs(policy) if cfg.compile else policy.logprobs)
     run.opt_policy = common.configure_optimizer(policy, cfg.lr, cfg.weight_decay)
     run.opt_critic = common.configure_optimizer(critic, cfg.critic_lr, cfg.weight_decay) if critic else None
     run.kl_ctl = AdaptiveKLController(cfg.beta, cfg.target_kl, cfg.kl_horizon) if cfg.adaptive_kl else None
     run.gen = torch.Generator().manual_seed(cfg.seed + rt.rank)
     run.sampler = torch.Generator(device=rt.device).manual_seed(cfg.seed + rt.rank)
-    state = dict(models=dict(model=policy, critic=critic), optimizers=dict(policy=run.opt_policy, critic=run.opt_critic),
+    state = dict(models=dict(model=policy, critic=critic),
+                 optimizers=dict(policy=run.opt_policy, critic=run.opt_critic),
                  generators=dict(gen=run.gen, sampler=run.sampler))
     run.state = {k: {name: x for name, x in v.items() if x is not None} for k, v in state.items()}  # no critic: none
     run.start, run.score_scale = 0, None
     if ckpt:
-        run.start, run.score_scale = common.restore_training_state(ckpt, rt, **run.state), ckpt["score_scale"]
+        run.start, run.score_scale = restore_training_state(ckpt, rt, **run.state), ckpt["score_scale"]
         if run.kl_ctl:
             run.kl_ctl.value = ckpt["beta"]
     return run
@@ -514,7 +517,7 @@ def main(argv=None):
     rt = common.setup_runtime(cfg)
     t0 = time.time()
     path = os.path.join(cfg.out_dir, "ppo.pt")
-    ckpt, done = common.resume_checkpoint(cfg, path, "ppo", cfg.iterations)
+    ckpt, done = resume_checkpoint(cfg, path, "ppo", cfg.iterations)
     if done:
         return common.cleanup(rt) or {}
     task = data.load_task(cfg, verbose=rt.master)  # train prompts, pretraining text for ptx, the judge (imdb)
@@ -529,10 +532,10 @@ def main(argv=None):
         pbar.set_postfix(score=f"{metrics['score']:.3f}", kl=f"{metrics['kl']:.2f}", beta=f"{beta:.3f}",
                          **({"gold": f"{metrics['gold']:.2f}"} if "gold" in metrics else {}))
         logger.log(it, **metrics, **samples_and_evaluation(run, it, cfg, rt, task))
-        if common.checkpoint_due(it + 1, cfg, cfg.iterations):
-            common.save_training_state(path, "ppo", cfg, it + 1, cfg.iterations, rt, **run.state,
-                                       score_scale=run.score_scale, beta=run.kl_ctl.value if run.kl_ctl else cfg.beta,
-                                       seconds=time.time() - t0)
+        if checkpoint_due(it + 1, cfg, cfg.iterations):
+            save_training_state(path, "ppo", cfg, it + 1, cfg.iterations, rt, **run.state,
+                                score_scale=run.score_scale, beta=run.kl_ctl.value if run.kl_ctl else cfg.beta,
+                                seconds=time.time() - t0)
     logger.plot()
 
     report = {}

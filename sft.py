@@ -35,7 +35,7 @@ import common
 import data
 import evaluate
 import gpt2
-from checkpoint import model_from_checkpoint
+from checkpoint import checkpoint_due, model_from_checkpoint, resume_checkpoint, save_training_state, start_training
 from common import setting
 from model import GPT, GPTConfig, padded_vocab_size
 
@@ -238,7 +238,7 @@ def main(argv=None):
     rt = common.setup_runtime(cfg)
     t_start = time.time()
     path = os.path.join(cfg.out_dir, "sft.pt")
-    ckpt, done = common.resume_checkpoint(cfg, path, "sft", lambda ckpt: pretrain_steps(cfg, ckpt) + cfg.sft_iters)
+    ckpt, done = resume_checkpoint(cfg, path, "sft", lambda ckpt: pretrain_steps(cfg, ckpt) + cfg.sft_iters)
     if done:
         return common.cleanup(rt) or {}
     task = data.load_task(cfg, verbose=rt.master)
@@ -250,9 +250,9 @@ def main(argv=None):
         raise common.UserError(f"--block_size={cfg.block_size} exceeds the model's block_size "
                                f"{model.config.block_size}")
     model.to(rt.device).train()
-    trunk = torch.compile(model.hidden_states) if cfg.compile else model.hidden_states
+    trunk = torch.compile(model.hidden_states, dynamic=True) if cfg.compile else model.hidden_states
     gen = torch.Generator().manual_seed(cfg.seed + rt.rank)  # each rank samples its own batches
-    optimizer, state, step, logger = common.start_training(model, cfg, rt, ckpt, "sft", dict(gen=gen))
+    optimizer, state, step, logger = start_training(model, cfg, rt, ckpt, "sft", dict(gen=gen))
     total_steps = n_pretrain + cfg.sft_iters
     stream = task.text if step < n_pretrain else None  # phase 1 text
     if rt.master:
@@ -287,9 +287,9 @@ def main(argv=None):
         periodic = cfg.eval_every > 0 and (step + 1) % cfg.eval_every == 0
         if rt.master and (periodic or step + 1 == n_pretrain) and step + 1 < total_steps:  # + the phase boundary
             run_eval(step + 1)
-        if common.checkpoint_due(step + 1, cfg, total_steps):
-            common.save_training_state(path, "sft", cfg, step + 1, total_steps, rt, **state, n_pretrain=n_pretrain,
-                                       before=before)
+        if checkpoint_due(step + 1, cfg, total_steps):
+            save_training_state(path, "sft", cfg, step + 1, total_steps, rt, **state, n_pretrain=n_pretrain,
+                                before=before)
     bar.close()
 
     report = {}

@@ -263,3 +263,16 @@ def test_a_declared_setting_works_as_its_default_and_a_config_without_declaratio
     for bad in ((0.5, "> 1"), (1, "between 0 and 1"), (True, ">= 0")):
         with pytest.raises(ValueError):
             common.setting(*bad)
+
+
+def test_the_imports_go_one_way_checkpoint_to_common():
+    """checkpoint.py (checkpoints and the training state: save, restore, resume, RNG states) imports common.py
+    (configuration, runtime, logging); common.py imports nothing of the checkpoints, not even inside a function."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = "import sys, common; assert 'checkpoint' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=root)
+    assert "checkpoint import" not in open(os.path.join(root, "common.py")).read()
+    import checkpoint
+    for name in ("save_training_state", "restore_training_state", "resume_checkpoint", "start_training",
+                 "checkpoint_due", "rng_state", "set_rng_state"):
+        assert hasattr(checkpoint, name) and not hasattr(common, name), name
