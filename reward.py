@@ -41,7 +41,8 @@ import common
 import data
 import evaluate
 from evaluate import win_rate
-from checkpoint import load_checkpoint, model_from_checkpoint
+from checkpoint import (checkpoint_due, load_checkpoint, model_from_checkpoint, resume_checkpoint, save_training_state,
+                        start_training)
 
 # ----------------------------------------------------------------------------- config
 S = common.setting  # a default with the values it allows, checked by the config parser
@@ -102,7 +103,7 @@ def ranking_rewards(score, batch, K):
     return score(batch["idx"], batch["attention_mask"]).view(-1, K)  # head at each row's last real token
 
 
-def accumulate_gradients(score, micro_batches, rt, K):
+def accumulate_ranking_gradients(score, micro_batches, rt, K):
     """Forward + backward of one optimiser step over its micro-batches of rankings (already on rt.device). Each
     micro-batch's mean ranking_loss over its n_i prompts is scaled by n_i / N, N = the prompts of the whole step on
     all DDP ranks (times world_size, because all_reduce_grads then averages the ranks): the gradient is that of one
@@ -261,7 +262,7 @@ def main(argv=None):
     rt = common.setup_runtime(cfg)
     t_start = time.time()
     path = os.path.join(cfg.out_dir, "rm.pt")
-    ckpt, done = common.resume_checkpoint(cfg, path, "rm", cfg.max_iters)
+    ckpt, done = resume_checkpoint(cfg, path, "rm", cfg.max_iters)
     if done:
         return common.cleanup(rt) or {}
     sft_path = cfg.sft_ckpt or os.path.join(cfg.out_dir, "sft.pt")
@@ -288,7 +289,7 @@ def main(argv=None):
     torch.manual_seed(cfg.seed)  # the same fresh head on every DDP rank
     model = model_from_checkpoint(sft_ckpt, scalar_head=True).to(rt.device).train()  # SFT trunk + fresh head
     del sft_ckpt
-    score = torch.compile(model.score) if cfg.compile else model.score
+    score = torch.compile(model.score, dynamic=True) if cfg.compile else model.score
     test_eval = common.subset(test, cfg.eval_rankings)
     gen = torch.Generator().manual_seed(cfg.seed + rt.rank)  # each rank samples its own batches
     if rt.master:
@@ -306,7 +307,7 @@ def main(argv=None):
         return m, rewards
 
     before = run_eval(0)[0] if rt.master else None  # the fresh head, also when resuming: "before" = before training
-    optimizer, state, start, logger = common.start_training(model, cfg, rt, ckpt, "rm", dict(gen=gen))
+    optimizer, state, start, logger = start_training(model, cfg, rt, ckpt, "rm", dict(gen=gen))
     if rt.master and start == 0:
         logger.log(0, **{f"test_{k}": v for k, v in before.items()})
     losses = []
@@ -318,7 +319,7 @@ def main(argv=None):
         micro = [data.collate_rankings([train[i] for i in torch.randint(len(train), (cfg.batch_size,),
                                                                         generator=gen)]) for _ in range(cfg.grad_accum)]
         micro = [common.to_device(b, rt) for b in micro]
-        loss, acc = accumulate_gradients(score, micro, rt, K)
+        loss, acc = accumulate_ranking_gradients(score, micro, rt, K)
         common.check_finite(step, loss=loss)
         grad_norm = common.optimizer_step(model, optimizer, cfg.grad_clip, rt, step)
         losses.append(loss)
@@ -327,8 +328,8 @@ def main(argv=None):
         periodic = cfg.eval_every > 0 and (step + 1) % cfg.eval_every == 0
         if rt.master and periodic and step + 1 < cfg.max_iters:
             logger.log(step + 1, **{f"test_{k}": v for k, v in run_eval(step + 1)[0].items()})
-        if step + 1 < cfg.max_iters and common.checkpoint_due(step + 1, cfg, cfg.max_iters):  # the last: below
-            common.save_training_state(path, "rm", cfg, step + 1, cfg.max_iters, rt, **state)
+        if step + 1 < cfg.max_iters and checkpoint_due(step + 1, cfg, cfg.max_iters):  # the last: below
+            save_training_state(path, "rm", cfg, step + 1, cfg.max_iters, rt, **state)
     bar.close()
 
     report = {}
@@ -343,8 +344,8 @@ def main(argv=None):
             model.scalar_head.bias -= mean
         rewards = rewards - mean  # the same rewards, normalised (accuracy and margin do not change)
         logger.plot()
-    common.save_training_state(path, "rm", cfg, cfg.max_iters, cfg.max_iters, rt, **state,
-                               reward_bias=-mean if rt.master else None)  # normalised: finished
+    save_training_state(path, "rm", cfg, cfg.max_iters, cfg.max_iters, rt, **state,
+                        reward_bias=-mean if rt.master else None)  # normalised: finished
     if rt.master:
         pairs = data.ranking_pairs(test_eval)
         floor = longer_wins(pairs)

@@ -162,7 +162,7 @@ def test_gradient_accumulation_one_by_eight_equals_eight_by_one(hh_dir):
 
     def grads(micro):
         model.zero_grad()
-        loss, acc = reward.accumulate_gradients(model.score, micro, RT, 3)
+        loss, acc = reward.accumulate_ranking_gradients(model.score, micro, RT, 3)
         return loss, acc, {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
 
     l1, a1, g1 = grads([data.collate_rankings(rankings)])
@@ -237,7 +237,7 @@ def test_the_training_accuracy_counts_a_tie_as_one_half_like_the_test_accuracy(h
     rt = RT
     weight = torch.nn.Parameter(torch.zeros(()))
     constant = lambda idx, mask: weight + torch.zeros(idx.shape[0])  # every answer the same reward: all ties
-    loss, acc = reward.accumulate_gradients(constant, [data.collate_rankings(rankings)], rt, 3)
+    loss, acc = reward.accumulate_ranking_gradients(constant, [data.collate_rankings(rankings)], rt, 3)
     assert acc == 0.5 and loss == pytest.approx(math.log(2))
 
 
