@@ -1,24 +1,13 @@
 """
-Step 2 of InstructGPT (Ouyang et al. 2022, section 3.5): a reward model r_theta(x, y) trained on comparisons:
-on the imdb task (the default) K answers of the SFT policy per prompt ranked by the gold sentiment judge, on hh
-the (chosen, rejected) human comparisons of HH-RLHF (K = 2).
+Step 2 of InstructGPT (Ouyang et al. 2022, section 3.5): a reward model r_theta(x, y) trained on comparisons: on the
+imdb task (the default) K answers of the SFT policy per prompt, ranked by the gold sentiment judge like a noisy human
+(make_comparisons; out/imdb/comparisons.pt, which dpo.py trains on too), on hh the (chosen, rejected) human
+comparisons of HH-RLHF (K = 2). On imdb the truth is known, so the report checks the reward model against the
+judge's noiseless order as well as against the noisy labels (gold_agreement).
 
-imdb first makes its comparisons (make_comparisons): for `n_prompts` train prompts, K = `answers_per_prompt`
-answers from out/imdb/sft.pt, ranked by the judge like a noisy human (Plackett-Luce at `label_temperature`) and
-stored with every gold score in out/imdb/comparisons.pt, which dpo.py trains on too. Because the truth is known,
-the report checks the reward model against the judge's noiseless order as well as against the noisy labels.
-
-The model is the SFT GPT with a fresh scalar head; the reward of x + y is the head's output at its LAST real
-token (GPT.score). The loss is InstructGPT's eq. 1 over the K ranked answers of each prompt:
-
-    loss(theta) = - 1 / C(K,2) * E_{(x, y_w, y_l)} [ log sigmoid( r_theta(x, y_w) - r_theta(x, y_l) ) ]
-
-where y_w is ranked above y_l: all C(K,2) pairs of a prompt go in one batch and each answer is forwarded once
-(data.collate_rankings, ranking_loss); K comparisons for the price of K forwards instead of 2 C(K,2).
-After training, the head's bias is shifted so that the best answers of the train prompts have mean reward 0
-(InstructGPT's normalisation, "so that the labeler demonstrations achieve a mean score of 0"); the shift is
-folded into scalar_head.bias, so every user of rm.pt gets normalised rewards, and is also stored as
-ckpt["reward_bias"].
+The model is the SFT GPT with a fresh scalar head; the reward of x + y is the head's output at its LAST real token
+(GPT.score). The loss is InstructGPT's eq. 1 over the K ranked answers of each prompt (ranking_loss), each answer
+forwarded once. After training the head's bias takes InstructGPT's normalisation (normalise_rewards).
 
     python reward.py                       # CPU preset, imdb; needs out/imdb/sft.pt (python sft.py)
     python reward.py --task=hh             # the human comparisons of HH-RLHF
@@ -26,9 +15,9 @@ ckpt["reward_bias"].
     torchrun --nproc_per_node=2 reward.py  # DDP (gloo on CPU, nccl on CUDA)
 
 Writes out/<task>/rm.pt (every checkpoint_every steps and at the end; --resume=True continues a killed run),
-rm_log.jsonl, rm.png and prints a report: test pairwise accuracy, mean margin and loss before and after
-training, the "longer response wins" floor on the same pairs, (imdb) the agreement with the gold judge, and a
-few test pairs with their scores. The README gives the figures to expect.
+rm_log.jsonl, rm.png and prints a report (make_report): test pairwise accuracy, margin and loss before and after
+training, the "longer response wins" floor, (imdb) the agreement with the gold judge, and a few test pairs with
+their scores. The README gives the figures to expect.
 """
 import os
 import time
@@ -77,7 +66,7 @@ cuda_config = dict(common.SHARED_CUDA,
 
 # ----------------------------------------------------------------------------- the math
 def bt_loss(chosen_rewards, rejected_rewards):
-    """Bradley-Terry loss, InstructGPT eq. 1 with K = 2:  L = - mean_b log sigmoid(r_w[b] - r_l[b]).
+    """Bradley-Terry loss of B pairs: ranking_loss with K = 2 (each pair a prompt).
     chosen_rewards, rejected_rewards: (B,) float rewards of the preferred / other response of each pair.
     Returns a scalar. Computed with F.logsigmoid, stable for any difference (never log(sigmoid())), so a
     difference of -1e4 gives a loss of 1e4, not inf. Its gradient raises r_w and lowers r_l."""
@@ -88,7 +77,8 @@ def ranking_loss(rewards):
     """K-wise comparison loss, InstructGPT section 3.5 / eq. 1:
         L = - 1 / C(K,2) * sum_{i < j} log sigmoid(r_i - r_j), averaged over the prompts,
     for rewards (P, K) of K responses per prompt ORDERED BEST FIRST (response i is preferred to j when
-    i < j). Every response is scored once by the caller; all C(K,2) pairs of a prompt are formed here.
+    i < j). Every response is scored once by the caller; all C(K,2) pairs of a prompt are formed here: C(K,2)
+    comparisons for the price of K forwards instead of 2 C(K,2).
     Returns a scalar: the mean of bt_loss over all P * C(K,2) pairs (K = 2 is bt_loss).
     Raises ValueError unless rewards is 2-D with K >= 2."""
     if rewards.dim() != 2 or rewards.shape[1] < 2:
@@ -250,41 +240,96 @@ def show_pairs(examples, chosen, rejected, n, vocab_size):
             print(f"    {side:8s} {score:+7.3f}{gold}  {clip(text(e[side]), 100)}")
 
 
-# ----------------------------------------------------------------------------- training
-def main(argv=None):
-    cfg = common.parse_config(config, argv, cuda_overrides=cuda_config)
+# ----------------------------------------------------------------------------- set-up, loop pieces, the end of a run
+def check_own_folder(cfg):
+    """An experiment's reward model (another labeller, less data) never overwrites the pipeline's own rm.pt."""
     if (cfg.label_bias_weight or cfg.train_rankings) and os.path.abspath(cfg.out_dir) == os.path.abspath(
-            os.path.join("out", cfg.task)):  # never overwrite the pipeline's own rm.pt with an experiment's
+            os.path.join("out", cfg.task)):
         raise common.ConfigError(f"--label_bias_weight / --train_rankings make a reward model of another labeller or "
                                  f"less data: give it a folder of its own, e.g. --out_dir=out/{cfg.task}/rm_biased "
                                  f"--sft_ckpt=out/{cfg.task}/sft.pt, so that out/{cfg.task}/rm.pt stays the default "
                                  f"(`python lab.py` does this for you)")
+
+
+def load_sft(cfg):
+    """(path, checkpoint) of the SFT trunk (sft_ckpt, or <out_dir>/sft.pt). Raises UserError for a missing or wrong
+    file, or a --block_size beyond its model's."""
+    sft_path = cfg.sft_ckpt or os.path.join(cfg.out_dir, "sft.pt")
+    sft_ckpt = load_checkpoint(sft_path, stage="sft", vocab_size=cfg.vocab_size)
+    if cfg.block_size > sft_ckpt["model_args"]["block_size"]:
+        raise common.UserError(f"--block_size={cfg.block_size} exceeds the block_size "
+                               f"{sft_ckpt['model_args']['block_size']} of {sft_path}")
+    return sft_path, sft_ckpt
+
+
+def load_comparisons(cfg, rt, task, sft_path, sft_ckpt):
+    """(train, test) rankings, K responses per prompt, best first. imdb: the master makes comparisons.pt first from
+    the SFT policy (make_comparisons) unless same_comparisons. --train_rankings keeps the first n train rankings
+    (nested subsets of the same comparisons); --label_bias_weight (imdb only) has a labeller with a bias rank the
+    train answers again (data.relabel_rankings), the held-out ones keeping the judge's order."""
+    recipe = comparisons_recipe(cfg, sft_path)
+    if task.judge is not None and not same_comparisons(cfg, recipe):
+        if rt.master:
+            make_comparisons(model_from_checkpoint(sft_ckpt).to(rt.device), task, cfg, rt, recipe)
+        if rt.ddp:
+            torch.distributed.barrier()
+    train, test = data.load_rankings(cfg, task)
+    if cfg.train_rankings:
+        train = train[:cfg.train_rankings]
+    if cfg.label_bias_weight and "gold" not in train[0]:
+        raise common.ConfigError("--label_bias_weight: only on imdb, whose comparisons carry the judge's scores")
+    if cfg.label_bias_weight:
+        train = data.relabel_rankings(train, cfg.label_bias_weight, cfg.label_bias, cfg.vocab_size,
+                                      cfg.label_temperature, torch.Generator().manual_seed(cfg.seed))
+    return train, test
+
+
+def micro_batches(train, cfg, gen, rt):
+    """One optimiser step's grad_accum micro-batches of batch_size train rankings each (drawn by gen), on rt.device."""
+    micro = [data.collate_rankings([train[i] for i in torch.randint(len(train), (cfg.batch_size,), generator=gen)])
+             for _ in range(cfg.grad_accum)]
+    return [common.to_device(b, rt) for b in micro]
+
+
+def evaluate_rankings(model, rankings, rt, cfg, step):
+    """Score every answer of the test rankings and print the figures at `step`. Returns (metrics, rewards (P, K)):
+    pair_metrics over all their pairs, and gold_agreement where the pairs carry the judge's scores (imdb)."""
+    rewards = torch.tensor(score_rankings(model, rankings, rt, cfg.eval_batch_size))  # (P, K)
+    pairs, c, r = pair_scores(rankings, rewards)
+    m = pair_metrics(c, r)
+    if "gold_chosen" in pairs[0]:
+        m.update(gold_agreement(pairs, c, r))
+    print(f"\nstep {step}: test accuracy {m['accuracy']:.3f}, margin {m['margin']:+.3f}, loss {m['loss']:.4f}"
+          + (f", gold agreement {m['gold_accuracy']:.3f}" if "gold_accuracy" in m else ""))
+    return m, rewards
+
+
+@torch.no_grad()
+def normalise_rewards(model, train, rt, cfg):
+    """InstructGPT's normalisation (section 3.5): shift the head's bias "so that the labeler demonstrations achieve a
+    mean score of 0", the best answer of each train ranking (a fixed random subset of norm_examples) standing in for
+    the demonstrations. The shift is folded into scalar_head.bias, so every user of rm.pt gets normalised rewards;
+    differences of rewards (accuracy, margin) do not change. Returns (the mean before the shift, the answers' count);
+    minus that mean is kept as ckpt["reward_bias"]."""
+    norm = [dict(prompt=x["prompt"], chosen=x["responses"][0]) for x in common.subset(train, cfg.norm_examples)]
+    mean = score_answers(model, norm, rt, cfg.eval_batch_size).mean().item()
+    model.scalar_head.bias -= mean
+    return mean, len(norm)
+
+
+# ----------------------------------------------------------------------------- training
+def main(argv=None):
+    cfg = common.parse_config(config, argv, cuda_overrides=cuda_config)
+    check_own_folder(cfg)
     rt = common.setup_runtime(cfg)
     t_start = time.time()
     path = os.path.join(cfg.out_dir, "rm.pt")
     ckpt, done = resume_checkpoint(cfg, path, "rm", cfg.max_iters)
     if done:
         return common.cleanup(rt) or {}
-    sft_path = cfg.sft_ckpt or os.path.join(cfg.out_dir, "sft.pt")
-    sft_ckpt = load_checkpoint(sft_path, stage="sft", vocab_size=cfg.vocab_size)
-    if cfg.block_size > sft_ckpt["model_args"]["block_size"]:
-        raise common.UserError(f"--block_size={cfg.block_size} exceeds the block_size "
-                               f"{sft_ckpt['model_args']['block_size']} of {sft_path}")
+    sft_path, sft_ckpt = load_sft(cfg)
     task = data.load_task(cfg, verbose=rt.master)
-    recipe = comparisons_recipe(cfg, sft_path)
-    if task.judge is not None and not same_comparisons(cfg, recipe):
-        if rt.master:  # imdb: the comparisons are made here, from the SFT policy's answers and the judge's rankings
-            make_comparisons(model_from_checkpoint(sft_ckpt).to(rt.device), task, cfg, rt, recipe)
-        if rt.ddp:
-            torch.distributed.barrier()
-    train, test = data.load_rankings(cfg, task)  # rankings: K responses per prompt, best first
-    if cfg.train_rankings:  # the first n: nested subsets of the same comparisons
-        train = train[:cfg.train_rankings]
-    if cfg.label_bias_weight and "gold" not in train[0]:
-        raise common.ConfigError("--label_bias_weight: only on imdb, whose comparisons carry the judge's scores")
-    if cfg.label_bias_weight:  # a labeller with a bias ranks the train answers; the held-out ones keep the judge's order
-        train = data.relabel_rankings(train, cfg.label_bias_weight, cfg.label_bias, cfg.vocab_size,
-                                      cfg.label_temperature, torch.Generator().manual_seed(cfg.seed))
+    train, test = load_comparisons(cfg, rt, task, sft_path, sft_ckpt)
     K = len(train[0]["responses"])
     torch.manual_seed(cfg.seed)  # the same fresh head on every DDP rank
     model = model_from_checkpoint(sft_ckpt, scalar_head=True).to(rt.device).train()  # SFT trunk + fresh head
@@ -295,31 +340,20 @@ def main(argv=None):
     if rt.master:
         print(f"reward model: {sft_path} trunk + fresh scalar head, {model.num_params() / 1e6:.2f}M parameters; "
               f"{len(train)} train / {len(test)} test prompts x K = {K} ranked answers ({K * (K - 1) // 2} pairs each)")
-
-    def run_eval(step):
-        rewards = torch.tensor(score_rankings(model, test_eval, rt, cfg.eval_batch_size))  # (P, K)
-        pairs, c, r = pair_scores(test_eval, rewards)
-        m = pair_metrics(c, r)
-        if "gold_chosen" in pairs[0]:
-            m.update(gold_agreement(pairs, c, r))
-        print(f"\nstep {step}: test accuracy {m['accuracy']:.3f}, margin {m['margin']:+.3f}, loss {m['loss']:.4f}"
-              + (f", gold agreement {m['gold_accuracy']:.3f}" if "gold_accuracy" in m else ""))
-        return m, rewards
+    run_eval = lambda step: evaluate_rankings(model, test_eval, rt, cfg, step)
 
     before = run_eval(0)[0] if rt.master else None  # the fresh head, also when resuming: "before" = before training
     optimizer, state, start, logger = start_training(model, cfg, rt, ckpt, "rm", dict(gen=gen))
+    log_eval = lambda step, m: logger.log(step, **{f"test_{k}": v for k, v in m.items()})
     if rt.master and start == 0:
-        logger.log(0, **{f"test_{k}": v for k, v in before.items()})
+        log_eval(0, before)
     losses = []
     warmup = max(1, int(cfg.warmup_frac * cfg.max_iters))
     bar = tqdm(range(start, cfg.max_iters), disable=not rt.master, desc="reward", dynamic_ncols=True)
     for step in bar:
         lr = common.lr_at(step, cfg.max_iters, cfg.lr, warmup)
         common.set_lr(optimizer, lr)
-        micro = [data.collate_rankings([train[i] for i in torch.randint(len(train), (cfg.batch_size,),
-                                                                        generator=gen)]) for _ in range(cfg.grad_accum)]
-        micro = [common.to_device(b, rt) for b in micro]
-        loss, acc = accumulate_ranking_gradients(score, micro, rt, K)
+        loss, acc = accumulate_ranking_gradients(score, micro_batches(train, cfg, gen, rt), rt, K)
         common.check_finite(step, loss=loss)
         grad_norm = common.optimizer_step(model, optimizer, cfg.grad_clip, rt, step)
         losses.append(loss)
@@ -327,7 +361,7 @@ def main(argv=None):
         logger.log(step, loss=loss, accuracy=acc, lr=lr, grad_norm=grad_norm)
         periodic = cfg.eval_every > 0 and (step + 1) % cfg.eval_every == 0
         if rt.master and periodic and step + 1 < cfg.max_iters:
-            logger.log(step + 1, **{f"test_{k}": v for k, v in run_eval(step + 1)[0].items()})
+            log_eval(step + 1, run_eval(step + 1)[0])
         if step + 1 < cfg.max_iters and checkpoint_due(step + 1, cfg, cfg.max_iters):  # the last: below
             save_training_state(path, "rm", cfg, step + 1, cfg.max_iters, rt, **state)
     bar.close()
@@ -335,47 +369,50 @@ def main(argv=None):
     report = {}
     if rt.master:
         after, rewards = run_eval(cfg.max_iters)
-        logger.log(cfg.max_iters, **{f"test_{k}": v for k, v in after.items()})
-        # InstructGPT normalisation: shift the head's bias so that the best answer of each train prompt (the
-        # stand-in for the labeller demonstrations) has mean reward 0
-        norm = [dict(prompt=x["prompt"], chosen=x["responses"][0]) for x in common.subset(train, cfg.norm_examples)]
-        mean = score_answers(model, norm, rt, cfg.eval_batch_size).mean().item()
-        with torch.no_grad():
-            model.scalar_head.bias -= mean
-        rewards = rewards - mean  # the same rewards, normalised (accuracy and margin do not change)
+        log_eval(cfg.max_iters, after)
+        mean, n_norm = normalise_rewards(model, train, rt, cfg)
         logger.plot()
     save_training_state(path, "rm", cfg, cfg.max_iters, cfg.max_iters, rt, **state,
                         reward_bias=-mean if rt.master else None)  # normalised: finished
     if rt.master:
-        pairs = data.ranking_pairs(test_eval)
-        floor = longer_wins(pairs)
-        report = dict(**{f"{k}_before": v for k, v in before.items()},
-                      **{f"{k}_after": v for k, v in after.items()}, longer_wins=floor, reward_bias=-mean)
-        if losses:
-            report.update(train_loss_first=sum(losses[:10]) / len(losses[:10]),
-                          train_loss_last=sum(losses[-10:]) / len(losses[-10:]))
         prompts = cfg.batch_size * cfg.grad_accum * rt.world_size
-        print(f"\n=== reward model report ({cfg.max_iters} steps x {prompts} prompts x {K} answers, "
-              f"{time.time() - t_start:.0f} s) ===")
-        if losses:
-            print(f"  train loss {report['train_loss_first']:.4f} -> {report['train_loss_last']:.4f} "
-                  "(mean of the first 10 steps -> of the last 10)")
-        print(f"  test pairs: {len(pairs)} ({len(test_eval)} prompts x {K * (K - 1) // 2})")
-        for k in ("accuracy", "margin", "loss"):
-            print(f"  test {k:8s} {before[k]:+.4f} -> {after[k]:+.4f}")
-        print(f"  floor 'the longer response wins' on the same pairs: {floor:.3f} (shorter wins {1 - floor:.3f})")
-        if "gold_accuracy" in after:  # imdb: the truth behind the noisy labels
-            print(f"  against the gold judge: the reward model orders {after['gold_accuracy']:.3f} of the test pairs "
-                  f"as the judge does (noiseless gold order; {after['gold_accuracy_clear']:.3f} of the "
-                  f"{after['n_clear']} pairs the judge separates by >= 1 log-odds); the noisy labels themselves "
-                  f"agree with the judge on {after['label_ceiling']:.3f} (the ceiling of the accuracy above)")
-        print(f"  normalisation: mean reward of {len(norm)} best train answers was {mean:+.4f}; "
-              f"scalar_head.bias shifted by {-mean:+.4f} (ckpt['reward_bias'])")
-        print("  the best and the worst answer of the first test prompts (normalised rewards):")
-        show_pairs(data.ranking_pairs(test_eval, "best_worst"), rewards[:, 0], rewards[:, -1], cfg.n_show,
-                   cfg.vocab_size)
-        print(f"  wrote {cfg.out_dir}/rm.pt, rm_log.jsonl, rm.png")
+        report = make_report(cfg, test_eval, K, before, after, rewards - mean, mean, n_norm, losses,
+                             f"{cfg.max_iters} steps x {prompts} prompts x {K} answers, {time.time() - t_start:.0f} s")
     common.cleanup(rt)
+    return report
+
+
+def make_report(cfg, test_eval, K, before, after, rewards, mean, n_norm, losses, run):
+    """Print and return the report: the train losses' ends, the test figures before -> after (evaluate_rankings'),
+    the "longer response wins" floor on the same pairs, (imdb) the agreement with the gold judge, the
+    normalisation (normalise_rewards: `mean` is the mean it removed, `rewards` the test rankings' rewards after it)
+    and the best and the worst answer of the first test prompts."""
+    pairs = data.ranking_pairs(test_eval)
+    floor = longer_wins(pairs)
+    report = dict(**{f"{k}_before": v for k, v in before.items()},
+                  **{f"{k}_after": v for k, v in after.items()}, longer_wins=floor, reward_bias=-mean)
+    if losses:
+        report.update(train_loss_first=sum(losses[:10]) / len(losses[:10]),
+                      train_loss_last=sum(losses[-10:]) / len(losses[-10:]))
+    print(f"\n=== reward model report ({run}) ===")
+    if losses:
+        print(f"  train loss {report['train_loss_first']:.4f} -> {report['train_loss_last']:.4f} "
+              "(mean of the first 10 steps -> of the last 10)")
+    print(f"  test pairs: {len(pairs)} ({len(test_eval)} prompts x {K * (K - 1) // 2})")
+    for k in ("accuracy", "margin", "loss"):
+        print(f"  test {k:8s} {before[k]:+.4f} -> {after[k]:+.4f}")
+    print(f"  floor 'the longer response wins' on the same pairs: {floor:.3f} (shorter wins {1 - floor:.3f})")
+    if "gold_accuracy" in after:  # imdb: the truth behind the noisy labels
+        print(f"  against the gold judge: the reward model orders {after['gold_accuracy']:.3f} of the test pairs "
+              f"as the judge does (noiseless gold order; {after['gold_accuracy_clear']:.3f} of the "
+              f"{after['n_clear']} pairs the judge separates by >= 1 log-odds); the noisy labels themselves "
+              f"agree with the judge on {after['label_ceiling']:.3f} (the ceiling of the accuracy above)")
+    print(f"  normalisation: mean reward of {n_norm} best train answers was {mean:+.4f}; "
+          f"scalar_head.bias shifted by {-mean:+.4f} (ckpt['reward_bias'])")
+    print("  the best and the worst answer of the first test prompts (normalised rewards):")
+    show_pairs(data.ranking_pairs(test_eval, "best_worst"), rewards[:, 0], rewards[:, -1], cfg.n_show,
+               cfg.vocab_size)
+    print(f"  wrote {cfg.out_dir}/rm.pt, rm_log.jsonl, rm.png")
     return report
 
 
