@@ -34,7 +34,7 @@ from checkpoint import load_checkpoint, make_missing_checkpoints, model_from_che
 
 S = common.setting  # a default with the values it allows, checked by the config parser
 config = dict(common.SHARED,
-    ppo_betas="0.05,0.1,0.2",    # one PPO run per beta against rm.pt (the smallest also draws the over-optimisation curve)
+    ppo_betas="0.05,0.1,0.2",    # one PPO run per beta against rm.pt (the smallest: the over-optimisation curve)
     dpo_betas="0.05,0.1,0.5",    # one DPO run per beta
     critic_free="rloo,grpo",     # one ppo.py run of each critic-free estimator, at critic_free_beta ("" = none) ...
     critic_free_beta=S(0.2, ">= 0"),  # ... with samples_per_prompt answers to each of batch_size / samples_per_prompt
@@ -45,7 +45,7 @@ config = dict(common.SHARED,
     eval_every=S(5, ">= 1"),     # PPO iterations between the evaluations of its curve
     # over-optimisation (imdb): more reward models, and PPO against each at the smallest of ppo_betas
     rm_sizes="300,1000",         # reward models on the first n train rankings of comparisons.pt (rm.pt has them all)
-    bias_weight=S(1.0, ">= 0"),  # a labeller with a bias: + bias_weight log-odds per bias_feature in the answer (0 = none)
+    bias_weight=S(1.0, ">= 0"),  # a labeller with a bias: + this many log-odds per bias_feature in an answer (0: none)
     bias_feature="!",
     bias_betas="0.05,0.2,0.5,1,2",  # PPO against the biased reward model at each of these betas
     bon_prompts=S(64, ">= 1"),   # best-of-n from one pool: the first bon_prompts evaluation prompts ...
@@ -134,7 +134,8 @@ def reward_models(cfg):
                        n_all, cfg.bias_weight))
     for name, flags, n, bias in wanted:
         folder = link(os.path.join(cfg.out_dir, "lab", name), **{
-            "sft.pt": os.path.join(cfg.out_dir, "sft.pt"), "comparisons.pt": os.path.join(cfg.out_dir, "comparisons.pt")})
+            "sft.pt": os.path.join(cfg.out_dir, "sft.pt"),
+            "comparisons.pt": os.path.join(cfg.out_dir, "comparisons.pt")})
         path = os.path.join(folder, "rm.pt")
         if not (os.path.exists(path) and load_checkpoint(path, stage="rm")["finished"]):
             print(f"\n===== reward model {name} -> {folder}")
@@ -189,7 +190,8 @@ def fit_gao(kl, gain, form):
     Both are linear in (alpha, beta), so the fit is one least-squares solve through the origin (d = 0 adds nothing).
     Returns dict alpha, beta and the peak: d* = alpha / (2 beta) for bon, exp(alpha / beta - 1) for rl (where the
     derivative is zero), as peak_kl = d*^2 and peak_gain = gain(d*); both None when there is no turn at d > 0 (beta
-    <= 0: the fitted gold keeps rising; or best-of-n with alpha <= 0: it falls from the start). Raises ValueError for an unknown form or fewer than two points with KL > 0."""
+    <= 0: the fitted gold keeps rising; or best-of-n with alpha <= 0: it falls from the start).
+    Raises ValueError for an unknown form or fewer than two points with KL > 0."""
     if form not in ("bon", "rl"):
         raise ValueError(f"fit_gao: form {form!r}, expected 'bon' or 'rl'")
     d = torch.tensor(kl, dtype=torch.float64).clamp(min=0).sqrt()
@@ -270,7 +272,8 @@ def plot(cfg, points, bon, curves, biased_runs, rms, y):
                title=f"{what}: gold (solid), proxy (dashed), Gao et al. fit (dotted)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, ncol=2)
-    fig.suptitle("over-optimisation: reward models of several sizes and a biased labeller (cf. Gao et al. 2022, fig. 1)")
+    fig.suptitle("over-optimisation: reward models of several sizes and a biased labeller (cf. Gao et al. 2022, "
+                 "fig. 1)")
     fig.tight_layout()
     fig.savefig(os.path.join(folder, "overoptimisation.png"), dpi=100)
     plt.close(fig)
@@ -314,11 +317,13 @@ def plot(cfg, points, bon, curves, biased_runs, rms, y):
 
 # ----------------------------------------------------------------------------- the report
 def peak_and_end(rows):
-    """Along a PPO curve (iteration 0 = SFT): the evaluation with the highest gold, the last one, and whether the gold
-    fell from the peak by more than two standard errors of the difference (independent s.e., sqrt(se_p^2 + se_l^2))."""
+    """Along a PPO curve (iteration 0 = SFT): the evaluation with the highest gold, the last one, and whether the
+    reward model was over-optimised: the gold fell from its peak by more than two standard errors of the difference
+    (taken as independent: sqrt(se_peak^2 + se_last^2)) while the proxy did not fall (Gao et al. 2022's definition:
+    optimising the proxy harder made the truth worse). A gold that falls with its proxy is not over-optimisation."""
     peak, last = max(rows, key=lambda r: r["gold"]), rows[-1]
     se = math.sqrt(peak["gold_se"] ** 2 + last["gold_se"] ** 2)
-    return peak, last, peak["gold"] - last["gold"] > 2 * se
+    return peak, last, peak["gold"] - last["gold"] > 2 * se and last["score"] >= peak["score"]
 
 
 def print_tables(cfg, points, bon, curves, biased_runs, rms, y):
@@ -344,16 +349,17 @@ def print_tables(cfg, points, bon, curves, biased_runs, rms, y):
         own = f"{rm['labeller_accuracy']:.3f}" if "labeller_accuracy" in rm else "="
         print(f"  {rm['name']:10s} {rm['n']:13d} {rm['gold_accuracy']:9.3f} {rm['gold_accuracy_clear']:9.3f} "
               f"{own:>10s} {rm['pool_corr']:+6.2f}")
-    print("\nPPO curves (gold at the evaluation where it peaks, and at the end; +- s.e.):")
+    print("\nPPO curves (gold at the evaluation where it peaks and at the end, +- s.e.; the proxy there; "
+          "over-optimised: the gold fell by > 2 s.e. while the proxy did not fall):")
     print(f"  {'reward model':12s} {'beta':>5s} {'peak gold':>15s} {'at it':>5s} {'KL':>5s} {'end gold':>15s} "
-          f"{'KL':>5s} {'proxy start -> end':>19s}  falls > 2 s.e.")
+          f"{'KL':>5s} {'proxy peak -> end':>18s}  over-optimised")
     runs = [(name, smallest_beta(cfg), rows) for name, rows in curves.items()] + \
            [("rm_biased", beta, rows) for beta, rows in sorted(biased_runs.items())]
     for name, beta, rows in runs:
         peak, last, falls = peak_and_end(rows)
         print(f"  {name:12s} {beta:5g} {peak['gold']:+7.2f} +- {peak['gold_se']:.2f} {peak['iteration']:5d} "
               f"{peak['kl']:5.1f} {last['gold']:+7.2f} +- {last['gold_se']:.2f} {last['kl']:5.1f} "
-              f"{rows[0]['score']:+8.2f} -> {last['score']:+6.2f}  {'YES' if falls else 'no'}")
+              f"{peak['score']:+8.2f} -> {last['score']:+6.2f}  {'YES' if falls else 'no'}")
     print("\nGao et al.'s forms fitted to the gold gain over SFT, d = sqrt(KL): best-of-n d (alpha - beta d), "
           "RL d (alpha - beta log d):")
     for rm in rms:
@@ -424,12 +430,14 @@ def main(argv=None):
             for form, rows in (("bon", bon[rm["name"]]),
                                ("rl", curves.get(rm["name"]) or (biased_runs.get(small_beta) if rm["bias"] else None))):
                 if rows and sum(r["kl"] > 0 for r in rows) >= 2:
-                    rm["fits"][form] = fit_gao([r["kl"] for r in rows], [r["gold"] - rows[0]["gold"] for r in rows], form)
+                    gain = [r["gold"] - rows[0]["gold"] for r in rows]
+                    rm["fits"][form] = fit_gao([r["kl"] for r in rows], gain, form)
 
     with open(os.path.join(cfg.out_dir, "lab", "points.jsonl"), "w") as f:
         rows = points + [dict(method="best-of-n", rm=name, **r) for name, rs in bon.items() for r in rs]
         rows += [dict(method="ppo-curve", rm=name, beta=small_beta, **r) for name, rs in curves.items() for r in rs]
-        rows += [dict(method="ppo-curve", rm=biased["name"], beta=beta, **r) for beta, rs in biased_runs.items() for r in rs]
+        rows += [dict(method="ppo-curve", rm=biased["name"], beta=beta, **r)
+                 for beta, rs in biased_runs.items() for r in rs]
         rows += [dict(method="reward-model", rm=rm["name"], **{k: v for k, v in rm.items()
                                                               if k not in ("name", "path", "default")})
                  for rm in rms if judge is not None]

@@ -54,7 +54,8 @@ config = dict(common.SHARED,  # out_dir, data_dir, device, block_size, checkpoin
     warmup_frac=S(0.1, "[0, 1]"),  # linear warmup over this fraction of max_iters
     eval_every=S(0, ">= 0"),  # evaluate on `test` every this many steps (0: only at the start and the end)
     eval_rankings=S(0, ">= 0"),  # test rankings per evaluation, a fixed random subset (0 = all)
-    norm_examples=S(512, ">= 0"),  # train rankings (fixed random subset) whose best answers set the normalisation (0 = all)
+    norm_examples=S(512, ">= 0"),  # train rankings (a fixed random subset) whose best answers set the normalisation
+                                   # (0 = all)
     n_show=S(4, ">= 0"),      # test pairs printed with their scores in the report
 )
 cuda_config = dict(common.SHARED_CUDA,

@@ -8,7 +8,8 @@
 - data/tasks.py: both tasks behind one interface (load_task), and the imdb comparisons file.
 This file re-exports their public names."""
 from .hh_rlhf import SUBSETS, find_files, load_hh_rlhf, pretraining_tokens, read_pairs, split_dialogue, tokenize_pairs
-from .imdb import biased_labeller_scores, find_archive, load_imdb, make_examples, plackett_luce_ranking, prompt_length, read_reviews
+from .imdb import (biased_labeller_scores, find_archive, load_imdb, make_examples, plackett_luce_ranking, prompt_length,
+                   read_reviews)
 from .judge import GoldJudge, load_judge
 from .tasks import TASKS, gold_scores, load_rankings, load_task, ranking_pairs, relabel_rankings, save_rankings
 from .tokenizer import (EOT, GPT2_VOCAB, PAD_ID, collate_pairs, collate_prompts, collate_rankings, collate_sft,

@@ -93,6 +93,16 @@ def test_gao_fits_recover_known_coefficients_and_peaks(form, alpha, beta):
         lab.fit_gao([0.0, 1.0], [0.0, 1.0], form)  # one point with KL > 0 fixes nothing
 
 
+def test_over_optimisation_is_a_gold_fall_beyond_two_standard_errors_while_the_proxy_holds():
+    row = lambda it, gold, score, se=0.1: dict(iteration=it, gold=gold, gold_se=se, score=score, kl=float(it))
+    rise = [row(0, 0.0, -1.0), row(5, 1.0, 0.5), row(10, 1.5, 1.0)]
+    assert lab.peak_and_end(rise)[2] is False and lab.peak_and_end(rise)[0]["iteration"] == 10
+    hacked = rise + [row(15, 1.2, 2.0)]  # gold -0.3 > 2 * sqrt(0.1^2 + 0.1^2) = 0.28, proxy up: gamed
+    assert lab.peak_and_end(hacked)[2] is True
+    assert lab.peak_and_end(rise + [row(15, 1.25, 2.0)])[2] is False  # -0.25: within two standard errors
+    assert lab.peak_and_end(rise + [row(15, 1.0, 0.8)])[2] is False  # gold and proxy fall together: not gamed
+
+
 def test_biased_labeller_weight_zero_is_the_judge_and_a_large_weight_puts_the_feature_first():
     g = torch.Generator().manual_seed(3)
     gold = torch.randn(50, 4, generator=g, dtype=torch.float64)
@@ -113,10 +123,12 @@ def test_relabelled_rankings_keep_every_answer_with_its_gold():
     from data.tokenizer import get_tokenizer
     enc = get_tokenizer(8192)
     texts = [[" good!", " bad", " great!!", " meh"], [" a", " b!", " c", " d"]]
-    rankings = [dict(prompt=[1, 2], responses=[enc.encode(t) for t in row], gold=[2.0, 1.0, 0.5, -1.0]) for row in texts]
+    rankings = [dict(prompt=[1, 2], responses=[enc.encode(t) for t in row], gold=[2.0, 1.0, 0.5, -1.0])
+                for row in texts]
     assert data.relabel_rankings(rankings, 0.0, "!", 8192)[0]["responses"] == rankings[0]["responses"]  # the judge's
     out = data.relabel_rankings(rankings, 1.0, "!", 8192)
-    assert [data.decode(y, 8192) for y in out[0]["responses"]] == [" good!", " great!!", " bad", " meh"]  # 3, 2.5, 1, -1
+    labelled = [data.decode(y, 8192) for y in out[0]["responses"]]
+    assert labelled == [" good!", " great!!", " bad", " meh"]  # labeller scores 3, 2.5, 1, -1
     assert out[0]["gold"] == [2.0, 0.5, 1.0, -1.0] and out[0]["labeller"] == [3.0, 2.5, 1.0, -1.0]
     assert [data.decode(y, 8192) for y in out[1]["responses"]] == [" a", " b!", " c", " d"]  # 2, 2, 0.5, -1: stable
 
@@ -171,7 +183,8 @@ def test_the_lab_writes_every_point_and_every_chart_and_keeps_what_it_ran(imdb_r
     reward.main(argv(n_prompts=8, n_test_prompts=4, answers_per_prompt=3, max_iters=2, batch_size=4, eval_every=0,
                      norm_examples=4, n_show=0))
     lab_args = dict(ppo_betas="0.05,0.2", dpo_betas="0.1", eval_every=1, critic_free="grpo", samples_per_prompt=2,
-                    rm_sizes="4", bias_betas="0.05,1", bon_prompts=3, bon_pool=4, rm_args="--max_iters=2 --batch_size=4",
+                    rm_sizes="4", bias_betas="0.05,1", bon_prompts=3, bon_pool=4,
+                    rm_args="--max_iters=2 --batch_size=4",
                     ppo_args="--iterations=2 --batch_size=4 --minibatch_size=2 --ptx_coef=0",
                     dpo_args="--max_iters=2 --batch_size=2 --eval_every=0 --eval_pairs=4")
     report = lab.main(argv(**lab_args))
