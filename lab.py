@@ -47,7 +47,7 @@ config = dict(common.SHARED,
     rm_sizes="300,1000",         # reward models on the first n train rankings of comparisons.pt (rm.pt has them all)
     bias_weight=S(1.0, ">= 0"),  # a labeller with a bias: + this many log-odds per bias_feature in an answer (0: none)
     bias_feature="!",
-    bias_betas="0.05,0.2,0.5,1,2",  # PPO against the biased reward model at each of these betas
+    bias_betas="0.05,0.2,0.5,1",  # PPO against the biased reward model at each of these betas
     bon_prompts=S(64, ">= 1"),   # best-of-n from one pool: the first bon_prompts evaluation prompts ...
     bon_pool=S(256, ">= 1"),     # ... N answers each, sampled once from the SFT policy; n = 1, 2, 4, ..., N
 )
@@ -253,25 +253,31 @@ def plot(cfg, points, bon, curves, biased_runs, rms, y):
         return
 
     colour = {rm["name"]: f"C{i}" for i, rm in enumerate(rms)}
+    spread = {rm["name"]: rm["sft_std"] for rm in rms}  # each proxy's std on the SFT answers: its own unit
     root = lambda rows: [math.sqrt(max(r["kl"], 0)) for r in rows]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8), sharex="col")
     small_beta = smallest_beta(cfg)
     rl = dict(curves, **{rm["name"]: biased_runs[small_beta] for rm in rms if rm["bias"] and small_beta in biased_runs})
-    for ax, what, series in ((axes[0], "best-of-n", bon), (axes[1], f"PPO, beta={small_beta}", rl)):
+    for col, what, series in ((0, "best-of-n", bon), (1, f"PPO, beta={small_beta}", rl)):
+        gold_ax, proxy_ax = axes[0][col], axes[1][col]
         for name, rows in series.items():
             c = "black" if name == "judge" else colour[name]
-            ax.plot(root(rows), [r["gold"] for r in rows], "-o", ms=3, color=c, label=f"{name}: gold")
+            gold_ax.plot(root(rows), [r["gold"] - rows[0]["gold"] for r in rows], "-o", ms=3, lw=1, color=c,
+                         label=name)
             if name != "judge":
-                ax.plot(root(rows), [r["score"] for r in rows], "--", color=c, alpha=0.7, label=f"{name}: proxy")
+                proxy_ax.plot(root(rows), [(r["score"] - rows[0]["score"]) / spread[name] for r in rows], "--o", ms=3,
+                              lw=1, color=c, label=name)
             fit = next((rm["fits"].get("bon" if series is bon else "rl") for rm in rms if rm["name"] == name), None)
             if fit:
                 ds = torch.linspace(0, max(root(rows)), 50).tolist()
-                ax.plot(ds, [rows[0]["gold"] + gao_form(d, fit["alpha"], fit["beta"], fit["form"]) for d in ds], ":",
-                        color=c, alpha=0.8)
-        ax.set(xlabel="sqrt(KL(pi || pi_ref))  [sqrt(nats)]", ylabel="score (log-odds)",
-               title=f"{what}: gold (solid), proxy (dashed), Gao et al. fit (dotted)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, ncol=2)
+                gold_ax.plot(ds, [gao_form(d, fit["alpha"], fit["beta"], fit["form"]) for d in ds], ":", color=c)
+        gold_ax.set(ylabel="gold gain over SFT (judge log-odds)",
+                    title=f"{what}: gold (Gao et al.'s fitted form dotted)")
+        proxy_ax.set(xlabel="sqrt(KL(pi || pi_ref))  [sqrt(nats)]", ylabel="proxy gain over SFT (its SFT std)",
+                     title=f"{what}: the proxy each policy optimised")
+        for ax in (gold_ax, proxy_ax):
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
     fig.suptitle("over-optimisation: reward models of several sizes and a biased labeller (cf. Gao et al. 2022, "
                  "fig. 1)")
     fig.tight_layout()
@@ -416,7 +422,8 @@ def main(argv=None):
             cfg.eval_batch_size))), kl=0.0, kl_se=0.0)
         if judge is not None:
             rm.update(agreement(rm, model, test, cfg, rt), pool_corr=torch.corrcoef(torch.stack(
-                [pool["scores"][key].flatten(), pool["gold"].flatten()]))[0, 1].item(), fits={})
+                [pool["scores"][key].flatten(), pool["gold"].flatten()]))[0, 1].item(), fits={},
+                      sft_std=pool["scores"][key].std().item())
     if judge is not None:
         bon["judge"] = evaluate.best_of_n_curve(pool["gold"], pool["gold"])  # the judge as its own ranker: the ceiling
     y = "gold" if judge is not None else "score"
