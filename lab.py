@@ -374,15 +374,12 @@ def print_tables(cfg, points, bon, curves, biased_runs, rms, y):
             print(f"  {rm['name']:10s} {form:3s} alpha {fit['alpha']:+.3f} beta {fit['beta']:+.3f}  {peak}")
 
 
-def main(argv=None):
-    cfg = common.parse_config(config, argv, cuda_overrides=cuda_config)
-    make_missing_checkpoints(cfg, "sft", "rm")  # sft.py, reward.py first, where their checkpoints are missing
-    rt = common.setup_runtime(cfg)
-    task = data.load_task(cfg, verbose=False)
-    judge, small_beta = task.judge, smallest_beta(cfg)
-    rms = reward_models(cfg) if judge is not None else [dict(name="rm", path=os.path.join(cfg.out_dir, "rm.pt"),
-                                                             n=0, bias=0.0, default=True)]
-    points, folders = [], {}
+def run_sweep(cfg, rms):
+    """Every training run of the lab (each kept if it finished): PPO at ppo_betas, the critic-free estimators and DPO
+    at dpo_betas against rm.pt (the frontier's points), and PPO against every other reward model at the smallest
+    beta, or at bias_betas for the biased one. Returns (points, {rm name: PPO folder at the smallest beta},
+    {beta: PPO folder against the biased reward model})."""
+    points, folders, small_beta = [], {}, smallest_beta(cfg)
     for beta in sorted(floats(cfg.ppo_betas)):
         point, folders[beta] = run("ppo", beta, cfg, cfg.ppo_args)
         points.append(point)
@@ -390,19 +387,25 @@ def main(argv=None):
         points.append(run(estimator, cfg.critic_free_beta, cfg, cfg.ppo_args)[0])
     for beta in sorted(floats(cfg.dpo_betas)):
         points.append(run("dpo", beta, cfg, cfg.dpo_args)[0])
-    curve_folders = {rms[0]["name"]: folders.get(small_beta)} if small_beta in folders else {}
+    curve_folders = {rms[0]["name"]: folders[small_beta]} if small_beta in folders else {}
     biased_folders = {}
-    for rm in rms[1:]:  # PPO against every other reward model: its curve at the smallest beta, or several betas
+    for rm in rms[1:]:
         for beta in (floats(cfg.bias_betas) if rm["bias"] else [small_beta]):
             folder = run("ppo", beta, cfg, cfg.ppo_args, rm)[1]
             if rm["bias"]:
                 biased_folders[beta] = folder
             else:
                 curve_folders[rm["name"]] = folder
+    return points, curve_folders, biased_folders
 
-    # the SFT policy's answers to the evaluation prompts, and best-of-n from one pool, under every reward model
+
+def score_under_every_reward_model(cfg, rt, task, rms):
+    """The SFT policy's answers to the evaluation prompts and best-of-n from one pool (answer_pool), each scored by
+    every reward model; with a judge, each reward model's agreement (added to its dict with its correlation with the
+    judge on the pool and its std on it). Returns (bon: rm name -> best_of_n_curve rows, and "judge" ranking by the
+    gold itself; sft_points: rm name -> the SFT policy's summary under that reward model, at KL 0)."""
     load = lambda path, **kw: model_from_checkpoint(load_checkpoint(path), **kw).to(rt.device).eval()
-    sft = load(os.path.join(cfg.out_dir, "sft.pt"))
+    sft, judge = load(os.path.join(cfg.out_dir, "sft.pt")), task.judge
     prompts = evaluate.eval_prompts(task.prompts_test, cfg)
     sft_answers = evaluate.sample_and_score(sft, None, None, prompts, rt, cfg.eval_batch_size, cfg.max_new_tokens,
                                             seed=cfg.eval_seed, judge=judge)
@@ -419,37 +422,54 @@ def main(argv=None):
         bon[rm["name"]] = evaluate.best_of_n_curve(pool["scores"][key], pool["gold"])
         sft_points[rm["name"]] = dict(evaluate.summarize(dict(sft_answers, scores=reward.score_answers(
             model, [dict(prompt=p["prompt"], chosen=a) for p, a in zip(prompts, sft_answers["responses"])], rt,
-            cfg.eval_batch_size))), kl=0.0, kl_se=0.0)
+            cfg.eval_batch_size))), kl=0.0, kl_se=0.0, n_prompts=len(prompts))
         if judge is not None:
             rm.update(agreement(rm, model, test, cfg, rt), pool_corr=torch.corrcoef(torch.stack(
                 [pool["scores"][key].flatten(), pool["gold"].flatten()]))[0, 1].item(), fits={},
                       sft_std=pool["scores"][key].std().item())
     if judge is not None:
         bon["judge"] = evaluate.best_of_n_curve(pool["gold"], pool["gold"])  # the judge as its own ranker: the ceiling
-    y = "gold" if judge is not None else "score"
-    points = [dict(method="sft", beta=0.0, **sft_points[rms[0]["name"]])] + points
-    points = [dict(p, rm=rms[0]["name"], n_prompts=len(prompts)) for p in points]
+    return bon, sft_points
+
+
+def fit_forms(rms, bon, curves, biased_runs, small_beta):
+    """Gao et al.'s forms per reward model (rm["fits"]["bon" / "rl"]), fitted to the gold gain over the start of its
+    best-of-n curve and of its PPO curve at the smallest beta (where there are two points with KL > 0)."""
+    for rm in rms:
+        for form, rows in (("bon", bon[rm["name"]]),
+                           ("rl", curves.get(rm["name"]) or (biased_runs.get(small_beta) if rm["bias"] else None))):
+            if rows and sum(r["kl"] > 0 for r in rows) >= 2:
+                rm["fits"][form] = fit_gao([r["kl"] for r in rows], [r["gold"] - rows[0]["gold"] for r in rows], form)
+
+
+def main(argv=None):
+    cfg = common.parse_config(config, argv, cuda_overrides=cuda_config)
+    make_missing_checkpoints(cfg, "sft", "rm")  # sft.py, reward.py first, where their checkpoints are missing
+    rt = common.setup_runtime(cfg)
+    task = data.load_task(cfg, verbose=False)
+    judge, small_beta = task.judge, smallest_beta(cfg)
+    rms = reward_models(cfg) if judge is not None else [dict(name="rm", path=os.path.join(cfg.out_dir, "rm.pt"),
+                                                             n=0, bias=0.0, default=True)]
+    points, curve_folders, biased_folders = run_sweep(cfg, rms)
+    bon, sft_points = score_under_every_reward_model(cfg, rt, task, rms)
+    default = sft_points[rms[0]["name"]]
+    points = [dict(method="sft", beta=0.0, **default)] + points
+    points = [dict(p, rm=rms[0]["name"], n_prompts=default["n_prompts"]) for p in points]
     curves = {name: ppo_curve(f, sft_points[name]) for name, f in curve_folders.items()}
     biased = next((rm for rm in rms if rm["bias"]), None)
     biased_runs = {beta: ppo_curve(f, sft_points[biased["name"]]) for beta, f in biased_folders.items()}
-    if judge is not None:  # Gao et al.'s forms, per reward model, on the gold gain over the curve's start (SFT)
-        for rm in rms:
-            for form, rows in (("bon", bon[rm["name"]]),
-                               ("rl", curves.get(rm["name"]) or (biased_runs.get(small_beta) if rm["bias"] else None))):
-                if rows and sum(r["kl"] > 0 for r in rows) >= 2:
-                    gain = [r["gold"] - rows[0]["gold"] for r in rows]
-                    rm["fits"][form] = fit_gao([r["kl"] for r in rows], gain, form)
-
+    if judge is not None:
+        fit_forms(rms, bon, curves, biased_runs, small_beta)
+    rows = points + [dict(method="best-of-n", rm=name, **r) for name, rs in bon.items() for r in rs]
+    rows += [dict(method="ppo-curve", rm=name, beta=small_beta, **r) for name, rs in curves.items() for r in rs]
+    rows += [dict(method="ppo-curve", rm=biased["name"], beta=beta, **r)
+             for beta, rs in biased_runs.items() for r in rs]
+    rows += [dict(method="reward-model", rm=rm["name"], **{k: v for k, v in rm.items()
+                                                          if k not in ("name", "path", "default")})
+             for rm in rms if judge is not None]
     with open(os.path.join(cfg.out_dir, "lab", "points.jsonl"), "w") as f:
-        rows = points + [dict(method="best-of-n", rm=name, **r) for name, rs in bon.items() for r in rs]
-        rows += [dict(method="ppo-curve", rm=name, beta=small_beta, **r) for name, rs in curves.items() for r in rs]
-        rows += [dict(method="ppo-curve", rm=biased["name"], beta=beta, **r)
-                 for beta, rs in biased_runs.items() for r in rs]
-        rows += [dict(method="reward-model", rm=rm["name"], **{k: v for k, v in rm.items()
-                                                              if k not in ("name", "path", "default")})
-                 for rm in rms if judge is not None]
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+    y = "gold" if judge is not None else "score"
     plot(cfg, points, bon, curves, biased_runs, rms, y)
     print_tables(cfg, points, bon, curves, biased_runs, rms, y)
     charts = "frontier.png" + (", overoptimisation.png, kl_penalty.png, rm_scaling.png" if judge is not None else "")
