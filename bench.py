@@ -5,7 +5,15 @@ logits, and the sampler (torch.multinomial vs model.sample_from_logits).
     python bench.py                          # the CPU preset (sft.py's 4 x 192 GPT, 8,192 tokens, PPO's batch)
     python bench.py --vocab_size=50257       # the same with GPT-2's whole vocabulary: what the cut buys
     python bench.py --device=cuda --batch_size=128
+    python bench.py --compile_check          # the CUDA preset's torch.compile path on the CPU: graph breaks, recompiles
+    python bench.py --compile_check --n_layer=12   # ... at GPT-2-small's depth (dynamo's recompile_limit is per frame)
 """
+import contextlib
+import importlib
+import logging
+import os
+import sys
+import tempfile
 import time
 
 import torch
@@ -49,6 +57,9 @@ def train_step_tokens_per_s(model, cfg, rt):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--compile_check" in argv or "--compile_check=True" in argv:
+        return compile_check([a for a in argv if not a.startswith("--compile_check")])
     cfg = parse_config(config, argv)
     rt = setup_runtime(cfg)
     model = GPT(GPTConfig(block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
@@ -93,6 +104,82 @@ def measure(model, cfg, rt):
         s = timed(fn, cfg, 20)
         report[f"sample_{name.strip()}_ms"] = s * 1e3
         print(f"sample B{B} x V{logits.shape[1]}, {name}: {s * 1e3:8.2f} ms")
+    return report
+
+
+# ----------------------------------------------------------------------------------------------------
+# --compile_check: the CUDA preset's torch.compile path, run on the CPU
+
+CHECK_SHARED = dict(task="hh", device="cpu", compile=True, dtype="bfloat16", vocab_size=50257, block_size=128,
+                    max_prompt_len=64, max_new_tokens=32, eval_prompts=4, eval_batch_size=4, checkpoint_every=0)
+CHECK_STAGES = dict(  # each stage's cuda_config with its steps, batches and evaluation sets cut to a few
+    sft=dict(n_layer=2, n_head=2, n_embd=64, pretrain_iters=3, pretrain_batch_size=2, sft_iters=3, batch_size=2,
+             eval_every=0, eval_examples=4, n_answers=1),
+    reward=dict(n_prompts=8, n_test_prompts=4, max_iters=3, batch_size=2, eval_every=0, eval_rankings=4,
+                norm_examples=4, n_show=1),
+    ppo=dict(iterations=3, batch_size=4, minibatch_size=2, ppo_epochs=1, sample_every=0, n_sample_prompts=1,
+             ptx_batch_size=2, ptx_block_size=64),
+    dpo=dict(train_pairs=8, batch_size=2, grad_accum=1, max_iters=3, log_every=1, eval_pairs=4, eval_every=2),
+)
+
+
+class _LimitHits(logging.Handler):
+    """Counts dynamo's 'hit config.recompile_limit' warnings (the frame then runs eager)."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.n = 0
+
+    def emit(self, record):
+        self.n += "recompile_limit" in record.getMessage()
+
+
+def run_compiled_stage(stage, argv, log_path):
+    """Run `stage`.main(argv) from a fresh dynamo state, its output into log_path; return what dynamo compiled:
+    graphs, graph breaks, recompiles (with their reasons) and recompile-limit hits."""
+    import torch._dynamo
+    from torch._dynamo.utils import clear_compilation_metrics, counters, get_compilation_metrics
+    torch._dynamo.reset()
+    counters.clear()
+    clear_compilation_metrics()
+    hits = _LimitHits()
+    logging.getLogger("torch._dynamo").addHandler(hits)
+    t0 = time.time()
+    try:
+        with open(log_path, "w") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+            importlib.import_module(stage).main(argv)
+    finally:
+        logging.getLogger("torch._dynamo").removeHandler(hits)
+    recompiles = [f"{m.co_name}: {m.recompile_reason}" for m in get_compilation_metrics() if m.recompile_reason]
+    return dict(graphs=counters["stats"]["unique_graphs"], graph_breaks=sum(counters["graph_break"].values()),
+                break_reasons=list(counters["graph_break"]), recompiles=len(recompiles), recompile_reasons=recompiles,
+                limit_hits=hits.n, seconds=time.time() - t0)
+
+
+def compile_check(overrides=()):
+    """Every stage (sft, reward, ppo, dpo, each on the previous one's checkpoints) with its CUDA preset (cuda_config)
+    on the CPU at a reduced shape (CHECK_SHARED, CHECK_STAGES; `overrides`, --key=value, go to every stage that has
+    the key), compile on, for a few steps. Prints per stage the graphs dynamo compiled, its graph breaks and
+    recompiles; the targets: no graph break, no recompile (so none after the first step), no recompile-limit hit.
+    Returns {stage: counts} plus "ok"."""
+    given = dict(a[2:].split("=", 1) for a in overrides)
+    out_dir = given.pop("out_dir", None) or tempfile.mkdtemp(prefix="compile_check_")
+    os.makedirs(out_dir, exist_ok=True)
+    print(f"compile check: the CUDA preset on the CPU, reduced; stage logs and checkpoints in {out_dir}")
+    print(f"{'stage':8s} {'graphs':>6s} {'graph breaks':>12s} {'recompiles':>10s} {'limit hits':>10s} {'seconds':>8s}")
+    report = {}
+    for stage, cut in CHECK_STAGES.items():
+        module = importlib.import_module(stage)
+        args = {**module.cuda_config, **CHECK_SHARED, **cut, **given, "out_dir": out_dir}
+        argv = [f"--{k}={v}" for k, v in args.items() if k in module.config]
+        r = report[stage] = run_compiled_stage(stage, argv, os.path.join(out_dir, f"{stage}.log"))
+        print(f"{stage:8s} {r['graphs']:6d} {r['graph_breaks']:12d} {r['recompiles']:10d} {r['limit_hits']:10d} "
+              f"{r['seconds']:8.0f}")
+        for reason in r["break_reasons"] + r["recompile_reasons"]:
+            print(f"    {reason.splitlines()[0][:200]}")
+    report["ok"] = all(r["graph_breaks"] == r["recompiles"] == r["limit_hits"] == 0 for r in report.values())
+    print("targets met: no graph break, no recompile, no recompile-limit hit" if report["ok"] else
+          "targets NOT met (see above and the stage logs)")
     return report
 
 
