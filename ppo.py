@@ -273,8 +273,9 @@ def rollout(policy, reference, critic, reward_model, prompts, rt, max_new_tokens
             policy_logprobs=None):
     """Step 1-2 of an iteration: sample one response per prompt from pi_old and record, for every response token,
     what the update needs. prompts: a data.collate_prompts batch (left-padded (B, P)). policy_logprobs: the compiled
-    policy.logprobs the update uses (--compile), so that log pi_old comes from the same function and the first
-    ratio pi_theta / pi_old of an update is exactly 1 (None: policy.logprobs). Returns a SimpleNamespace of
+    policy.logprobs the update uses (--compile), so that log pi_old comes from the same computation and the first
+    ratio pi_theta / pi_old of an update is 1 (exactly in eager mode; compiled, the no-grad and the grad graphs may
+    differ by float rounding, ~1e-6) (None: policy.logprobs). Returns a SimpleNamespace of
     aligned tensors on rt.device:
       idx, attn, target  (B, P+R)  prompt + response tokens, their attention mask, 1 on the response tokens
       P                  int       the (padded) prompt width: response token t sits at position P + t
