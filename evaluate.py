@@ -97,7 +97,7 @@ def sample_and_score(policy, reference, reward_model, prompts, rt, batch_size=16
             out["lengths"].append(lengths.cpu())
             out["eos"].append(s["has_eos"].cpu())
             out["responses"] += [t[:n].tolist() for t, n in zip(s["response"].cpu(), lengths.cpu())]
-    out = {k: (v if k == "responses" else torch.cat(v)) for k, v in out.items() if len(v)}
+    out = {k: (v if k == "responses" else torch.cat(v)) for k, v in out.items() if len(v) or k == "responses"}
     if judge is not None:
         out["gold"] = data.gold_scores(judge, [p["prompt"] for p in prompts], out["responses"], policy.config.n_tokens)
     return out

@@ -4,6 +4,7 @@ import itertools
 import json
 import math
 import os
+import types
 
 import pytest
 import torch
@@ -240,3 +241,11 @@ def test_distinct_n_and_the_proxy_gold_correlation_by_hand():
     s = evaluate.summarize(dict(scores=scores, gold=gold, responses=answers, lengths=torch.tensor([5, 3, 0, 1]),
                                 eos=torch.zeros(4)))
     assert s["rm_gold_corr"] == pytest.approx(r.item(), abs=1e-6) and s["distinct2"] == pytest.approx(4 / 6)
+
+
+def test_no_prompts_give_no_answers(one_thread):
+    """sft.py --n_answers=0 asks for the answers to no prompts: an empty list, not a KeyError."""
+    torch.manual_seed(0)
+    policy = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=64)).eval()
+    rt = common.setup_runtime(types.SimpleNamespace(device="cpu", dtype="float32", seed=0))
+    assert evaluate.generate_answers(policy, [], rt, max_new_tokens=4) == []
