@@ -274,12 +274,18 @@ def plot_frontier(out_dir):
     return png
 
 
+def load_model(path, rt, stage=None, vocab_size=None, scalar_head=None):
+    """The GPT of checkpoint `path` in eval mode on rt.device (checkpoint.load_checkpoint checks the stage and the
+    vocabulary where given; scalar_head as in checkpoint.model_from_checkpoint). Raises UserError as they do."""
+    ckpt = load_checkpoint(path, stage=stage, vocab_size=vocab_size)
+    return model_from_checkpoint(ckpt, scalar_head=scalar_head).to(rt.device).eval()
+
+
 def load_models(out_dir, rt, stages=STAGES, vocab_size=None):
     """Load the reference (out/sft.pt), the reward model (out/rm.pt) and every policy checkpoint that exists
     among `stages`, in eval mode on rt.device. Raises UserError (naming the command that writes it) when
     sft.pt or rm.pt is missing or damaged, or of a vocabulary other than vocab_size (None: any)."""
-    load = lambda name, stage, **kw: model_from_checkpoint(load_checkpoint(
-        os.path.join(out_dir, f"{name}.pt"), stage=stage, vocab_size=vocab_size), **kw).to(rt.device).eval()
+    load = lambda name, stage, **kw: load_model(os.path.join(out_dir, f"{name}.pt"), rt, stage, vocab_size, **kw)
     reference, reward_model = load("sft", "sft"), load("rm", "rm", scalar_head=True)
     policies = {s: load(s, s) for s in stages if os.path.exists(os.path.join(out_dir, f"{s}.pt"))}
     return reference, reward_model, policies

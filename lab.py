@@ -30,7 +30,7 @@ import dpo
 import evaluate
 import ppo
 import reward
-from checkpoint import load_checkpoint, make_missing_checkpoints, model_from_checkpoint
+from checkpoint import load_checkpoint, make_missing_checkpoints
 
 S = common.setting  # a default with the values it allows, checked by the config parser
 config = dict(common.SHARED,
@@ -404,8 +404,7 @@ def score_under_every_reward_model(cfg, rt, task, rms):
     every reward model; with a judge, each reward model's agreement (added to its dict with its correlation with the
     judge on the pool and its std on it). Returns (bon: rm name -> best_of_n_curve rows, and "judge" ranking by the
     gold itself; sft_points: rm name -> the SFT policy's summary under that reward model, at KL 0)."""
-    load = lambda path, **kw: model_from_checkpoint(load_checkpoint(path), **kw).to(rt.device).eval()
-    sft, judge = load(os.path.join(cfg.out_dir, "sft.pt")), task.judge
+    sft, judge = evaluate.load_model(os.path.join(cfg.out_dir, "sft.pt"), rt), task.judge
     prompts = evaluate.eval_prompts(task.prompts_test, cfg)
     sft_answers = evaluate.sample_and_score(sft, None, None, prompts, rt, cfg.eval_batch_size, cfg.max_new_tokens,
                                             seed=cfg.eval_seed, judge=judge)
@@ -413,7 +412,7 @@ def score_under_every_reward_model(cfg, rt, task, rms):
     test = data.load_rankings(cfg, task)[1] if judge is not None else None
     bon, sft_points = {}, {}
     for rm in rms:
-        model = load(rm["path"], scalar_head=True)
+        model = evaluate.load_model(rm["path"], rt, scalar_head=True)
         key = f"{rm['name']}:{os.path.getmtime(rm['path'])}"
         if key not in pool["scores"]:
             pool["scores"][key] = reward.score_answers(model, pool["examples"], rt, cfg.eval_batch_size).view(
