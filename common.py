@@ -133,8 +133,10 @@ SHARED = dict(
     out_dir="",              # checkpoints, logs and charts of every stage; "" = out/<task>
     data_dir="",             # the data root (holding imdb/, hh-rlhf/); "" = $RLHF_DATA_DIR, else download into data/
     device="auto",           # auto | cpu | cuda | cuda:N
-    dtype="auto",            # auto (bfloat16 on CUDA, float32 elsewhere) | float32 | bfloat16
-    compile=False,           # torch.compile the training forward (helps on CUDA, not on CPU)
+    dtype="auto",            # auto (bfloat16 on a CUDA GPU that has it, float32 elsewhere) | float32 | bfloat16
+    compile=False,           # torch.compile the training forward (measured: helps neither on CPU nor on an H200)
+    fast_generation=False,   # sample with speed.StaticGenerator (static KV cache; a CUDA graph per decode step on
+                             # CUDA): the same tokens as model.generate, the readable reference
     seed=setting(1337, ">= 0"),
     vocab_size=setting(8192, "[257, 50257]"),  # GPT-2's BPE cut to its first merges (data/tokenizer.py); 50257 = all
     block_size=setting(256, ">= 2"),      # tokens of prompt + response the models see
@@ -153,8 +155,7 @@ def shared_flags(cfg, accepted=SHARED):
     return [f"--{k}={getattr(cfg, k)}" for k in SHARED if k in accepted and k not in ("resume", "checkpoint_every")]
 
 
-SHARED_CUDA = dict(vocab_size=50257, compile=True, dtype="bfloat16", block_size=512, max_prompt_len=256,
-                   max_new_tokens=128,
+SHARED_CUDA = dict(vocab_size=50257, fast_generation=True, block_size=512, max_prompt_len=256, max_new_tokens=128,
                    eval_prompts=1024, eval_batch_size=128, checkpoint_every=500)
 
 
@@ -239,7 +240,7 @@ def parse_config(defaults, argv=None, cuda_overrides=None, verbose=True):
             raise ConfigError(f"--{key}={value}: expected {_describe(rule)}")
     cfg = {k: _PLAIN[type(v)](v) if type(v) in _PLAIN else v for k, v in cfg.items()}  # int, float, str again
     if cfg.get("dtype") == "auto":
-        cfg["dtype"] = "bfloat16" if device.startswith("cuda") else "float32"
+        cfg["dtype"] = auto_dtype(device)
     if cfg.get("out_dir") == "" and "task" in cfg:
         cfg["out_dir"] = os.path.join("out", cfg["task"])
     if verbose and int(os.environ.get("RANK", 0)) == 0:
@@ -247,6 +248,18 @@ def parse_config(defaults, argv=None, cuda_overrides=None, verbose=True):
         print(f"config ({preset} preset; override with --key=value):")
         print("  " + " ".join(f"{k}={v}" for k, v in cfg.items()))
     return SimpleNamespace(**cfg)
+
+
+def auto_dtype(device):
+    """--dtype=auto: "bfloat16" on a CUDA GPU that has it (Ampere and newer), "float32" on the CPU and on a GPU
+    without it (T4, V100: float16 would need loss scaling, which no stage does), said in one line."""
+    if not device.startswith("cuda"):
+        return "float32"
+    if torch.cuda.is_bf16_supported():
+        return "bfloat16"
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"dtype=float32: {torch.cuda.get_device_name(device)} has no bfloat16 (float16 would need loss scaling)")
+    return "float32"
 
 
 # ----------------------------------------------------------------------------- runtime
@@ -260,6 +273,8 @@ class Runtime:
     rank: int
     local_rank: int
     world_size: int
+    fast_generation: bool = False  # sample with speed.StaticGenerator (speed.generate_fn)
+    compile: bool = False          # torch.compile where a stage offers it (its decode step too)
 
     @property
     def master(self):
@@ -303,7 +318,8 @@ def setup_runtime(cfg):
     if device_type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    return Runtime(device, device_type, dtypes[cfg.dtype], ddp, rank, local_rank, world_size)
+    return Runtime(device, device_type, dtypes[cfg.dtype], ddp, rank, local_rank, world_size,
+                   getattr(cfg, "fast_generation", False), getattr(cfg, "compile", False))
 
 
 def keep_freed_memory():

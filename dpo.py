@@ -37,7 +37,7 @@ import evaluate
 from checkpoint import (
     checkpoint_due, load_checkpoint, model_from_checkpoint, resume_checkpoint, save_training_state, start_training)
 from common import setting
-from model import CompiledLogprobs
+from speed import CompiledLogprobs
 
 # ----------------------------------------------------------------------------- config
 config = dict(common.SHARED, # out_dir, data_dir, device, block_size, eval_prompts, checkpoint_every, ... (common.py)

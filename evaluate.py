@@ -26,6 +26,7 @@ import common
 import data
 from checkpoint import load_checkpoint, model_from_checkpoint
 from model import sample_answers
+from speed import generate_fn
 
 STAGES = ("sft", "ppo", "dpo")  # the policies the frontier chart knows, in pipeline order
 TEMPERATURE = 1.0  # evaluations sample the policy as it is
@@ -84,7 +85,8 @@ def sample_and_score(policy, reference, reward_model, prompts, rt, batch_size=16
             batch = common.to_device(data.collate_prompts(prompts[i:i + batch_size]), rt)
             prompt_idx, prompt_mask = batch["idx"], batch["attention_mask"]  # (B, P) left-padded
             with rt.autocast():
-                s = sample_answers(policy, prompt_idx, prompt_mask, max_new_tokens, temperature, gen)
+                s = sample_answers(policy, prompt_idx, prompt_mask, max_new_tokens, temperature, gen,
+                                   generate=generate_fn(policy, rt))
             idx, mask, target = s["idx"], s["attention_mask"], s["target_mask"]  # (B, P+R) x3
             with rt.autocast():
                 if reference is not None:  # k1, summed over the response

@@ -9,9 +9,10 @@ runs every policy and every extra reward model into its own folder under out/<ta
 lab.py` only runs what is missing. It draws into out/<task>/lab/:
 - frontier.png: gold score against KL(pi || pi_ref) for PPO, RLOO, GRPO and DPO at several betas, best-of-n and
   SFT (the DPO paper's figure 2);
-- overoptimisation.png: gold (solid) and proxy (dashed) against sqrt(KL) for best-of-n and along PPO, one colour
-  per reward model: trained on nested subsets of the comparisons (rm_sizes) and on a biased labeller's rankings,
-  with Gao et al.'s fitted forms (Gao et al. 2022, "Scaling Laws for Reward Model Overoptimization", figure 1);
+- overoptimisation.png: gold (solid) and proxy (dashed) against sqrt(KL) for best-of-n and along PPO (each run a
+  trajectory in iteration order: arrows from start to end), one colour per reward model: trained on nested subsets
+  of the comparisons (rm_sizes) and on a biased labeller's rankings, with Gao et al.'s fitted forms, the RL one only
+  where it has a peak (Gao et al. 2022, "Scaling Laws for Reward Model Overoptimization", figure 1);
 - kl_penalty.png: PPO against the biased reward model at several betas: what the KL penalty holds back, and not;
 - rm_scaling.png: each reward model's agreement with the judge on the same held-out pairs against its comparisons.
 Best-of-n comes from one pool of bon_pool answers to each of bon_prompts evaluation prompts, with the exact
@@ -219,7 +220,8 @@ def gao_form(d, alpha, beta, form):
 
 # ----------------------------------------------------------------------------- charts
 def plot(cfg, points, bon, curves, biased_runs, rms, y):
-    """frontier.png, and with a judge overoptimisation.png, kl_penalty.png and rm_scaling.png (module docstring).
+    """frontier.png, and with a judge overoptimisation.png (plot_overoptimisation), kl_penalty.png and rm_scaling.png
+    (module docstring).
     points: the frontier's policies; bon: rm name -> best-of-n rows; curves: rm name -> PPO curve at the smallest
     beta; biased_runs: beta -> PPO curve against the biased reward model; rms: reward models with their figures."""
     import matplotlib
@@ -252,37 +254,7 @@ def plot(cfg, points, bon, curves, biased_runs, rms, y):
     if y != "gold":
         return
 
-    colour = {rm["name"]: f"C{i}" for i, rm in enumerate(rms)}
-    spread = {rm["name"]: rm["sft_std"] for rm in rms}  # each proxy's std on the SFT answers: its own unit
-    root = lambda rows: [math.sqrt(max(r["kl"], 0)) for r in rows]
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8), sharex="col")
-    small_beta = smallest_beta(cfg)
-    rl = dict(curves, **{rm["name"]: biased_runs[small_beta] for rm in rms if rm["bias"] and small_beta in biased_runs})
-    for col, what, series in ((0, "best-of-n", bon), (1, f"PPO, beta={small_beta}", rl)):
-        gold_ax, proxy_ax = axes[0][col], axes[1][col]
-        for name, rows in series.items():
-            c = "black" if name == "judge" else colour[name]
-            gold_ax.plot(root(rows), [r["gold"] - rows[0]["gold"] for r in rows], "-o", ms=3, lw=1, color=c,
-                         label=name)
-            if name != "judge":
-                proxy_ax.plot(root(rows), [(r["score"] - rows[0]["score"]) / spread[name] for r in rows], "--o", ms=3,
-                              lw=1, color=c, label=name)
-            fit = next((rm["fits"].get("bon" if series is bon else "rl") for rm in rms if rm["name"] == name), None)
-            if fit:
-                ds = torch.linspace(0, max(root(rows)), 50).tolist()
-                gold_ax.plot(ds, [gao_form(d, fit["alpha"], fit["beta"], fit["form"]) for d in ds], ":", color=c)
-        gold_ax.set(ylabel="gold gain over SFT (judge log-odds)",
-                    title=f"{what}: gold (Gao et al.'s fitted form dotted)")
-        proxy_ax.set(xlabel="sqrt(KL(pi || pi_ref))  [sqrt(nats)]", ylabel="proxy gain over SFT (its SFT std)",
-                     title=f"{what}: the proxy each policy optimised")
-        for ax in (gold_ax, proxy_ax):
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
-    fig.suptitle("over-optimisation: reward models of several sizes and a biased labeller (cf. Gao et al. 2022, "
-                 "fig. 1)")
-    fig.tight_layout()
-    fig.savefig(os.path.join(folder, "overoptimisation.png"), dpi=100)
-    plt.close(fig)
+    plot_overoptimisation(plt, folder, cfg, bon, curves, biased_runs, rms)
 
     if biased_runs:
         fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
@@ -292,7 +264,7 @@ def plot(cfg, points, bon, curves, biased_runs, rms, y):
             axes[0].errorbar(it, [r["gold"] for r in rows], yerr=[2 * r["gold_se"] for r in rows], fmt="-o", ms=3,
                              capsize=2, color=c, label=f"beta={beta}: gold (+- 2 s.e.)")
             axes[0].plot(it, [r["score"] for r in rows], "--", color=c, alpha=0.7, label=f"beta={beta}: proxy")
-            axes[1].plot(root(rows), [r["gold"] for r in rows], "-o", ms=3, color=c, label=f"beta={beta}")
+            axes[1].plot(sqrt_kl(rows), [r["gold"] for r in rows], "-o", ms=3, color=c, label=f"beta={beta}")
         axes[0].set(xlabel="PPO iteration", ylabel="score (log-odds)", title="against the biased reward model")
         axes[1].set(xlabel="sqrt(KL(pi || pi_ref))  [sqrt(nats)]", ylabel="gold (judge log-odds)",
                     title="gold against sqrt(KL): one curve if beta acts as early stopping")
@@ -318,6 +290,99 @@ def plot(cfg, points, bon, curves, biased_runs, rms, y):
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(os.path.join(folder, "rm_scaling.png"), dpi=100)
+    plt.close(fig)
+
+
+def sqrt_kl(rows):
+    """sqrt(KL) of each row (a KL estimate below zero counts as 0)."""
+    return [math.sqrt(max(r["kl"], 0)) for r in rows]
+
+
+def gains(rows, key, unit=1.0):
+    """(sqrt(KL), gain of row[key] over the first row's, in `unit`) for each row, in the rows' order: along a PPO
+    curve (ppo_curve: SFT at iteration 0 first) the path the run took, back and forth in KL where it went so."""
+    return sqrt_kl(rows), [(r[key] - rows[0][key]) / unit for r in rows]
+
+
+def fit_line(fit, rows, steps=50):
+    """Gao et al.'s fitted form `fit` (fit_gao) where it is worth drawing: (ds, gains) on sqrt(KL) from 0 (the start,
+    gain 0) to the largest sqrt(KL) of `rows`, the points it was fitted to. None where there is no fit, and for the RL
+    form without a peak (beta <= 0): the form assumes the gold is a function of KL, and fitted to a PPO run whose KL
+    overshoots and comes back it dips below zero at small KL and bends up, which says nothing of the run. The
+    best-of-n form is drawn whatever its beta (beta <= 0: the gold keeps rising over the range, as the points do)."""
+    if fit is None or (fit["form"] == "rl" and fit["beta"] <= 0):
+        return None
+    ds = torch.linspace(0, max(sqrt_kl(rows)), steps).tolist()
+    return ds, [gao_form(d, fit["alpha"], fit["beta"], fit["form"]) for d in ds]
+
+
+def fit_label(name, fit, line):
+    """A reward model's legend entry on a gold panel, with why its fitted form is absent where fit_line drew none."""
+    if line is not None or name == "judge":
+        return name
+    if fit is None:
+        return f"{name} (no fit: fewer than two points with KL > 0)"
+    return f"{name} (no fit drawn: beta_{fit['form']} = {fit['beta']:+.2f} <= 0, no peak)"
+
+
+def draw_trajectory(ax, xs, ys, color, label, style="-"):
+    """One PPO run on a panel, in iteration order: a dot per evaluation and an arrow from each to the next (a run
+    whose KL comes back reads as coming back, not as a zigzag), a hollow circle at its start, a square at its end."""
+    ax.plot(xs, ys, "o", ms=3, color=color, label=label)
+    for a, b in zip(zip(xs, ys), zip(xs[1:], ys[1:])):
+        ax.annotate("", xy=b, xytext=a, arrowprops=dict(arrowstyle="-|>", color=color, lw=1, ls=style,
+                                                         mutation_scale=9, shrinkA=0, shrinkB=2))
+    ax.plot(xs[:1], ys[:1], "o", ms=8, mfc="none", color=color)
+    ax.plot(xs[-1:], ys[-1:], "s", ms=6, color=color)
+
+
+def plot_overoptimisation(plt, folder, cfg, bon, curves, biased_runs, rms):
+    """overoptimisation.png: the gold (top) and proxy (bottom, in the proxy's SFT std) gain over the start against
+    sqrt(KL), best-of-n (left: n = 1, 2, 4, ... joined) and PPO at the smallest beta (right: each run a trajectory,
+    draw_trajectory), one colour per reward model, black for the judge ranking by the gold itself. Gao et al.'s
+    fitted forms are dotted on the gold panels where fit_line draws them (the RL form only with a peak); the legend
+    says which reward model has none, and why."""
+    colour = {rm["name"]: f"C{i}" for i, rm in enumerate(rms)}
+    spread = {rm["name"]: rm["sft_std"] for rm in rms}  # each proxy's std on the SFT answers: its own unit
+    fits = {rm["name"]: rm["fits"] for rm in rms}
+    small_beta = smallest_beta(cfg)
+    rl = dict(curves, **{rm["name"]: biased_runs[small_beta] for rm in rms if rm["bias"] and small_beta in biased_runs})
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8), sharex="col")
+    for col, form, what, series in ((0, "bon", "best-of-n", bon), (1, "rl", f"PPO, beta={small_beta}", rl)):
+        gold_ax, proxy_ax = axes[0][col], axes[1][col]
+        unfitted = False  # a fit fit_line does not draw
+        for name, rows in series.items():
+            c = "black" if name == "judge" else colour[name]
+            fit = fits.get(name, {}).get(form)
+            line = fit_line(fit, rows)
+            unfitted |= fit is not None and line is None
+            panels = [(gold_ax, gains(rows, "gold"), "-", fit_label(name, fit, line))]
+            if name != "judge":
+                panels.append((proxy_ax, gains(rows, "score", spread[name]), "--", name))
+            for ax, (xs, ys), style, label in panels:
+                if form == "rl":
+                    draw_trajectory(ax, xs, ys, c, label, style)
+                else:
+                    ax.plot(xs, ys, f"{style}o", ms=3, lw=1, color=c, label=label)
+            if line:
+                gold_ax.plot(*line, ":", color=c)
+        if form == "rl":
+            gold_ax.plot([], [], "o", ms=8, mfc="none", color="grey", label="start (SFT)")
+            gold_ax.plot([], [], "s", ms=6, color="grey", label="end; arrows in iteration order")
+            if unfitted:
+                gold_ax.plot([], [], " ", label="RL form: gold as a function of KL; a run whose KL\n"
+                                                "goes back fits beta_rl <= 0 (no peak): not drawn")
+        fitted = "Gao et al.'s form dotted" if form == "bon" else "Gao et al.'s RL form dotted if it peaks"
+        gold_ax.set(ylabel="gold gain over SFT (judge log-odds)", title=f"{what}: gold ({fitted})")
+        proxy_ax.set(xlabel="sqrt(KL(pi || pi_ref))  [sqrt(nats)]", ylabel="proxy gain over SFT (its SFT std)",
+                     title=f"{what}: the proxy each policy optimised")
+        for ax in (gold_ax, proxy_ax):
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+    fig.suptitle("over-optimisation: reward models of several sizes and a biased labeller (cf. Gao et al. 2022, "
+                 "fig. 1)")
+    fig.tight_layout()
+    fig.savefig(os.path.join(folder, "overoptimisation.png"), dpi=100)
     plt.close(fig)
 
 

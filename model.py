@@ -6,9 +6,10 @@ tied input/output embeddings, F.scaled_dot_product_attention) plus what RLHF nee
 - generation with a preallocated KV cache, temperature, per-row EOS and early exit, and an
   exact inverse-CDF sampler (torch.multinomial over 50k tokens costs more than a model step on CPU);
 - an optional scalar head (reward model / critic): one number per token;
-- per-token logprobs that compute logits only where they are needed, and their torch.compile form
-  (CompiledLogprobs: one graph whose shapes do not depend on the data, one per grad mode);
-It imports torch and nothing of the pipeline: checkpoints live in checkpoint.py, GPT-2 weights in gpt2.py.
+- per-token logprobs that compute logits only where they are needed.
+This is the readable reference; the speed machinery (torch.compile of the logprobs, generation with a static cache
+replayed as a CUDA graph) is in speed.py, tested against it. It imports torch and nothing of the pipeline:
+checkpoints live in checkpoint.py, GPT-2 weights in gpt2.py.
 Conventions: masks are 0/1 with 1 on real tokens; a target mask is aligned to token positions,
 mask[:, t] = 1 meaning "token t is predicted from tokens < t".
 """
@@ -16,7 +17,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.fx.experimental._config as shape_config  # torch.compile's dynamic-shape settings
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -240,24 +240,9 @@ class GPT(nn.Module):
             return out
         return out, lp.new_zeros(idx.shape).masked_scatter(full, ent)
 
-    def answer_logprobs(self, idx, attention_mask, answer_mask, temperature=1.0, return_entropy=False):
-        """logprobs of the last W tokens with shapes set by the inputs' shapes, never by their values: what
-        torch.compile traces as one graph (logprobs' h[sel] has a data-dependent shape, a graph break).
-        idx (B, T) long, attention_mask (B, T) 0/1, answer_mask (B, W) 0/1 over tokens T-W .. T-1, 1 <= W < T.
-        Logits at all B x W positions, then masked. Returns logprobs (B, W) float32, 0 where answer_mask is 0,
-        and with return_entropy also the entropy (B, W); logprobs(...)[:, -W:] up to float rounding."""
-        (B, T), W = idx.shape, answer_mask.shape[1]
-        keep = answer_mask.bool()  # (B, W)
-        h = self.hidden_states(idx, attention_mask)[:, T - W - 1:T - 1]  # (B, W, C): h[:, j] predicts token T-W+j
-        targets = torch.where(keep, idx[:, T - W:], 0)  # (B, W) a pad id may lie outside the vocabulary
-        lp, ent = self.token_logprobs(h, targets, temperature, return_entropy)  # (B, W) x2
-        if not return_entropy:
-            return torch.where(keep, lp, 0.0)
-        return torch.where(keep, lp, 0.0), torch.where(keep, ent, 0.0)
-
     def token_logprobs(self, h, targets, temperature=1.0, return_entropy=False):
         """log pi(target | h) from hidden states: h (..., C), targets (...) long -> (logprobs (...) float32,
-        entropy (...) or None without return_entropy). The one softmax of logprobs and answer_logprobs."""
+        entropy (...) or None without return_entropy). The one softmax of logprobs (and of speed.answer_logprobs)."""
         logits = self.lm_logits(h)  # (..., V)
         if temperature != 1.0:  # skip a pass over (..., V) when it changes nothing
             logits = logits / temperature
@@ -319,54 +304,18 @@ class GPT(nn.Module):
         return out + (torch.stack(all_logits, 1),) if return_logits else out
 
 # ----------------------------------------------------------------------------------------------------
-# torch.compile (--compile): logprobs as one graph
-
-def answer_start(target_mask):
-    """The first position t >= 1 at which any row has a target: every target lies in [t, T).
-    target_mask (B, T) 0/1 -> int (1 when there is no target). Reads the mask on the host (a device sync)."""
-    return 1 + int(target_mask[:, 1:].any(0).int().argmax())  # argmax: the first maximum
-
-
-class CompiledLogprobs:
-    """model.logprobs through torch.compile: called like it, with the same (B, T) result (up to float rounding).
-    What makes it one graph that never recompiles in steady state:
-    - the graph is model.answer_logprobs on the answer slice [first, T) of the batch (first = answer_start, found
-      here, outside the graph): its shapes follow the inputs' shapes (dynamic=True: any B, T, W), not the mask's
-      values; fullgraph=True makes a graph break an error;
-    - one compiled function per grad mode: a function compiled with gradients recompiles when called without
-      (the rollout and the evaluations run without gradients, the update with them); isolate_recompiles keeps
-      the two apart (they share the code object of answer_logprobs);
-    - no duck sizing: by default sizes equal at the first call (a rollout of 128 answers of 128 tokens) become one
-      symbol, and the first call where they differ recompiles.
-    Generation (model.generate, its KV cache) stays eager: it never enters a compiled region."""
-
-    def __init__(self, model, backend="inductor"):
-        compile = lambda: torch.compile(model.answer_logprobs, dynamic=True, fullgraph=True, backend=backend,
-                                        isolate_recompiles=True)
-        self.graphs = {True: compile(), False: compile()}  # by torch.is_grad_enabled(); each compiles at its 1st call
-
-    def __call__(self, idx, attention_mask, target_mask, temperature=1.0, return_entropy=False):
-        first = answer_start(target_mask)
-        answer_mask = target_mask[:, first:].contiguous()  # (B, W): the answer slice, W = T - first
-        with shape_config.patch(use_duck_shape=False):
-            out = self.graphs[torch.is_grad_enabled()](idx, attention_mask, answer_mask, temperature, return_entropy)
-        if not return_entropy:
-            return F.pad(out, (first, 0))  # (B, T): back on token positions
-        return tuple(F.pad(x, (first, 0)) for x in out)
-
-
-# ----------------------------------------------------------------------------------------------------
 # answers laid out for scoring
 
 @torch.no_grad()
-def sample_answers(model, prompt_idx, prompt_mask, max_new_tokens, temperature=1.0, generator=None):
-    """Answer LEFT-padded prompts with model.generate and lay prompt + answer out as the scorers read them.
-    prompt_idx (B, P) long, prompt_mask (B, P) 0/1. Returns a dict:
+def sample_answers(model, prompt_idx, prompt_mask, max_new_tokens, temperature=1.0, generator=None, generate=None):
+    """Answer LEFT-padded prompts with model.generate (or `generate`, called like it: speed.generate_fn's choice) and
+    lay prompt + answer out as the scorers read them. prompt_idx (B, P) long, prompt_mask (B, P) 0/1. Returns a dict:
       idx (B, P+R) long, attention_mask (B, P+R), target_mask (B, P+R) 1 on the answer's tokens (through its EOS),
       response (B, R) long, response_mask (B, R), has_eos (B,) float 1 where the answer ended with the model's EOS.
     The answer's token t sits at position P + t."""
-    response, response_mask = model.generate(prompt_idx, prompt_mask, max_new_tokens, temperature=temperature,
-                                             generator=generator)  # (B, R) x2
+    generate = generate or model.generate
+    response, response_mask = generate(prompt_idx, prompt_mask, max_new_tokens, temperature=temperature,
+                                       generator=generator)  # (B, R) x2
     lengths = response_mask.sum(1).long()  # (B,)
     last = response.gather(1, (lengths - 1).clamp(min=0)[:, None])[:, 0]  # (B,) each answer's last token
     return dict(idx=torch.cat([prompt_idx, response], 1), attention_mask=torch.cat([prompt_mask, response_mask], 1),
@@ -377,17 +326,20 @@ def sample_answers(model, prompt_idx, prompt_mask, max_new_tokens, temperature=1
 # ----------------------------------------------------------------------------------------------------
 # sampling
 
-def sample_from_logits(logits, temperature=1.0, generator=None):
+def sample_from_logits(logits, temperature=1.0, generator=None, uniform=None):
     """One token per row from softmax(logits / temperature) (RLHF samples the policy as it is: no top-k, no top-p).
     logits (B, V) float; temperature 0 means argmax; generator must live on logits' device.
-    Exact inverse-CDF sampling: i = first index with cdf_i > u, u ~ U[0, cdf_V), one uniform per row.
+    Exact inverse-CDF sampling: i = first index with cdf_i > u, u ~ U[0, cdf_V), one uniform per row, drawn here
+    from `generator`, or given: uniform (B, 1) float64 in [0, 1) (speed.decode_step draws it outside its graph).
     Returns (B,) long."""
     if temperature == 0:
         return logits.argmax(-1)
     probs = F.softmax(logits.double() / temperature, dim=-1)  # (B, V)
     cdf = probs.cumsum(-1)  # (B, V) float64
     total = cdf[:, -1:]  # (B, 1) ~1
-    u = torch.rand(total.shape, generator=generator, device=cdf.device, dtype=cdf.dtype) * total
+    if uniform is None:
+        uniform = torch.rand(total.shape, generator=generator, device=cdf.device, dtype=cdf.dtype)
+    u = uniform * total
     u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))  # u < total: never past the end
     i = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1).squeeze(-1)  # (B,)
     return i

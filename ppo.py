@@ -38,7 +38,8 @@ from checkpoint import (
     checkpoint_due, load_checkpoint, make_missing_checkpoints, model_from_checkpoint, restore_training_state,
     resume_checkpoint, save_training_state)
 from common import setting
-from model import CompiledLogprobs, last_token_index, sample_answers
+from model import last_token_index, sample_answers
+from speed import CompiledLogprobs, generate_fn
 
 # ----------------------------------------------------------------------------- config
 config = dict(common.SHARED,  # out_dir, data_dir, device, block_size, max_new_tokens, eval_prompts, ... (common.py)
@@ -272,10 +273,11 @@ def explained_variance(values, returns, response_mask):
 def rollout(policy, reference, critic, reward_model, prompts, rt, max_new_tokens, temperature, sampler,
             policy_logprobs=None):
     """Step 1-2 of an iteration: sample one response per prompt from pi_old and record, for every response token,
-    what the update needs. prompts: a data.collate_prompts batch (left-padded (B, P)). policy_logprobs: the compiled
-    policy.logprobs the update uses (--compile), so that log pi_old comes from the same computation and the first
-    ratio pi_theta / pi_old of an update is 1 (exactly in eager mode; compiled, the no-grad and the grad graphs may
-    differ by float rounding, ~1e-6) (None: policy.logprobs). Returns a SimpleNamespace of
+    what the update needs. prompts: a data.collate_prompts batch (left-padded (B, P)). policy_logprobs: the function
+    computing log pi_theta that the update uses (policy.logprobs, or its torch.compile with --compile), so that
+    log pi_old comes from the same computation and the first ratio pi_theta / pi_old of an update is 1 (exactly in
+    eager mode; compiled, the no-grad and the grad graphs may differ by float rounding, ~1e-6). Answers are sampled
+    with speed.generate_fn(policy, rt) (model.generate, or the static-cache generator). Returns a SimpleNamespace of
     aligned tensors on rt.device:
       idx, attn, target  (B, P+R)  prompt + response tokens, their attention mask, 1 on the response tokens
       P                  int       the (padded) prompt width: response token t sits at position P + t
@@ -291,12 +293,12 @@ def rollout(policy, reference, critic, reward_model, prompts, rt, max_new_tokens
     prompt_idx, prompt_mask = prompts["idx"].to(rt.device), prompts["attention_mask"].to(rt.device)  # (B, P)
     P = prompt_idx.shape[1]
     with rt.autocast():
-        s = sample_answers(policy, prompt_idx, prompt_mask, max_new_tokens, temperature, sampler)
+        s = sample_answers(policy, prompt_idx, prompt_mask, max_new_tokens, temperature, sampler,
+                           generate=generate_fn(policy, rt))
         idx, attn, target = s["idx"], s["attention_mask"], s["target_mask"]  # (B, P+R) x3
         response_mask = s["response_mask"]  # (B, R) 1 through the first EOS
-        logprobs, entropy = policy.logprobs(idx, attn, target, temperature, return_entropy=True)  # (B, P+R) x2
-        if policy_logprobs is not None:  # the update's compiled function: pi_old from it, so the first ratio is 1
-            logprobs = policy_logprobs(idx, attn, target, temperature)
+        policy_logprobs = policy_logprobs or policy.logprobs  # the update's function: the first ratio is 1
+        logprobs, entropy = policy_logprobs(idx, attn, target, temperature, return_entropy=True)  # (B, P+R) x2
         ref_logprobs = reference.logprobs(idx, attn, target, temperature)  # (B, P+R)
         values = torch.zeros_like(response_mask)  # (B, R) V_t, 0 without a critic (rloo, grpo)
         if critic:
@@ -461,7 +463,7 @@ def iteration(run, it, beta, cfg, rt, task):
     examples = [train[i] for i in torch.randperm(len(train), generator=run.gen)[:cfg.batch_size]
                 for _ in range(cfg.samples_per_prompt)]  # k samples of each prompt, consecutive
     batch = rollout(run.policy, run.reference, run.critic, run.reward_model, data.collate_prompts(examples), rt,
-                    cfg.max_new_tokens, cfg.temperature, run.sampler, run.logprobs if cfg.compile else None)
+                    cfg.max_new_tokens, cfg.temperature, run.sampler, run.logprobs)
     gold = data.gold_scores(task.judge, [e["prompt"] for e in examples], responses(batch),
                             cfg.vocab_size) if task.judge else None
     proxy = None  # the reward model's scores, the critic's own units, where they are not the rewards

@@ -102,3 +102,4 @@ def write_imdb_fixture(root, n_train=40, n_test=12, n_unsup=10, seed=0):
 def imdb_root(tmp_path):
     """A tiny synthetic IMDb data root (see write_imdb_fixture)."""
     return write_imdb_fixture(tmp_path / "imdb_root")
+

@@ -48,6 +48,7 @@ def test_cuda_overrides_apply_only_on_cuda_and_the_command_line_wins(monkeypatch
     cpu = parse_config(DEFAULTS, [], cuda_overrides=cuda, verbose=False)
     assert cpu.batch_size == 8
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # pretend, for the config logic only
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     gpu = parse_config(DEFAULTS, ["--device=cuda", "--lr=1e-5"], cuda_overrides=cuda, verbose=False)
     assert (gpu.batch_size, gpu.lr, gpu.dtype) == (64, 1e-5, "bfloat16")
 
@@ -243,7 +244,8 @@ def test_every_numeric_setting_of_a_stage_rejects_an_out_of_range_value_in_one_l
             assert str(e.value).startswith(f"--{key}=") and "\n" not in str(e.value), (key, value, str(e.value))
     for argv in ([], ["--device=cuda"]):  # the CPU preset, and the CUDA one (pretending, for the config logic only)
         import unittest.mock
-        with unittest.mock.patch.object(torch.cuda, "is_available", lambda: True):
+        with unittest.mock.patch.object(torch.cuda, "is_available", lambda: True), \
+                unittest.mock.patch.object(torch.cuda, "is_bf16_supported", lambda *a, **k: True):
             parse_config(module.config, argv, cuda_overrides=getattr(module, "cuda_config", None), verbose=False)
 
 

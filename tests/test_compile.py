@@ -1,4 +1,4 @@
-"""torch.compile of the logprobs hot path (model.CompiledLogprobs: ppo.py's and dpo.py's --compile) against the eager
+"""torch.compile of the logprobs hot path (speed.CompiledLogprobs: ppo.py's and dpo.py's --compile) against the eager
 model: the same logprobs on padded batches of several shapes, one graph per grad mode with no graph break and no
 recompile (dynamo's own counters), at 2 and at 12 layers; generation untouched by it. The inductor test compiles
 real kernels (tens of seconds: slow); the others trace with dynamo's eager backend (the graph-break and recompile
@@ -8,7 +8,8 @@ import copy
 import pytest
 import torch
 
-from model import GPT, CompiledLogprobs, GPTConfig, answer_start
+from model import GPT, GPTConfig
+from speed import CompiledLogprobs, answer_logprobs, answer_start
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
@@ -72,7 +73,7 @@ def test_answer_logprobs_equal_logprobs_on_the_answer_slice():
     for idx, attn, target in BATCHES:
         first = answer_start(target)
         lp, ent = m.logprobs(idx, attn, target, 0.8, return_entropy=True)  # (B, T)
-        alp, aent = m.answer_logprobs(idx, attn, target[:, first:], 0.8, return_entropy=True)  # (B, W)
+        alp, aent = answer_logprobs(m, idx, attn, target[:, first:], 0.8, return_entropy=True)  # (B, W)
         assert alp.shape == (idx.shape[0], idx.shape[1] - first)
         assert torch.allclose(alp, lp[:, first:], atol=1e-6) and torch.allclose(aent, ent[:, first:], atol=1e-5)
         assert torch.all(alp[target[:, first:] == 0] == 0) and torch.all(lp[:, :first] == 0)

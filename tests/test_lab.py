@@ -94,6 +94,36 @@ def test_gao_fits_recover_known_coefficients_and_peaks(form, alpha, beta):
         lab.fit_gao([0.0, 1.0], [0.0, 1.0], form)  # one point with KL > 0 fixes nothing
 
 
+def test_the_rl_form_is_drawn_only_with_a_peak_and_over_the_kl_the_run_covered():
+    rows = [dict(kl=k) for k in (0.0, 9.0, 16.0, 4.0)]  # KL out to 16 nats and back: sqrt(KL) up to 4
+    peaked = dict(form="rl", alpha=0.6, beta=0.3)
+    ds, gain = lab.fit_line(peaked, rows)
+    assert ds[0] == 0 and ds[-1] == pytest.approx(4.0) and ds == sorted(ds)
+    assert gain == [lab.gao_form(d, 0.6, 0.3, "rl") for d in ds]
+    assert lab.fit_label("rm", peaked, (ds, gain)) == "rm"
+    back_and_forth = lab.fit_gao([0, 9, 20, 16, 15], [0, 0.7, 3.4, 2.9, 2.85], "rl")  # KL overshoots, comes back
+    for fit in (dict(form="rl", alpha=0.6, beta=0.0), dict(form="rl", alpha=-0.7, beta=-0.5), back_and_forth):
+        assert fit["beta"] <= 0 and lab.fit_line(fit, rows) is None
+        assert "beta_rl" in lab.fit_label("rm", fit, None)  # the legend says why
+    assert lab.fit_line(None, rows) is None
+    assert lab.fit_line(dict(form="bon", alpha=0.7, beta=-0.02), rows) is not None  # best-of-n: drawn whatever beta
+
+
+def test_a_ppo_run_is_drawn_in_iteration_order_with_arrows_from_each_evaluation_to_the_next():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [dict(iteration=5 * i, kl=k, gold=g) for i, (k, g) in enumerate([(0, 1.0), (16, 3.0), (9, 2.5), (4, 1.5)])]
+    xs, ys = lab.gains(rows, "gold")
+    assert xs == [0.0, 4.0, 3.0, 2.0] and ys == [0.0, 2.0, 1.5, 0.5]  # KL goes back: kept, not sorted away
+    fig, ax = plt.subplots()
+    lab.draw_trajectory(ax, xs, ys, "C0", "rm")
+    arrows = [(tuple(a.xyann), tuple(a.xy)) for a in ax.texts]
+    assert arrows == list(zip(zip(xs, ys), zip(xs[1:], ys[1:])))
+    start, end = ax.lines[-2], ax.lines[-1]  # the hollow circle, the square
+    assert (list(start.get_xdata()), list(end.get_xdata()), end.get_marker()) == ([0.0], [2.0], "s")
+    plt.close(fig)
+
 def test_over_optimisation_is_a_gold_fall_beyond_two_standard_errors_while_the_proxy_holds():
     row = lambda it, gold, score, se=0.1: dict(iteration=it, gold=gold, gold_se=se, score=score, kl=float(it))
     rise = [row(0, 0.0, -1.0), row(5, 1.0, 0.5), row(10, 1.5, 1.0)]
@@ -143,6 +173,7 @@ def test_gae_answers_come_from_ppos_real_config(monkeypatch):
     assert lab.gae_answers(cfg, "--iterations=2 --batch_size=4 --minibatch_size=2 --ptx_coef=0") == 4
     assert lab.gae_answers(cfg, "") == ppo.config["batch_size"] * ppo.config["samples_per_prompt"]  # the CPU preset
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # pretend, for the config logic only
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     gpu = common.parse_config(lab.config, ["--device=cuda"], cuda_overrides=lab.cuda_config, verbose=False)
     assert lab.gae_answers(gpu, "") == ppo.cuda_config["batch_size"] * ppo.config["samples_per_prompt"] != \
         ppo.config["batch_size"]  # the CUDA preset's batch, not the CPU default
