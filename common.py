@@ -414,7 +414,8 @@ def subset(examples, n, seed=0):
 
 # ----------------------------------------------------------------------------- optimisation
 def configure_optimizer(model, lr, weight_decay, betas=(0.9, 0.95)):
-    """AdamW with weight decay on matrices (dim >= 2) only, not on biases, LayerNorm gains or scalars.
+    """AdamW with weight decay on matrices (dim >= 2) only, not on biases, LayerNorm gains or scalars; on CUDA the
+    fused kernel (one launch for every parameter, as nanoGPT), elsewhere torch's default.
 
     Only parameters with requires_grad are optimised (a frozen trunk is left out)."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -422,7 +423,8 @@ def configure_optimizer(model, lr, weight_decay, betas=(0.9, 0.95)):
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas)
+    fused = {"fused": True} if params and all(p.is_cuda for p in params) else {}
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, **fused)
 
 
 def lr_at(step, max_steps, lr, warmup_steps, min_lr_ratio=0.1):

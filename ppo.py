@@ -122,7 +122,8 @@ def ptx_loss(policy, text_batch, ptx_coef):
         L_ptx = - ptx_coef * mean_t log pi(x_t | x_<t)     over the loss_mask tokens of pretraining text windows
     text_batch: dict idx, attention_mask, loss_mask (b, T) (data.sample_text_batch: text that carries no
     preference). Returns a scalar with gradient into the policy."""
-    text_logprobs = policy.logprobs(text_batch["idx"], text_batch["attention_mask"], text_batch["loss_mask"])  # (b, T)
+    # the windows have no padding: no attention mask, the causal fast path (flash attention on CUDA)
+    text_logprobs = policy.logprobs(text_batch["idx"], None, text_batch["loss_mask"])  # (b, T)
     return -ptx_coef * masked_mean(text_logprobs, text_batch["loss_mask"])
 
 

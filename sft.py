@@ -94,33 +94,36 @@ def sft_loss(logits, targets, mask):
     return (nll * mask.flatten()).sum() / mask.sum().clamp(min=1)
 
 
-def target_loss(model, batch, trunk=None):
+def target_loss(model, batch, trunk=None, causal=False):
     """sft_loss of a collated batch (idx, attention_mask, loss_mask (B, T)), logits only at the targets.
-    trunk: model.hidden_states or a compiled version of it. Returns (loss, number of targets)."""
+    trunk: model.hidden_states or a compiled version of it. causal=True: the batch has no padding (pretraining
+    windows), so no attention mask is passed and attention takes the causal fast path (flash attention on CUDA; the
+    same numbers on the CPU). Returns (loss, number of targets)."""
     trunk = trunk or model.hidden_states
     idx, mask = batch["idx"], batch["loss_mask"][:, 1:]            # mask[:, t-1]: token t is a target
-    h = trunk(idx, batch["attention_mask"])[:, :-1]                 # (B, T-1, C): h[:, t-1] predicts token t
+    h = trunk(idx, None if causal else batch["attention_mask"])[:, :-1]  # (B, T-1, C): h[:, t-1] predicts token t
     sel = mask.bool()                                               # (B, T-1)
     logits = model.lm_logits(h[sel])                                # (N, V) only the N target positions
     return sft_loss(logits, idx[:, 1:][sel], mask[sel]), mask.sum()
 
 
-def accumulate_sft_gradients(model, micro_batches, rt, trunk=None):
+def accumulate_sft_gradients(model, micro_batches, rt, trunk=None, causal=False):
     """Forward + backward of one optimiser step over its micro-batches (already on rt.device).
     Each micro-batch's loss (a mean over its n_i target tokens) is scaled by n_i / N, N = the step's target
     tokens over all micro-batches and all DDP ranks (times world_size, because all_reduce_grads then
     averages the ranks). The gradient is thus that of ONE token-level mean over the whole step: 1
     micro-batch of 8 examples and 8 micro-batches of 1 give the same gradient.
-    Returns the step's loss on this rank (float, nats per target token)."""
+    causal: the micro-batches have no padding (target_loss). Returns the step's loss on this rank (float, nats per
+    target token), read from the device once, after every backward is queued."""
     counts = [b["loss_mask"][:, 1:].sum() for b in micro_batches]
     total = common.all_reduce_mean(sum(counts), rt) * rt.world_size  # N, target tokens of the whole step
     step_loss = 0.0
     for b, n in zip(micro_batches, counts):
         with rt.autocast():
-            loss, _ = target_loss(model, b, trunk)
+            loss, _ = target_loss(model, b, trunk, causal)
         (loss * n / total * rt.world_size).backward()
-        step_loss += loss.item() * n.item()
-    return step_loss / max(sum(counts).item(), 1)  # this rank's token-level mean, for display
+        step_loss = step_loss + loss.detach().double() * n.double()  # on the device: no sync per micro-batch
+    return (step_loss / max(sum(counts).item(), 1)).item()  # this rank's token-level mean, for display
 
 
 def flops_per_step(model, n_tokens, n_targets, T):
@@ -269,7 +272,7 @@ def main(argv=None):
         common.set_lr(optimizer, lr)
         t0 = time.time()
         micro = micro_batches(phase, stream, train, cfg, gen, rt)
-        loss = accumulate_sft_gradients(model, micro, rt, trunk)
+        loss = accumulate_sft_gradients(model, micro, rt, trunk, causal=phase == "pretrain")
         common.check_finite(step, loss=loss)
         grad_norm = common.optimizer_step(model, optimizer, cfg.grad_clip, rt, step)
         if rt.device_type == "cuda":
