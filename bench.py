@@ -7,6 +7,8 @@ logits, and the sampler (torch.multinomial vs model.sample_from_logits).
     python bench.py --device=cuda --batch_size=128
     python bench.py --compile_check          # the CUDA preset's torch.compile path on the CPU: graph breaks, recompiles
     python bench.py --compile_check --n_layer=12   # ... at GPT-2-small's depth (dynamo's recompile_limit is per frame)
+    python bench.py --gpu                    # the CUDA preset's figures in one table (GPT-2-small shape, <= 8 min)
+    python bench.py --gpu --device=cpu       # the same at a tiny shape: a dry run (in the test suite)
 """
 import contextlib
 import importlib
@@ -15,10 +17,12 @@ import os
 import sys
 import tempfile
 import time
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 
+import common
 from common import parse_config, setup_runtime
 from model import GPT, GPTConfig, padded_vocab_size, sample_from_logits
 
@@ -60,6 +64,8 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if "--compile_check" in argv or "--compile_check=True" in argv:
         return compile_check([a for a in argv if not a.startswith("--compile_check")])
+    if "--gpu" in argv or "--gpu=True" in argv:
+        return gpu_bench([a for a in argv if not a.startswith("--gpu")])
     cfg = parse_config(config, argv)
     rt = setup_runtime(cfg)
     model = GPT(GPTConfig(block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
@@ -183,6 +189,165 @@ def compile_check(overrides=()):
     return report
 
 
+# ----------------------------------------------------------------------------------------------------
+# --gpu: the CUDA preset's figures in one table
+
+GPU_DRY_RUN = dict(device="auto", dtype="auto", seed=1337, n_layer=2, n_head=2, n_embd=64, vocab_size=512,
+                   block_size=64, batch_size=4, prompt_len=8, max_new_tokens=8, train_batch_size=2, train_block_size=32,
+                   rm_rows=8, dpo_rows=8, repeats=1, backend="eager")  # on the CPU: every path runs, nothing is timed
+GPU_SIZES = dict(n_layer=12, n_head=12, n_embd=768, vocab_size=50257, block_size=512, batch_size=128, prompt_len=64,
+                 max_new_tokens=128, train_batch_size=32, train_block_size=512, rm_rows=64, dpo_rows=64, repeats=3,
+                 backend="inductor")  # GPT-2 small; PPO's rollout batch; sft's windows; reward.py's 16 x K=4 rows and
+                                      # dpo.py's 32 pairs (64 rows) of prompt + answer
+
+
+def gpu_bench(argv=()):
+    """The figures that decide the CUDA preset, on a random-init GPT of its shape (no checkpoint, no data): generation
+    (no cache / KV cache / static cache, eager and compiled: new tokens/s and ms per decode step), a pretraining
+    step (tokens/s, MFU, eager and compiled, compile seconds), one PPO iteration of the preset split into
+    generation, scoring and update (model.generate and StaticGenerator), and reward-model and DPO steps/s.
+    Prints one table and returns {figure: value}. On the CPU (--device=cpu) it runs at a tiny shape with dynamo's
+    eager backend: a dry run of every path, its figures meaningless."""
+    import ppo
+    import sft
+    import speed
+    from model import sample_answers
+    cfg = parse_config(GPU_DRY_RUN, argv, cuda_overrides=GPU_SIZES, verbose=False)
+    rt = setup_runtime(cfg)
+    shape = dict(block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
+                 n_tokens=cfg.vocab_size, vocab_size=padded_vocab_size(cfg.vocab_size))
+    gpt = lambda head=False: GPT(GPTConfig(**shape, scalar_head=head)).to(rt.device)
+    B, P, N = cfg.batch_size, cfg.prompt_len, cfg.max_new_tokens
+    rows, report = [], {}
+
+    def row(name, value, unit, note=""):
+        report[name] = value
+        rows.append((name, value, unit, note))
+
+    def once(fn):
+        """Seconds of one call, device work included."""
+        if rt.device_type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if rt.device_type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    print(f"bench --gpu: GPT {cfg.n_layer} x {cfg.n_embd}, {cfg.vocab_size} tokens on {rt.device} ({cfg.dtype}), "
+          f"torch {torch.__version__}{' (dry run: figures meaningless)' if rt.device_type == 'cpu' else ''}")
+    policy = gpt().eval()
+    prompt = torch.randint(0, cfg.vocab_size - 1, (B, P), device=rt.device)
+    mask = torch.ones(B, P, device=rt.device)
+    mask[: B // 2, : P // 4] = 0  # half the rows left-padded
+
+    # 1. generation: B prompts of P tokens, N new tokens each (no EOS: every token generated)
+    generators = dict(nocache=lambda *a, **k: policy.generate(*a, use_cache=False, **k), cache=policy.generate,
+                      static=speed.StaticGenerator(policy))
+    compiled_static = speed.StaticGenerator(policy)
+    compiled_static.step = speed.compile(speed.decode_step, fullgraph=True, backend=cfg.backend)
+    generators["static_compiled"] = compiled_static
+    for name, generate in generators.items():
+        run = lambda: generate(prompt, mask, N, 1.0, None, torch.Generator(rt.device).manual_seed(0))
+        with torch.no_grad(), rt.autocast():
+            first = once(run)
+            s = min(once(run) for _ in range(1 if name == "nocache" else cfg.repeats))
+        row(f"generate_{name}_tok_s", B * N / s, "new tokens/s", f"{s / N * 1e3:.2f} ms per token step")
+        if name == "static_compiled":
+            row("generate_compile_s", first - s, "s", "compiling the decode step (first call - a later one)")
+    for name in ("cache", "static", "static_compiled"):  # the target: >= 10x
+        report[f"generate_{name}_vs_nocache"] = report[f"generate_{name}_tok_s"] / report["generate_nocache_tok_s"]
+
+    # 2. a pretraining step of sft.py: train_batch_size windows of train_block_size tokens, every token a target
+    model = gpt().train()
+    optimizer = common.configure_optimizer(model, 1e-4, 0.1)
+    T = cfg.train_block_size
+    idx = torch.randint(0, cfg.vocab_size - 1, (cfg.train_batch_size, T), device=rt.device)
+    batch = dict(idx=idx, attention_mask=torch.ones_like(idx, dtype=torch.float), loss_mask=torch.ones_like(idx,
+                 dtype=torch.float))
+    peak, _ = sft.peak_flops(rt)
+    flops = sft.flops_per_step(model, idx.numel(), cfg.train_batch_size * (T - 1), T)
+    for name, trunk in (("eager", model.hidden_states),
+                        ("compiled", speed.compile(model.hidden_states, dynamic=True, backend=cfg.backend))):
+        def step():
+            sft.accumulate_sft_gradients(model, [batch], rt, trunk, causal=True)
+            common.optimizer_step(model, optimizer, 1.0, rt, 0)
+        first = once(step)
+        s = min(once(step) for _ in range(cfg.repeats))
+        row(f"train_{name}_tok_s", idx.numel() / s, "tokens/s",
+            f"MFU {flops / s / peak:.1%}" if peak else "MFU: peak unknown for this device")
+        if peak:
+            report[f"train_{name}_mfu"] = flops / s / peak
+        if name == "compiled":
+            row("train_compile_s", first - s, "s", "compiling the trunk (first step - a later one)")
+
+    # 3. one PPO iteration of the preset's shape: rollout (generation, then scoring), rewards, GAE, the update
+    pcfg = parse_config(ppo.config, [f"--device={rt.device}", f"--batch_size={B}", f"--max_new_tokens={N}",
+                                     f"--minibatch_size={min(B, ppo.cuda_config['minibatch_size'])}"],
+                        cuda_overrides=ppo.cuda_config, verbose=False)
+    reference, critic, reward_model = gpt().eval(), gpt(True).eval(), gpt(True).eval()
+    run = SimpleNamespace(policy=policy, critic=critic, logprobs=policy.logprobs,
+                          opt_policy=common.configure_optimizer(policy, 1e-5, 0.0),
+                          opt_critic=common.configure_optimizer(critic, 1e-5, 0.0))
+    prompts = dict(idx=prompt, attention_mask=mask)
+    gen = torch.Generator().manual_seed(0)
+    for name in ("cache", "static"):
+        rt.fast_generation = name == "static"
+        sampler = torch.Generator(rt.device).manual_seed(0)
+        generate = lambda: sample_answers(policy, prompt, mask, N, 1.0, sampler,
+                                          generate=speed.generate_fn(policy, rt))
+        with rt.autocast():
+            t_gen = min(once(generate) for _ in range(cfg.repeats + 1))
+        rollouts = []
+        roll = lambda: rollouts.append(ppo.rollout(policy, reference, critic, reward_model, prompts, rt, N, 1.0,
+                                                   sampler, policy.logprobs))
+        t_rollout, batch = min(once(roll) for _ in range(cfg.repeats + 1)), rollouts[-1]
+        rewards = ppo.per_token_rewards(batch.scores, batch.old_logprobs, batch.ref_logprobs, batch.response_mask,
+                                        pcfg.beta)
+        advantages, returns = ppo.compute_gae(rewards, batch.old_values, batch.response_mask, pcfg.gamma, pcfg.lam)
+        batch.advantages, batch.returns = ppo.whiten(advantages, batch.response_mask), returns
+        t_update = min(once(lambda: ppo.update(run, batch, pcfg.beta, pcfg, rt, gen, None, 0))
+                       for _ in range(cfg.repeats + 1))
+        row(f"ppo_{name}_generation_s", t_gen, "s", f"{B} answers x {N} tokens")
+        row(f"ppo_{name}_scoring_s", t_rollout - t_gen, "s", "log pi_old, log pi_ref, V, the reward model's score")
+        row(f"ppo_{name}_update_s", t_update, "s", f"{pcfg.ppo_epochs} epochs x minibatches of {pcfg.minibatch_size}")
+        row(f"ppo_{name}_iteration_s", t_rollout + t_update, "s", "rollout + update")
+    rt.fast_generation = False
+
+    # 4. reward-model and DPO steps: rows of prompt + answer, forward + backward + optimiser step
+    L = P + N
+    rows_idx = lambda n: torch.randint(0, cfg.vocab_size - 1, (n, L), device=rt.device)
+    rm = gpt(True).train()
+    rm_opt = common.configure_optimizer(rm, 1e-5, 0.0)
+    x, ones = rows_idx(cfg.rm_rows), torch.ones(cfg.rm_rows, L, device=rt.device)
+
+    def rm_step():
+        with rt.autocast():
+            loss = rm.score(x, ones).float().pow(2).mean()  # the shape of the ranking loss's work, not its value
+        loss.backward()
+        common.optimizer_step(rm, rm_opt, 1.0, rt, 0)
+    once(rm_step)
+    row("reward_steps_s", 1 / min(once(rm_step) for _ in range(cfg.repeats)), "steps/s", f"{cfg.rm_rows} x {L} rows")
+    target = torch.cat([torch.zeros(cfg.dpo_rows, P, device=rt.device), torch.ones(cfg.dpo_rows, N, device=rt.device)],
+                       1)
+    y, ones = rows_idx(cfg.dpo_rows), torch.ones(cfg.dpo_rows, L, device=rt.device)
+
+    def dpo_step():
+        with rt.autocast():
+            loss = -model.logprobs(y, ones, target).sum(1).mean()  # a DPO micro-batch's logprob work
+        loss.backward()
+        common.optimizer_step(model, optimizer, 1.0, rt, 0)
+    once(dpo_step)
+    row("dpo_steps_s", 1 / min(once(dpo_step) for _ in range(cfg.repeats)), "micro-batches/s",
+        f"{cfg.dpo_rows} x {L} rows (chosen + rejected)")
+
+    print(f"{'figure':28s} {'value':>12s}  unit")
+    for name, value, unit, note in rows:
+        print(f"{name:28s} {value:12.4g}  {unit}{'  (' + note + ')' if note else ''}")
+    print("generation over the no-cache path: " + ", ".join(f"{name} {report[f'generate_{name}_vs_nocache']:.2f}x"
+                                                           for name in ("cache", "static", "static_compiled")))
+    return report
+
+
 if __name__ == "__main__":
-    import common
     common.cli(main)
