@@ -4,6 +4,7 @@ recompile (dynamo's own counters), at 2 and at 12 layers; generation untouched b
 real kernels (tens of seconds: slow); the others trace with dynamo's eager backend (the graph-break and recompile
 logic is dynamo's, whatever the backend)."""
 import copy
+import inspect
 
 import pytest
 import torch
@@ -59,6 +60,17 @@ def dynamo_state():
                         graphs=counters["stats"]["unique_graphs"])
 
 
+# isolate_recompiles (torch >= 2.12) keeps the graphs of one code object apart; without it (torch 2.11) the second grad
+# mode, and a second return_entropy, are recompiles of the first graph: allowed there, and nothing else
+ISOLATED = "isolate_recompiles" in inspect.signature(torch.compile).parameters
+
+
+def only_expected_recompiles(recompiles):
+    if ISOLATED:
+        return recompiles == []
+    return all("grad_mode" in r or "return_entropy" in r for r in recompiles)
+
+
 def test_answer_start_is_the_first_column_with_a_target():
     for _, _, target in BATCHES:
         cols = [t for t in range(1, target.shape[1]) if target[:, t].any()]
@@ -93,16 +105,20 @@ def test_one_graph_per_grad_mode_no_break_no_recompile(n_layer):
                 assert torch.allclose(compiled(idx, attn, target), m.logprobs(idx, attn, target), atol=1e-5)
             compiled(idx, attn, target).sum().backward()
     s = state()
-    assert s["breaks"] == [] and s["recompiles"] == [] and s["graphs"] == 2, s
+    assert s["breaks"] == [] and only_expected_recompiles(s["recompiles"]) and s["graphs"] == 2, s
 
 
 @pytest.mark.slow  # inductor compiles C++ kernels: tens of seconds on a small CPU
-def test_inductor_logprobs_equal_eager_float32(monkeypatch):
+def test_inductor_logprobs_equal_eager_float32():
     """The inductor graphs against the eager model, float32, on padded batches of four shapes: logprobs to 1e-5
     (without and with gradients), the entropy to 1e-4 and the parameter gradients to 1e-4 of their scale; one graph
     per grad mode (and one for the entropy, a function of its own), no graph break, no recompile."""
     import torch._inductor.config
-    monkeypatch.setattr(torch._inductor.config, "compile_threads", 1)
+    with torch._inductor.config.patch(compile_threads=1):  # (monkeypatch's undo spoils the config on torch 2.11)
+        check_inductor_logprobs()
+
+
+def check_inductor_logprobs():
     m = tiny()
     ref = copy.deepcopy(m)
     compiled, compiled_entropy = CompiledLogprobs(m), CompiledLogprobs(m)
@@ -123,7 +139,7 @@ def test_inductor_logprobs_equal_eager_float32(monkeypatch):
         for (name, p), q in zip(m.named_parameters(), ref.parameters()):
             assert torch.allclose(p.grad, q.grad, atol=1e-4 * q.grad.abs().max().item()), name
     s = state()
-    assert s["breaks"] == [] and s["recompiles"] == [] and s["graphs"] == 3, s
+    assert s["breaks"] == [] and only_expected_recompiles(s["recompiles"]) and s["graphs"] == 3, s
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])

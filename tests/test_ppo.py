@@ -660,7 +660,9 @@ def test_rollout_takes_pi_old_from_the_updates_function():
     rm = GPT(GPTConfig(**cfg, scalar_head=True)).eval()
     rt = common.setup_runtime(types.SimpleNamespace(device="cpu", dtype="float32", seed=0))
     prompts = data.collate_prompts([dict(prompt=[5, 6, 7]), dict(prompt=[8])])
-    shifted = lambda idx, attn, target, temperature: policy.logprobs(idx, attn, target, temperature) + target
+    def shifted(idx, attn, target, temperature, return_entropy=False):
+        lp, entropy = policy.logprobs(idx, attn, target, temperature, return_entropy=True)
+        return (lp + target, entropy) if return_entropy else lp + target
     a = ppo.rollout(policy, reference, None, rm, prompts, rt, 6, 1.0, torch.Generator().manual_seed(0))
     b = ppo.rollout(policy, reference, None, rm, prompts, rt, 6, 1.0, torch.Generator().manual_seed(0), shifted)
     assert torch.equal(a.idx, b.idx)
