@@ -3,9 +3,9 @@ Checkpoints of every stage: one file per stage (out/<task>/sft.pt, rm.pt, ppo.pt
 shape (model_args, with its vocabulary n_tokens), its weights, the stage's config and which stage wrote it, plus
 whatever a stage adds to resume (optimiser, step, RNG states: save_training_state). Written atomically; loading one
 that is missing, damaged, of another stage or of another vocabulary is a one-line error naming the command that
-writes it. The training state lives here too: what a checkpoint of a run holds (save_training_state,
-restore_training_state, rng_state), when one is due (checkpoint_due) and what --resume=True continues from
-(resume_checkpoint, start_training).
+writes it; load_sft loads the SFT model that reward.py and dpo.py start from. The training state lives here too:
+what a checkpoint of a run holds (save_training_state, restore_training_state, rng_state), when one is due
+(checkpoint_due) and what --resume=True continues from (resume_checkpoint, start_training).
 """
 import importlib
 import os
@@ -93,6 +93,22 @@ def model_from_checkpoint(ckpt, scalar_head=None):
                         f"unexpected {unexpected[:3]}): it is damaged or of another version; "
                         f"`{STAGE_COMMANDS.get(stage, 'the stage that wrote it')}` writes it again")
     return model
+
+
+def load_sft(cfg, path="", dropout=None):
+    """(path, checkpoint dict) of the SFT model a stage starts from (reward.py, dpo.py): `path`, or <out_dir>/sft.pt
+    when it is "". dropout: None keeps the SFT model's, a number replaces it in model_args (dpo.py passes 0.0 so that
+    pi is deterministic and equals pi_ref at the start; reward.py's reward model trains with the SFT dropout).
+    Raises UserError for a missing or wrong file (load_checkpoint: of another stage, or of a vocabulary other than
+    cfg.vocab_size) or a cfg.block_size beyond its model's."""
+    path = path or os.path.join(cfg.out_dir, "sft.pt")
+    ckpt = load_checkpoint(path, stage="sft", vocab_size=cfg.vocab_size)
+    if dropout is not None:
+        ckpt["model_args"]["dropout"] = dropout
+    if cfg.block_size > ckpt["model_args"]["block_size"]:
+        raise UserError(f"--block_size={cfg.block_size} exceeds the block_size {ckpt['model_args']['block_size']} "
+                        f"of {path}")
+    return path, ckpt
 
 
 def make_missing_checkpoints(cfg, *stages):

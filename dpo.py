@@ -34,8 +34,8 @@ from tqdm import tqdm
 import common
 import data
 import evaluate
-from checkpoint import (
-    checkpoint_due, load_checkpoint, model_from_checkpoint, resume_checkpoint, save_training_state, start_training)
+from checkpoint import (checkpoint_due, load_checkpoint, load_sft, model_from_checkpoint, resume_checkpoint,
+                        save_training_state, start_training)
 from common import setting
 from speed import CompiledLogprobs
 
@@ -124,27 +124,28 @@ def precompute_logprobs(model, pairs, rt, batch_size=32, average=False):
     return chosen, rejected
 
 
-def reward_metrics(chosen_rewards, rejected_rewards):
+def implicit_reward_metrics(chosen_rewards, rejected_rewards):
     """Implicit-reward accuracy P(r_hat_w > r_hat_l) (a tie counts one half) and mean margin r_hat_w - r_hat_l."""
     return {"accuracy": evaluate.win_rate(chosen_rewards, rejected_rewards),
             "margin": (chosen_rewards - rejected_rewards).mean().item()}
 
 
-def pair_metrics(chosen_logps, rejected_logps, ref_chosen, ref_rejected, cfg):
-    """Mean loss, implicit-reward accuracy and margin of a policy whose logprobs of the pairs are given, and its
-    likelihood accuracy P(log pi(y_w|x) > log pi(y_l|x)): how often it prefers the chosen answer by itself."""
+def dpo_metrics(chosen_logps, rejected_logps, ref_chosen, ref_rejected, cfg):
+    """DPO's figures of a policy from its logprobs of the pairs (not a reward model's scores): mean dpo_loss,
+    implicit-reward accuracy and margin (implicit_reward_metrics), and its likelihood accuracy
+    P(log pi(y_w|x) > log pi(y_l|x)): how often it prefers the chosen answer by itself."""
     losses, cr, rr = dpo_loss(chosen_logps, rejected_logps, ref_chosen, ref_rejected, cfg.beta, cfg.loss_type,
                               cfg.label_smoothing)
-    return {"loss": losses.mean().item(), **reward_metrics(cr, rr),
+    return {"loss": losses.mean().item(), **implicit_reward_metrics(cr, rr),
             "likelihood_accuracy": evaluate.win_rate(chosen_logps, rejected_logps)}
 
 
 @torch.no_grad()
 def evaluate_pairs(policy, pairs, ref_chosen, ref_rejected, cfg, rt):
-    """pair_metrics of `policy` on `pairs` (reference logprobs given)."""
+    """dpo_metrics of `policy` on `pairs` (reference logprobs given)."""
     with common.eval_mode(policy):
         pc, pr = precompute_logprobs(policy, pairs, rt, cfg.eval_batch_size, cfg.loss_type == "ipo")
-    return pair_metrics(pc, pr, ref_chosen, ref_rejected, cfg)
+    return dpo_metrics(pc, pr, ref_chosen, ref_rejected, cfg)
 
 
 def batch_indices(step, micro, n, batch_size, grad_accum, seed):
@@ -159,18 +160,6 @@ def batch_indices(step, micro, n, batch_size, grad_accum, seed):
 
 
 # ----------------------------------------------------------------------------- training
-def load_sft(cfg):
-    """out/sft.pt's checkpoint, with dropout 0 (pi(.) is then deterministic and equals pi_ref at the start). Raises
-    UserError for a missing or wrong file, or a --block_size beyond its model's."""
-    sft_path = os.path.join(cfg.out_dir, "sft.pt")
-    sft_ckpt = load_checkpoint(sft_path, stage="sft", vocab_size=cfg.vocab_size)
-    sft_ckpt["model_args"]["dropout"] = 0.0
-    if cfg.block_size > sft_ckpt["model_args"]["block_size"]:
-        raise common.UserError(f"--block_size={cfg.block_size} exceeds the block_size "
-                               f"{sft_ckpt['model_args']['block_size']} of {sft_path}")
-    return sft_ckpt
-
-
 def load_pairs(cfg, rt, task):
     """(train, test) pairs: every pair of each ranking (imdb: the comparisons reward.py sampled and the judge ranked;
     hh: K = 2, its pairs), fixed random subsets of train_pairs and eval_pairs, train sharded over the DDP ranks."""
@@ -197,8 +186,11 @@ def reference_logprobs(sft_ckpt, train, test, cfg, rt):
 
 
 def accumulate_dpo_gradients(policy, train, ref_train, it, cfg, rt):
-    """Forward + backward of optimiser step `it` over its grad_accum micro-batches (batch_indices). Returns the step's
-    train figures (loss, implicit-reward accuracy and margin, rewards, logprobs), means over its micro-batches."""
+    """Forward + backward of optimiser step `it` over its grad_accum micro-batches (batch_indices). Each micro-batch's
+    mean loss over its pairs is scaled by 1 / grad_accum: per micro-batch, not per pair or token as in reward.py and
+    sft.py, because every micro-batch on every rank holds exactly batch_size pairs (batch_indices draws no partial
+    batch), so this is already the mean over every pair of the step. Returns the step's train figures (loss,
+    implicit-reward accuracy and margin, rewards, logprobs), means over its micro-batches."""
     step_means = {}
     for micro in range(cfg.grad_accum):
         ids = batch_indices(it, micro, len(train), cfg.batch_size, cfg.grad_accum, cfg.seed + rt.rank)
@@ -210,7 +202,7 @@ def accumulate_dpo_gradients(policy, train, ref_train, it, cfg, rt):
             cfg.label_smoothing)
         common.check_finite(it, loss=losses.mean())
         (losses.mean() / cfg.grad_accum).backward()
-        step_stats = {"loss": losses.mean().item(), **reward_metrics(chosen_rewards, rejected_rewards),
+        step_stats = {"loss": losses.mean().item(), **implicit_reward_metrics(chosen_rewards, rejected_rewards),
                       "rewards_chosen": chosen_rewards.mean().item(),
                       "rewards_rejected": rejected_rewards.mean().item(),
                       "logps_chosen": policy_chosen.mean().item(), "logps_rejected": policy_rejected.mean().item()}
@@ -227,7 +219,7 @@ def main(argv=None):
     ckpt, done = resume_checkpoint(cfg, path, "dpo", cfg.max_iters)
     if done:
         return common.cleanup(rt) or {}
-    sft_ckpt = load_sft(cfg)
+    _, sft_ckpt = load_sft(cfg, dropout=0.0)  # <out_dir>/sft.pt, dropout 0: pi is deterministic, pi = pi_ref at first
     task = data.load_task(cfg, verbose=rt.master)
     train, test = load_pairs(cfg, rt, task)
     ref_train, ref_test = reference_logprobs(sft_ckpt, train, test, cfg, rt)
@@ -273,7 +265,7 @@ def make_report(policy, test_pairs, ref_test, task, logger, cfg, rt):
     # before training the policy is the reference (the same weights, dropout 0): its logprobs of the test pairs are
     # ref_test, so every implicit reward is 0 (a tie: accuracy 0.5, margin 0); its likelihood accuracy is the SFT
     # policy's own preference for the chosen answers
-    before = pair_metrics(*ref_test, *ref_test, cfg)
+    before = dpo_metrics(*ref_test, *ref_test, cfg)
     final = evaluate_pairs(policy, test_pairs, *ref_test, cfg, rt)
     logger.log(cfg.max_iters - 1, **{f"test_{k}": v for k, v in final.items()})
     logger.plot()

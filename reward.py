@@ -30,7 +30,7 @@ import common
 import data
 import evaluate
 from evaluate import win_rate
-from checkpoint import (checkpoint_due, load_checkpoint, model_from_checkpoint, resume_checkpoint, save_training_state,
+from checkpoint import (checkpoint_due, load_sft, model_from_checkpoint, resume_checkpoint, save_training_state,
                         start_training)
 
 # ----------------------------------------------------------------------------- config
@@ -98,7 +98,8 @@ def accumulate_ranking_gradients(score, micro_batches, rt, K):
     """Forward + backward of one optimiser step over its micro-batches of rankings (already on rt.device). Each
     micro-batch's mean ranking_loss over its n_i prompts is scaled by n_i / N, N = the prompts of the whole step on
     all DDP ranks (times world_size, because all_reduce_grads then averages the ranks): the gradient is that of one
-    mean over every prompt of the step, so 1 micro-batch of 8 == 8 micro-batches of 1.
+    mean over every prompt of the step, so 1 micro-batch of 8 == 8 micro-batches of 1. Per prompt, not per token as
+    in sft.py: ranking_loss is a mean over prompts (each prompt's C(K,2) pairs), whatever the answers' lengths.
     Returns (loss, accuracy) of the step on this rank, floats; accuracy over the step's C(K,2) pairs per prompt."""
     counts = [b["idx"].shape[0] // K for b in micro_batches]
     total = common.all_reduce_mean(sum(counts), rt) * rt.world_size  # N
@@ -114,8 +115,9 @@ def accumulate_ranking_gradients(score, micro_batches, rt, K):
     return loss_sum / sum(counts), correct / sum(counts)
 
 
-def pair_metrics(chosen, rejected):
-    """Pairwise accuracy P(r_w > r_l) (a tie counts 1/2), mean margin r_w - r_l, and bt_loss of (N,) rewards."""
+def ranking_metrics(chosen, rejected):
+    """How well scores rank N pairs (the reward model's test figures): pairwise accuracy P(r_w > r_l) (a tie counts
+    1/2), mean margin r_w - r_l, and bt_loss, of (N,) rewards of the chosen / rejected answers."""
     return dict(accuracy=win_rate(chosen, rejected), margin=(chosen - rejected).mean().item(),
                 loss=bt_loss(chosen, rejected).item())
 
@@ -227,7 +229,7 @@ def longer_wins(examples):
     """A floor every reward model must beat: accuracy of "the longer response (in tokens) wins", tie = 1/2."""
     c = torch.tensor([len(e["chosen"]) for e in examples], dtype=torch.float32)
     r = torch.tensor([len(e["rejected"]) for e in examples], dtype=torch.float32)
-    return pair_metrics(c, r)["accuracy"]
+    return ranking_metrics(c, r)["accuracy"]
 
 
 def show_pairs(examples, chosen, rejected, n, vocab_size):
@@ -250,17 +252,6 @@ def check_own_folder(cfg):
                                  f"less data: give it a folder of its own, e.g. --out_dir=out/{cfg.task}/rm_biased "
                                  f"--sft_ckpt=out/{cfg.task}/sft.pt, so that out/{cfg.task}/rm.pt stays the default "
                                  f"(`python lab.py` does this for you)")
-
-
-def load_sft(cfg):
-    """(path, checkpoint) of the SFT trunk (sft_ckpt, or <out_dir>/sft.pt). Raises UserError for a missing or wrong
-    file, or a --block_size beyond its model's."""
-    sft_path = cfg.sft_ckpt or os.path.join(cfg.out_dir, "sft.pt")
-    sft_ckpt = load_checkpoint(sft_path, stage="sft", vocab_size=cfg.vocab_size)
-    if cfg.block_size > sft_ckpt["model_args"]["block_size"]:
-        raise common.UserError(f"--block_size={cfg.block_size} exceeds the block_size "
-                               f"{sft_ckpt['model_args']['block_size']} of {sft_path}")
-    return sft_path, sft_ckpt
 
 
 def load_comparisons(cfg, rt, task, sft_path, sft_ckpt):
@@ -294,10 +285,10 @@ def micro_batches(train, cfg, gen, rt):
 
 def evaluate_rankings(model, rankings, rt, cfg, step):
     """Score every answer of the test rankings and print the figures at `step`. Returns (metrics, rewards (P, K)):
-    pair_metrics over all their pairs, and gold_agreement where the pairs carry the judge's scores (imdb)."""
+    ranking_metrics over all their pairs, and gold_agreement where the pairs carry the judge's scores (imdb)."""
     rewards = torch.tensor(score_rankings(model, rankings, rt, cfg.eval_batch_size))  # (P, K)
     pairs, c, r = pair_scores(rankings, rewards)
-    m = pair_metrics(c, r)
+    m = ranking_metrics(c, r)
     if "gold_chosen" in pairs[0]:
         m.update(gold_agreement(pairs, c, r))
     print(f"\nstep {step}: test accuracy {m['accuracy']:.3f}, margin {m['margin']:+.3f}, loss {m['loss']:.4f}"
@@ -328,7 +319,7 @@ def main(argv=None):
     ckpt, done = resume_checkpoint(cfg, path, "rm", cfg.max_iters)
     if done:
         return common.cleanup(rt) or {}
-    sft_path, sft_ckpt = load_sft(cfg)
+    sft_path, sft_ckpt = load_sft(cfg, cfg.sft_ckpt)  # the trunk: --sft_ckpt, or <out_dir>/sft.pt
     task = data.load_task(cfg, verbose=rt.master)
     train, test = load_comparisons(cfg, rt, task, sft_path, sft_ckpt)
     K = len(train[0]["responses"])

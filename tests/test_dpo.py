@@ -94,6 +94,16 @@ def test_hinge_has_no_gradient_outside_the_margin():
     assert pc.grad.item() == 0.0  # h = 0.1 * (9 + 20) = 2.9 > 1
 
 
+def test_dpo_metrics_of_the_reference_itself_are_a_tie_and_log_2():
+    """dpo_metrics (DPO's figures from logprobs, not a reward model's): the reference scored against itself has every
+    implicit reward 0 (accuracy 1/2, margin 0, sigmoid loss log 2); its likelihood accuracy is its own preference."""
+    pc, pr = torch.tensor([-5.0, -9.0, -3.0, -4.0]), torch.tensor([-6.0, -8.0, -3.0, -7.0])  # chosen likelier 2, tie 1
+    cfg = SimpleNamespace(beta=0.1, loss_type="sigmoid", label_smoothing=0.0)
+    m = dpo.dpo_metrics(pc, pr, pc, pr, cfg)
+    assert m["accuracy"] == 0.5 and m["margin"] == 0.0 and m["loss"] == pytest.approx(math.log(2))
+    assert m["likelihood_accuracy"] == pytest.approx(2.5 / 4)
+
+
 def test_ipo_minimum_at_gap_one_over_two_beta():
     for beta in (0.1, 0.5, 2.0):
         gaps = torch.linspace(-10, 10, 20001, dtype=torch.float64)  # log-ratio gap (chosen - rejected), step 1e-3

@@ -222,6 +222,29 @@ def test_a_diverging_run_stops_naming_the_step_and_keeps_the_last_good_checkpoin
 
 
 # ----------------------------------------------------------------------------- one-line errors
+def test_reward_and_dpo_start_from_one_load_sft(tmp_path):
+    """checkpoint.load_sft is the SFT start of both reward.py and dpo.py: <out_dir>/sft.pt or the path given
+    (reward.py's --sft_ckpt); dropout=0.0 (dpo.py) replaces the SFT model's, None (reward.py) keeps it; a
+    --block_size beyond the model's is a UserError naming the file."""
+    import checkpoint
+    from types import SimpleNamespace
+    assert reward.load_sft is dpo.load_sft is checkpoint.load_sft
+    out = tmp_path / "out"
+    save_checkpoint(str(out / "sft.pt"), GPT(GPTConfig(block_size=64, n_layer=1, n_head=2, n_embd=32, dropout=0.1,
+                                                       **VOCAB)), dict(block_size=64), "sft")
+    cfg = SimpleNamespace(out_dir=str(out), vocab_size=8192, block_size=64)
+    path, ckpt = checkpoint.load_sft(cfg)
+    assert path == str(out / "sft.pt") and ckpt["model_args"]["dropout"] == 0.1
+    assert checkpoint.load_sft(cfg, dropout=0.0)[1]["model_args"]["dropout"] == 0.0
+    os.replace(out / "sft.pt", tmp_path / "trunk.pt")
+    assert checkpoint.load_sft(cfg, str(tmp_path / "trunk.pt"))[0] == str(tmp_path / "trunk.pt")
+    with pytest.raises(common.UserError, match=r"sft\.pt not found.*python sft\.py"):
+        checkpoint.load_sft(cfg)
+    with pytest.raises(common.UserError, match=r"--block_size=128 exceeds the block_size 64 of .*trunk\.pt"):
+        checkpoint.load_sft(SimpleNamespace(out_dir=str(out), vocab_size=8192, block_size=128),
+                            str(tmp_path / "trunk.pt"))
+
+
 def test_a_checkpoint_whose_weights_do_not_fit_is_one_line_and_exit_status_2(tmp_path, capsys):
     """model_from_checkpoint on a file whose weights do not fit its model_args (damaged, or of another version): a
     user's problem, so one line `error: ...` naming the stage and the command that writes it again, and status 2."""

@@ -104,6 +104,14 @@ def test_longer_wins_floor_by_hand():
     assert reward.longer_wins(ex) == pytest.approx((1 + 0 + 0.5) / 3)
 
 
+def test_ranking_metrics_by_hand():
+    """The reward model's test figures of scored pairs: accuracy (a tie 1/2), mean margin, mean bt_loss."""
+    c, r = torch.tensor([2.0, 0.0, 1.0]), torch.tensor([1.0, 1.0, 1.0])  # right, wrong, a tie
+    m = reward.ranking_metrics(c, r)
+    assert m["accuracy"] == pytest.approx(1.5 / 3) and m["margin"] == pytest.approx(0.0)
+    assert m["loss"] == pytest.approx(sum(math.log(1 + math.exp(-d)) for d in (1.0, -1.0, 0.0)) / 3)
+
+
 # ----------------------------------------------------------------------------- the model side
 def test_ranking_rewards_map_row_i_k_to_prompt_i_answer_k(hh_dir):
     rankings = fixture_rankings(hh_dir, 4)
