@@ -286,11 +286,10 @@ def gpu_bench(argv=()):
                                      f"--minibatch_size={min(B, ppo.cuda_config['minibatch_size'])}"],
                         cuda_overrides=ppo.cuda_config, verbose=False)
     reference, critic, reward_model = gpt().eval(), gpt(True).eval(), gpt(True).eval()
-    run = SimpleNamespace(policy=policy, critic=critic, logprobs=policy.logprobs,
+    run = SimpleNamespace(policy=policy, critic=critic, logprobs=policy.logprobs, gen=torch.Generator().manual_seed(0),
                           opt_policy=common.configure_optimizer(policy, 1e-5, 0.0),
                           opt_critic=common.configure_optimizer(critic, 1e-5, 0.0))
     prompts = dict(idx=prompt, attention_mask=mask)
-    gen = torch.Generator().manual_seed(0)
     for name in ("cache", "static"):
         rt.fast_generation = name == "static"
         sampler = torch.Generator(rt.device).manual_seed(0)
@@ -305,9 +304,9 @@ def gpu_bench(argv=()):
         rewards = ppo.per_token_rewards(batch.scores, batch.old_logprobs, batch.ref_logprobs, batch.response_mask,
                                         pcfg.beta)
         advantages, returns = ppo.compute_gae(rewards, batch.old_values, batch.response_mask, pcfg.gamma, pcfg.lam)
-        batch.advantages, batch.returns = ppo.whiten(advantages, batch.response_mask), returns
-        t_update = min(once(lambda: ppo.update(run, batch, pcfg.beta, pcfg, rt, gen, None, 0))
-                       for _ in range(cfg.repeats + 1))
+        advantages = ppo.whiten(advantages, batch.response_mask)
+        t_update = min(once(lambda: ppo.update(run, batch, advantages, returns, batch.old_values, pcfg.beta, pcfg,
+                                               rt, None, 0)) for _ in range(cfg.repeats + 1))
         row(f"ppo_{name}_generation_s", t_gen, "s", f"{B} answers x {N} tokens")
         row(f"ppo_{name}_scoring_s", t_rollout - t_gen, "s", "log pi_old, log pi_ref, V, the reward model's score")
         row(f"ppo_{name}_update_s", t_update, "s", f"{pcfg.ppo_epochs} epochs x minibatches of {pcfg.minibatch_size}")

@@ -310,15 +310,15 @@ def rollout(policy, reference, critic, reward_model, prompts, rt, max_new_tokens
                            old_values=values, scores=scores.float(), has_eos=s["has_eos"])
 
 
-def update(run, batch, beta, cfg, rt, gen, text, it):
+def update(run, batch, advantages, returns, old_values, beta, cfg, rt, text, it):
     """Step 5: ppo_epochs passes over shuffled minibatches of the rollout: the clipped policy loss (grpo: GRPO's
     loss, with its KL term) plus the ptx loss, and (gae) the (clipped) value loss, one optimiser step each per
     minibatch. run: what trains (policy, critic (None without one), opt_policy, opt_critic, and logprobs: the
-    function computing log pi_theta, policy.logprobs or its torch.compile); batch: rollout()'s namespace plus
-    advantages and returns (B, R) (returns None without a critic); text: the pretraining token stream for ptx; it:
-    the iteration (for error messages). Returns the mean of each loss / diagnostic over the minibatch steps."""
-    policy, critic, train_logprobs = run.policy, run.critic, run.logprobs
-    advantages, returns = batch.advantages, batch.returns
+    function computing log pi_theta, policy.logprobs or its torch.compile) and gen (the minibatch order, the ptx
+    windows); batch: rollout()'s namespace (read only); advantages, returns, old_values (B, R) (returns None
+    without a critic; old_values in the rewards' units); text: the pretraining token stream for ptx; it: the
+    iteration (for error messages). Returns the mean of each loss / diagnostic over the minibatch steps."""
+    policy, critic, train_logprobs, gen = run.policy, run.critic, run.logprobs, run.gen
     cliprange_value = cfg.cliprange_value if cfg.clip_value_loss else None
     P, stats = batch.P, defaultdict(list)
     for _ in range(cfg.ppo_epochs):
@@ -346,7 +346,7 @@ def update(run, batch, beta, cfg, rt, gen, text, it):
             if critic is not None:
                 with rt.autocast():
                     values = critic.scalar(idx, attn)[:, P - 1:-1]  # (b, R) V_t, the rollout's convention
-                    vf_loss, vf_clipfrac = value_loss(values, batch.old_values[mb], returns[mb], response_mask,
+                    vf_loss, vf_clipfrac = value_loss(values, old_values[mb], returns[mb], response_mask,
                                                       cliprange_value)
                 common.check_finite(it, value_loss=vf_loss)
                 vf_loss.backward()
@@ -362,39 +362,36 @@ def responses(batch):
     return [row[:int(n)] for row, n in zip(batch.idx[:, batch.P:].tolist(), batch.response_mask.sum(1).tolist())]
 
 
-def score_scale_from(batch, critic, cfg, rt, critic_scores=None):
-    """Ziegler et al. 2019: the reward normalised to std 1 on the initial policy's answers. Returns the std of the
-    first rollout's scores over every DDP rank (1 with normalize_scores off, or when every score is alike). The critic
-    and its targets share normalised units: the critic starts as the reward model, so its head (and this batch's
-    values) is divided by the std of the reward model's own scores, critic_scores (None: batch.scores; they differ
-    with --reward=gold, where the rewards are the judge's and the critic is still a copy of the reward model)."""
-    def std(scores, what):
-        s = common.global_std(scores, rt) if cfg.normalize_scores else 1.0
-        if not s > 1e-8:  # one answer, or all scored alike: dividing by it would make every reward inf or nan
-            if rt.master:
-                tqdm.write(f"warning: the first rollout's {what} have std {s:.3g}; not normalising them (scale 1)")
-            s = 1.0
-        return s
-    scale = std(batch.scores, "scores")
-    critic_scale = scale if critic_scores is None else std(critic_scores, "reward-model scores")
-    with torch.no_grad():
-        for p in (critic.scalar_head.parameters() if critic else ()):
-            p /= critic_scale
-    batch.old_values /= critic_scale
-    if rt.master:
-        tqdm.write(f"std of the SFT policy's scores {scale:.4f}: rewards use s / {scale:.4f}, the critic its own "
-                   f"scores / {critic_scale:.4f}")
-    return scale
+def score_scale(scores, cfg, rt, what="scores"):
+    """Ziegler et al. 2019: rewards normalised to std 1 on the initial policy's answers. Returns the std of `scores`
+    (B,), the first rollout's, over every DDP rank: 1 with normalize_scores off, or when every score is alike (one
+    answer, or a reward model that cannot tell them apart: dividing by 0 would make every reward inf or nan), with a
+    warning naming `what`."""
+    s = common.global_std(scores, rt) if cfg.normalize_scores else 1.0
+    if not s > 1e-8:
+        if rt.master:
+            tqdm.write(f"warning: the first rollout's {what} have std {s:.3g}; not normalising them (scale 1)")
+        s = 1.0
+    return s
 
 
-def rollout_metrics(batch, rewards, returns, beta, kl_estimator):
-    """The rollout's figures logged each iteration (see the module docstring), means over the batch."""
+@torch.no_grad()
+def rescale_critic(critic, scale):
+    """Put the critic in the rewards' normalised units: it starts as the reward model, so divide its head (weight and
+    bias) by `scale`, the std of the reward model's own scores on the first rollout. In place."""
+    for p in critic.scalar_head.parameters():
+        p /= scale
+
+
+def rollout_metrics(batch, scores, rewards, values, returns, beta, kl_estimator):
+    """The rollout's figures logged each iteration (see the module docstring), means over the batch: scores (B,) the
+    rewards' scores (the judge's with --reward=gold), values and returns (B, R) (returns None without a critic)."""
     kl = (kl_estimate(batch.old_logprobs, batch.ref_logprobs, kl_estimator) * batch.response_mask).sum(1)  # (B,)
-    metrics = dict(score=batch.scores.mean(), kl=kl.mean(), objective=rewards.sum(1).mean(), beta=beta,
+    metrics = dict(score=scores.mean(), kl=kl.mean(), objective=rewards.sum(1).mean(), beta=beta,
                    entropy=masked_mean(batch.entropy, batch.response_mask), length=batch.response_mask.sum(1).mean(),
                    eos_rate=batch.has_eos.mean())
     if returns is not None:  # a critic to judge
-        metrics["explained_var"] = explained_variance(batch.old_values, returns, batch.response_mask)
+        metrics["explained_var"] = explained_variance(values, returns, batch.response_mask)
     return metrics
 
 
@@ -453,46 +450,63 @@ def start_run(cfg, rt, prompts, ckpt):
 
 
 def iteration(run, it, beta, cfg, rt, task):
-    """Iteration `it` (steps 1-6 of the module docstring): rollout and score, rewards and advantages, the PPO update,
-    beta. Returns the iteration's figures, means over the DDP ranks."""
+    """Iteration `it`, steps 1-6 of the module docstring top to bottom. Returns the iteration's figures, means over
+    the DDP ranks. What it changes: the models and optimisers (step 5), beta (step 6), and at the first iteration
+    run.score_scale and the critic's head (step 2)."""
     lr_scale = common.lr_at(it, cfg.iterations, 1.0, 0) if cfg.decay_lr else 1.0
     common.set_lr(run.opt_policy, cfg.lr * lr_scale)
     if run.critic:
         common.set_lr(run.opt_critic, cfg.critic_lr * lr_scale)
+
+    # 1. rollout: k answers to each of batch_size train prompts from pi_old; log pi_old, log pi_ref, V_old per token
     t_rollout = time.time()
     train = task.prompts_train
     examples = [train[i] for i in torch.randperm(len(train), generator=run.gen)[:cfg.batch_size]
                 for _ in range(cfg.samples_per_prompt)]  # k samples of each prompt, consecutive
     batch = rollout(run.policy, run.reference, run.critic, run.reward_model, data.collate_prompts(examples), rt,
                     cfg.max_new_tokens, cfg.temperature, run.sampler, run.logprobs)
+    values = batch.old_values  # (B, R) V_old
+
+    # 2. score: s = r(x, y), the reward model's (--reward=gold: the judge's, what RL achieves with a perfect one)
     gold = data.gold_scores(task.judge, [e["prompt"] for e in examples], responses(batch),
                             cfg.vocab_size) if task.judge else None
-    proxy = None  # the reward model's scores, the critic's own units, where they are not the rewards
-    if cfg.reward == "gold":  # the truth as the reward: what RL achieves when the reward model is perfect
-        proxy, batch.scores = batch.scores, gold.to(rt.device)
-    if run.score_scale is None:  # the first rollout: the SFT policy's answers
-        run.score_scale = score_scale_from(batch, run.critic, cfg, rt, critic_scores=proxy)
+    scores = gold.to(rt.device) if cfg.reward == "gold" else batch.scores  # (B,)
+    if run.score_scale is None:  # the first rollout, the SFT policy's answers, sets the units of s once and for all
+        run.score_scale = score_scale(scores, cfg, rt)
+        critic_scale = score_scale(batch.scores, cfg, rt, "reward-model scores") if cfg.reward == "gold" else \
+            run.score_scale  # the critic is a copy of the reward model: its own scores' std
+        if run.critic:
+            rescale_critic(run.critic, critic_scale)
+        values = values / critic_scale  # this rollout's values came from the critic before its rescaling
+        if rt.master:
+            tqdm.write(f"std of the SFT policy's scores {run.score_scale:.4f}: rewards use s / {run.score_scale:.4f}, "
+                       f"the critic its own scores / {critic_scale:.4f}")
+    final_scores = penalised_scores(scores, batch.has_eos, run.score_scale, cfg.missing_eos_penalty)  # (B,)
 
-    final_scores = penalised_scores(batch.scores, batch.has_eos, run.score_scale, cfg.missing_eos_penalty)  # (B,)
+    # 3. per-token rewards: -beta * kl_t, plus the score on the last response token
     rewards = per_token_rewards(final_scores, batch.old_logprobs, batch.ref_logprobs, batch.response_mask, beta,
                                 cfg.kl_estimator)  # (B, R)
+
+    # 4. advantages: GAE on the critic's values (then whitened), or critic-free from the prompt's other answers
     if cfg.advantage_estimator == "gae":
-        advantages, returns = compute_gae(rewards, batch.old_values, batch.response_mask, cfg.gamma, cfg.lam)
+        advantages, returns = compute_gae(rewards, values, batch.response_mask, cfg.gamma, cfg.lam)
         if cfg.whiten_advantages:
             advantages = whiten(advantages, batch.response_mask)
-    else:  # critic-free: the baseline comes from the other samples of the same prompt
+    else:
         advantages, returns = critic_free_advantages(final_scores, rewards, batch.response_mask,
                                                      cfg.advantage_estimator, cfg.samples_per_prompt), None
 
+    # 5. update: ppo_epochs x shuffled minibatches of policy (+ ptx) and value steps
     t_update = time.time()
-    batch.advantages, batch.returns = advantages, returns
-    stats = update(run, batch, beta, cfg, rt, run.gen, task.text, it)
-    metrics = dict(rollout_metrics(batch, rewards, returns, beta, cfg.kl_estimator), lr=cfg.lr * lr_scale,
-                   rollout_s=t_update - t_rollout, update_s=time.time() - t_update, **stats)
+    stats = update(run, batch, advantages, returns, values, beta, cfg, rt, task.text, it)
+
+    # 6. log, and beta for the next iteration
+    metrics = dict(rollout_metrics(batch, scores, rewards, values, returns, beta, cfg.kl_estimator),
+                   lr=cfg.lr * lr_scale, rollout_s=t_update - t_rollout, update_s=time.time() - t_update, **stats)
     if gold is not None:  # the truth behind the proxy score: does the policy really get more positive?
         metrics["gold"] = gold.mean()
     metrics = {k: common.all_reduce_mean(v, rt) for k, v in metrics.items()}  # means over the ranks
-    if run.kl_ctl:  # 6. beta for the next iteration
+    if run.kl_ctl:
         run.kl_ctl.update(metrics["kl"], len(batch.idx) * rt.world_size)
     return metrics
 

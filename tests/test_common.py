@@ -112,7 +112,7 @@ def test_global_std_in_one_process_is_the_sample_std():
 def test_global_std_of_a_constant_is_zero():
     """Exactly 0 for float32 scores (what a rollout has), and no nan from 0 / 0 with one entry. The one-pass
     sum-of-squares form gave 4.9e-8 for seven scores of 3.3 and 1.4e-6 for 1000 of 123.456: a 'spread' that
-    ppo.score_scale_from would have divided every score by."""
+    ppo.score_scale would have divided every score by."""
     for n in (1, 2, 7, 64, 1000):
         for value in (3.0, 3.3, 0.1, -12.25, 123.456):
             assert global_std(torch.full((n,), value), _rt()) == 0.0, (n, value)

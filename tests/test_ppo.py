@@ -524,29 +524,32 @@ def test_the_critic_starts_in_the_units_of_its_targets(hh_dir, tmp_path, monkeyp
 
 def test_score_scale_falls_back_to_one_when_every_score_is_alike(capsys):
     """Scores all alike (one answer, or a reward model that cannot tell them apart): their std is 0, and dividing by
-    it would make every reward inf or nan; the scale is 1 instead, and the values and the critic are left as they
-    are. Otherwise the scale is the sample std, by hand."""
+    it would make every reward inf or nan; the scale is 1 instead, with a warning. Otherwise the scale is the sample
+    std, by hand; with normalize_scores off it is 1."""
     rt = common.setup_runtime(types.SimpleNamespace(device="cpu", dtype="float32", seed=0))
     cfg = types.SimpleNamespace(normalize_scores=True)
-    torch.manual_seed(0)
-    critic = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, scalar_head=True))
-    head = {k: v.clone() for k, v in critic.scalar_head.state_dict().items()}
     for scores in (torch.full((7,), 3.3), torch.full((1,), -0.4), torch.zeros(4)):
-        values = torch.randn(len(scores), 5)
-        batch = types.SimpleNamespace(scores=scores, old_values=values.clone())
-        assert ppo.score_scale_from(batch, None, cfg, rt) == 1.0
-        assert torch.equal(batch.old_values, values)
-        assert ppo.score_scale_from(types.SimpleNamespace(scores=scores, old_values=values.clone()), critic, cfg, rt) == 1.0
-        assert all(torch.equal(critic.scalar_head.state_dict()[k], v) for k, v in head.items())
+        assert ppo.score_scale(scores, cfg, rt) == 1.0
     assert "not normalising them (scale 1)" in capsys.readouterr().out
     scores = torch.tensor([1.0, 2.0, 4.0, 7.0])  # mean 3.5, squares about it 6.25 + 2.25 + 0.25 + 12.25 = 21
-    values = torch.randn(4, 5)
-    batch = types.SimpleNamespace(scores=scores, old_values=values.clone())
-    scale = ppo.score_scale_from(batch, None, cfg, rt)
-    assert scale == pytest.approx(math.sqrt(21 / 3))
-    torch.testing.assert_close(batch.old_values, values / math.sqrt(21 / 3))
-    off = types.SimpleNamespace(normalize_scores=False)
-    assert ppo.score_scale_from(types.SimpleNamespace(scores=scores, old_values=values.clone()), None, off, rt) == 1.0
+    assert ppo.score_scale(scores, cfg, rt) == pytest.approx(math.sqrt(21 / 3))
+    assert ppo.score_scale(scores, types.SimpleNamespace(normalize_scores=False), rt) == 1.0
+
+
+def test_rescale_critic_divides_its_head_and_nothing_else():
+    """The critic's values in the rewards' units: its head's weight and bias divided by the scale, so every value it
+    gives is divided by it (to float rounding); the trunk is left as it is."""
+    torch.manual_seed(0)
+    critic = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, scalar_head=True)).eval()
+    torch.nn.init.normal_(critic.scalar_head.bias)
+    before = {k: v.clone() for k, v in critic.state_dict().items()}
+    idx = torch.randint(0, 100, (2, 6))
+    values = critic.scalar(idx)
+    ppo.rescale_critic(critic, 4.0)
+    after = critic.state_dict()
+    for k, v in before.items():
+        assert torch.equal(after[k], v / 4.0 if k.startswith("scalar_head.") else v), k
+    torch.testing.assert_close(critic.scalar(idx), values / 4.0)
 
 
 @pytest.mark.parametrize("estimator", ["rloo", "grpo"])
@@ -597,23 +600,42 @@ def test_torchrun_two_cpu_processes(hh_dir, tmp_path):
     assert os.path.exists(os.path.join(out, "ppo.pt")) and "win rate of PPO over SFT" in res.stdout
 
 
-def test_the_critic_is_scaled_by_its_own_scores_when_the_reward_is_the_judge():
-    """--reward=gold: the rewards are the judge's, the critic a copy of the reward model. The rewards are divided by
-    the std of the judge's scores, the critic's head and values by the std of the reward model's own scores, so that
-    both start in normalised units (by hand: stds sqrt(21 / 3) and 2 sqrt(5 / 3))."""
+def test_the_critic_is_scaled_by_its_own_scores_when_the_reward_is_the_judge(monkeypatch):
+    """--reward=gold: the rewards are the judge's, the critic a copy of the reward model. In the first iteration the
+    rewards are divided by the std of the judge's scores, the critic's head and its values by the std of the reward
+    model's own scores, so that both start in normalised units (by hand: stds sqrt(21 / 3) and sqrt(20 / 3))."""
     rt = common.setup_runtime(types.SimpleNamespace(device="cpu", dtype="float32", seed=0))
-    cfg = types.SimpleNamespace(normalize_scores=True)
     torch.manual_seed(0)
     critic = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, scalar_head=True))
     weight = critic.scalar_head.weight.detach().clone()
     gold = torch.tensor([1.0, 2.0, 4.0, 7.0])  # std sqrt(21 / 3)
     proxy = torch.tensor([0.0, 2.0, 4.0, 6.0])  # mean 3, squares 9 + 1 + 1 + 9 = 20: std sqrt(20 / 3)
-    values = torch.randn(4, 5)
-    batch = types.SimpleNamespace(scores=gold, old_values=values.clone())
-    scale = ppo.score_scale_from(batch, critic, cfg, rt, critic_scores=proxy)
-    assert scale == pytest.approx(math.sqrt(21 / 3))
-    torch.testing.assert_close(batch.old_values, values / math.sqrt(20 / 3))
+    values, mask = torch.randn(4, 5), torch.ones(4, 5)
+    batch = types.SimpleNamespace(scores=proxy, old_values=values.clone(), has_eos=torch.ones(4), response_mask=mask,
+                                  old_logprobs=torch.zeros(4, 5), ref_logprobs=torch.zeros(4, 5), idx=torch.zeros(4, 7),
+                                  entropy=torch.zeros(4, 5))
+    seen = {}
+    monkeypatch.setattr(ppo, "rollout", lambda *a, **k: batch)
+    monkeypatch.setattr(ppo, "responses", lambda b: [[1]] * 4)
+    monkeypatch.setattr(ppo.data, "gold_scores", lambda *a: gold)
+    monkeypatch.setattr(ppo.data, "collate_prompts", lambda examples: None)
+
+    def update(run, batch, advantages, returns, old_values, *rest):
+        seen.update(returns=returns, old_values=old_values)
+        return {}
+    monkeypatch.setattr(ppo, "update", update)
+    cfg = common.parse_config(ppo.config, ["--device=cpu", "--reward=gold", "--batch_size=4", "--lam=1"], verbose=False)
+    run = types.SimpleNamespace(policy=None, reference=None, critic=critic, reward_model=None, logprobs=None,
+                                opt_policy=torch.optim.SGD([torch.zeros(1, requires_grad=True)]),
+                                opt_critic=torch.optim.SGD([torch.zeros(1, requires_grad=True)]),
+                                gen=torch.Generator().manual_seed(0), sampler=None, score_scale=None, kl_ctl=None)
+    task = types.SimpleNamespace(prompts_train=[dict(prompt=[1])] * 8, judge=object(), text=None)
+    ppo.iteration(run, 0, 0.0, cfg, rt, task)
+    assert run.score_scale == pytest.approx(math.sqrt(21 / 3))
+    torch.testing.assert_close(seen["old_values"], values / math.sqrt(20 / 3))
     torch.testing.assert_close(critic.scalar_head.weight.detach(), weight / math.sqrt(20 / 3))
+    # beta 0, gamma = lam = 1: the return of every token is the judge's score over its std, put on the last token
+    torch.testing.assert_close(seen["returns"][:, 0], gold / math.sqrt(21 / 3))
 
 
 def test_penalised_scores_of_a_batch_with_and_without_eos():
