@@ -69,7 +69,7 @@ def main(argv=None):
     cfg = parse_config(config, argv)
     rt = setup_runtime(cfg)
     model = GPT(GPTConfig(block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
-                          n_tokens=cfg.vocab_size, vocab_size=padded_vocab_size(cfg.vocab_size))).to(rt.device)
+                          n_tokens=cfg.vocab_size, padded_vocab_size=padded_vocab_size(cfg.vocab_size))).to(rt.device)
     tok_s = train_step_tokens_per_s(model, cfg, rt)
     model.eval()
     with torch.no_grad():
@@ -104,7 +104,7 @@ def measure(model, cfg, rt):
             s = timed(fn, cfg, cfg.repeats)
         report[f"forward_{name.split()[0]}_s"] = s
         print(f"forward B{B} x T{cfg.block_size}, {name}: {s * 1e3:8.1f} ms")
-    logits = torch.randn(B, model.config.vocab_size, device=rt.device)
+    logits = torch.randn(B, model.config.padded_vocab_size, device=rt.device)
     for name, fn in (("torch.multinomial ", lambda: torch.multinomial(F.softmax(logits, -1), 1)),
                      ("sample_from_logits", lambda: sample_from_logits(logits))):
         s = timed(fn, cfg, 20)
@@ -215,7 +215,7 @@ def gpu_bench(argv=()):
     cfg = parse_config(GPU_DRY_RUN, argv, cuda_overrides=GPU_SIZES, verbose=False)
     rt = setup_runtime(cfg)
     shape = dict(block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
-                 n_tokens=cfg.vocab_size, vocab_size=padded_vocab_size(cfg.vocab_size))
+                 n_tokens=cfg.vocab_size, padded_vocab_size=padded_vocab_size(cfg.vocab_size))
     gpt = lambda head=False: GPT(GPTConfig(**shape, scalar_head=head)).to(rt.device)
     B, P, N = cfg.batch_size, cfg.prompt_len, cfg.max_new_tokens
     rows, report = [], {}
@@ -263,8 +263,8 @@ def gpu_bench(argv=()):
     optimizer = common.configure_optimizer(model, 1e-4, 0.1)
     T = cfg.train_block_size
     idx = torch.randint(0, cfg.vocab_size - 1, (cfg.train_batch_size, T), device=rt.device)
-    batch = dict(idx=idx, attention_mask=torch.ones_like(idx, dtype=torch.float), loss_mask=torch.ones_like(idx,
-                 dtype=torch.float))
+    batch = dict(idx=idx, attention_mask=torch.ones_like(idx, dtype=torch.float),
+                 target_mask=torch.ones_like(idx, dtype=torch.float))
     peak, _ = sft.peak_flops(rt)
     flops = sft.flops_per_step(model, idx.numel(), cfg.train_batch_size * (T - 1), T)
     for name, trunk in (("eager", model.hidden_states),
@@ -327,13 +327,13 @@ def gpu_bench(argv=()):
         common.optimizer_step(rm, rm_opt, 1.0, rt, 0)
     once(rm_step)
     row("reward_steps_s", 1 / min(once(rm_step) for _ in range(cfg.repeats)), "steps/s", f"{cfg.rm_rows} x {L} rows")
-    target = torch.cat([torch.zeros(cfg.dpo_rows, P, device=rt.device), torch.ones(cfg.dpo_rows, N, device=rt.device)],
-                       1)
+    target_mask = torch.cat([torch.zeros(cfg.dpo_rows, P, device=rt.device),
+                             torch.ones(cfg.dpo_rows, N, device=rt.device)], 1)
     y, ones = rows_idx(cfg.dpo_rows), torch.ones(cfg.dpo_rows, L, device=rt.device)
 
     def dpo_step():
         with rt.autocast():
-            loss = -model.logprobs(y, ones, target).sum(1).mean()  # a DPO micro-batch's logprob work
+            loss = -model.logprobs(y, ones, target_mask).sum(1).mean()  # a DPO micro-batch's logprob work
         loss.backward()
         common.optimizer_step(model, optimizer, 1.0, rt, 0)
     once(dpo_step)

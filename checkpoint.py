@@ -75,11 +75,22 @@ def load_checkpoint(path, device="cpu", stage=None, vocab_size=None):
     return ckpt
 
 
+# model_args keys that GPTConfig has renamed since: old name -> current name. "vocab_size" was the embedding's
+# row count, now GPTConfig.padded_vocab_size (the setting --vocab_size is the real token count, model_args.n_tokens).
+RENAMED_MODEL_ARGS = {"vocab_size": "padded_vocab_size"}
+
+
+def model_args(ckpt):
+    """A copy of a checkpoint's model_args with GPTConfig's current field names: a checkpoint written before a
+    rename (RENAMED_MODEL_ARGS) loads as it did."""
+    return {RENAMED_MODEL_ARGS.get(k, k): v for k, v in ckpt["model_args"].items()}
+
+
 def model_from_checkpoint(ckpt, scalar_head=None):
     """Build the GPT of a checkpoint dict (on CPU, float32). scalar_head=True on a checkpoint without a
     head adds a freshly initialised one; False drops it; None keeps what the checkpoint has. Raises UserError
     when the weights do not fit the model_args (a damaged file, or one of another version)."""
-    args = dict(ckpt["model_args"])
+    args = model_args(ckpt)
     if scalar_head is not None:
         args["scalar_head"] = scalar_head
     model = GPT(GPTConfig(**args))

@@ -99,10 +99,10 @@ def pair_logprobs(model, batch, average=False):
     """Sequence logprobs of a data.collate_pairs batch (rows [:B] chosen, [B:] rejected): the sum over
     response tokens of log pi(y_t | x, y_<t), or their mean with average=True (for ipo).
     Returns (chosen (B,), rejected (B,)) float32; differentiable through model."""
-    mask = batch["loss_mask"]  # (2B, T)
-    logp = model.logprobs(batch["idx"], batch["attention_mask"], mask).sum(1)  # (2B,): 0 off the response
+    target_mask = batch["target_mask"]  # (2B, T)
+    logp = model.logprobs(batch["idx"], batch["attention_mask"], target_mask).sum(1)  # (2B,): 0 off the response
     if average:
-        logp = logp / mask.sum(1).clamp(min=1)
+        logp = logp / target_mask.sum(1).clamp(min=1)
     return logp.chunk(2)
 
 

@@ -87,12 +87,12 @@ def sample_and_score(policy, reference, reward_model, prompts, rt, batch_size=16
             with rt.autocast():
                 s = sample_answers(policy, prompt_idx, prompt_mask, max_new_tokens, temperature, gen,
                                    generate=generate_fn(policy, rt))
-            idx, mask, target = s["idx"], s["attention_mask"], s["target_mask"]  # (B, P+R) x3
+            idx, mask, target_mask = s["idx"], s["attention_mask"], s["target_mask"]  # (B, P+R) x3
             with rt.autocast():
                 if reference is not None:  # k1, summed over the response
-                    kl = policy.logprobs(idx, mask, target, temperature) - reference.logprobs(idx, mask, target,
-                                                                                              temperature)
-                    out["kl"].append((kl * target).sum(1).float().cpu())
+                    kl = (policy.logprobs(idx, mask, target_mask, temperature)
+                          - reference.logprobs(idx, mask, target_mask, temperature))  # (B, P+R)
+                    out["kl"].append((kl * target_mask).sum(1).float().cpu())
                 if reward_model is not None:
                     out["scores"].append(reward_model.score(idx, mask).float().cpu())  # (B,)
             lengths = s["response_mask"].sum(1).long()  # (B,) through the EOS

@@ -60,7 +60,7 @@ def from_pretrained(name_or_path, cache_dir="~/.cache/rlhf-gpt2", **overrides):
         if k == "wpe.weight":
             v = v[:n]  # a smaller block_size keeps the first positions
         if k == "wte.weight":
-            v = F.pad(v, (0, 0, 0, config.vocab_size - v.shape[0]))  # 50257 -> 50304 rows
+            v = F.pad(v, (0, 0, 0, config.padded_vocab_size - v.shape[0]))  # 50257 -> 50304 rows
         key = "transformer." + k
         if key not in ours or ours[key].shape != v.shape:
             raise UserError(f"{path}: weight {k} {tuple(v.shape)} does not fit this GPT "

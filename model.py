@@ -10,8 +10,8 @@ tied input/output embeddings, F.scaled_dot_product_attention) plus what RLHF nee
 This is the readable reference; the speed machinery (torch.compile of the logprobs, generation with a static cache
 replayed as a CUDA graph) is in speed.py, tested against it. It imports torch and nothing of the pipeline:
 checkpoints live in checkpoint.py, GPT-2 weights in gpt2.py.
-Conventions: masks are 0/1 with 1 on real tokens; a target mask is aligned to token positions,
-mask[:, t] = 1 meaning "token t is predicted from tokens < t".
+Conventions: masks are 0/1 with 1 on real tokens; a target_mask is aligned to token positions,
+target_mask[:, t] = 1 meaning "token t is predicted from tokens < t" (its logprob counts).
 """
 import math
 from dataclasses import dataclass
@@ -32,7 +32,7 @@ def padded_vocab_size(n_tokens):
 @dataclass
 class GPTConfig:
     block_size: int = 256
-    vocab_size: int = 50304  # rows of the embedding: n_tokens padded up to a multiple of 64 (50257 -> 50304)
+    padded_vocab_size: int = 50304  # rows of the embedding: n_tokens padded up to a multiple of 64 (50257 -> 50304)
     n_tokens: int = GPT2_TOKENS  # real tokens; <|endoftext|> is the last, n_tokens - 1; ids >= n_tokens are padding
     n_layer: int = 4
     n_head: int = 4
@@ -143,13 +143,13 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
             wpe=nn.Embedding(config.block_size, config.n_embd),
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
             ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
         ))
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying
         self.scalar_head = nn.Linear(config.n_embd, 1) if config.scalar_head else None
         self.apply(self._init_weights)
@@ -188,10 +188,10 @@ class GPT(nn.Module):
 
     def lm_logits(self, h):
         """Tied output head: h (..., C) -> logits (..., V) float32. The ids past the n_tokens real tokens
-        (vocab_size is padded to a multiple of 64 for speed) are not tokens: their logit is -1e9, so they are
+        (padded_vocab_size rows, a multiple of 64 for speed) are not tokens: their logit is -1e9, so they are
         never sampled and carry no probability (a finite value keeps 0 * log 0 = 0 in the entropy)."""
         logits = self.lm_head(h).float()
-        if self.config.n_tokens < self.config.vocab_size:
+        if self.config.n_tokens < self.config.padded_vocab_size:
             logits[..., self.config.n_tokens:] = -1e9
         return logits
 
@@ -267,7 +267,8 @@ class GPT(nn.Module):
         eos_token_id = self.eot_id if eos_token_id == "eot" else eos_token_id
         if max_new_tokens <= 0:  # nothing to generate: empty (B, 0) tokens and mask
             empty = idx.new_zeros(B, 0), torch.zeros(B, 0, device=idx.device)
-            return empty + (torch.zeros(B, 0, self.config.vocab_size, device=idx.device),) if return_logits else empty
+            no_logits = torch.zeros(B, 0, self.config.padded_vocab_size, device=idx.device)
+            return empty + (no_logits,) if return_logits else empty
         if L > self.config.block_size:
             raise ValueError(f"prompt length {P} + max_new_tokens {max_new_tokens} = {L} exceeds "
                              f"block_size {self.config.block_size}")

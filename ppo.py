@@ -119,12 +119,12 @@ def penalised_scores(scores, has_eos, scale, missing_eos_penalty):
 
 def ptx_loss(policy, text_batch, ptx_coef):
     """PPO-ptx (InstructGPT eq. 2, the gamma * E_{x ~ D_pretrain}[log pi(x)] term, negated to be minimised):
-        L_ptx = - ptx_coef * mean_t log pi(x_t | x_<t)     over the loss_mask tokens of pretraining text windows
-    text_batch: dict idx, attention_mask, loss_mask (b, T) (data.sample_text_batch: text that carries no
+        L_ptx = - ptx_coef * mean_t log pi(x_t | x_<t)     over the target_mask tokens of pretraining text windows
+    text_batch: dict idx, attention_mask, target_mask (b, T) (data.sample_text_batch: text that carries no
     preference). Returns a scalar with gradient into the policy."""
     # the windows have no padding: no attention mask, the causal fast path (flash attention on CUDA)
-    text_logprobs = policy.logprobs(text_batch["idx"], None, text_batch["loss_mask"])  # (b, T)
-    return -ptx_coef * masked_mean(text_logprobs, text_batch["loss_mask"])
+    text_logprobs = policy.logprobs(text_batch["idx"], None, text_batch["target_mask"])  # (b, T)
+    return -ptx_coef * masked_mean(text_logprobs, text_batch["target_mask"])
 
 
 def per_token_rewards(scores, logprobs, ref_logprobs, response_mask, beta, kind="k1"):
@@ -280,7 +280,8 @@ def rollout(policy, reference, critic, reward_model, prompts, rt, max_new_tokens
     eager mode; compiled, the no-grad and the grad graphs may differ by float rounding, ~1e-6). Answers are sampled
     with speed.generate_fn(policy, rt) (model.generate, or the static-cache generator). Returns a SimpleNamespace of
     aligned tensors on rt.device:
-      idx, attn, target  (B, P+R)  prompt + response tokens, their attention mask, 1 on the response tokens
+      idx, attn          (B, P+R)  prompt + response tokens, their attention mask
+      target_mask        (B, P+R)  1 on the response tokens: P zeros, then response_mask
       P                  int       the (padded) prompt width: response token t sits at position P + t
       response_mask      (B, R)    1 up to and including the first EOS, 0 after it
       old_logprobs       (B, R)    log pi_old(y_t | x, y_<t) at `temperature`
@@ -296,16 +297,16 @@ def rollout(policy, reference, critic, reward_model, prompts, rt, max_new_tokens
     with rt.autocast():
         s = sample_answers(policy, prompt_idx, prompt_mask, max_new_tokens, temperature, sampler,
                            generate=generate_fn(policy, rt))
-        idx, attn, target = s["idx"], s["attention_mask"], s["target_mask"]  # (B, P+R) x3
+        idx, attn, target_mask = s["idx"], s["attention_mask"], s["target_mask"]  # (B, P+R) x3
         response_mask = s["response_mask"]  # (B, R) 1 through the first EOS
         policy_logprobs = policy_logprobs or policy.logprobs  # the update's function: the first ratio is 1
-        logprobs, entropy = policy_logprobs(idx, attn, target, temperature, return_entropy=True)  # (B, P+R) x2
-        ref_logprobs = reference.logprobs(idx, attn, target, temperature)  # (B, P+R)
+        logprobs, entropy = policy_logprobs(idx, attn, target_mask, temperature, return_entropy=True)  # (B, P+R) x2
+        ref_logprobs = reference.logprobs(idx, attn, target_mask, temperature)  # (B, P+R)
         values = torch.zeros_like(response_mask)  # (B, R) V_t, 0 without a critic (rloo, grpo)
         if critic:
             values = critic.scalar(idx, attn)[:, P - 1:-1] * response_mask
         scores = reward_model.score(idx, attn)  # (B,) r(x, y) at the last real token
-    return SimpleNamespace(idx=idx, attn=attn, target=target, P=P, response_mask=response_mask,
+    return SimpleNamespace(idx=idx, attn=attn, target_mask=target_mask, P=P, response_mask=response_mask,
                            old_logprobs=logprobs[:, P:], ref_logprobs=ref_logprobs[:, P:], entropy=entropy[:, P:],
                            old_values=values, scores=scores.float(), has_eos=s["has_eos"])
 
@@ -325,7 +326,7 @@ def update(run, batch, advantages, returns, old_values, beta, cfg, rt, text, it)
         for mb in torch.randperm(len(batch.idx), generator=gen).to(rt.device).split(cfg.minibatch_size):
             response_mask, idx, attn = batch.response_mask[mb], batch.idx[mb], batch.attn[mb]  # (b, R), (b, P+R) x2
             with rt.autocast():
-                logprobs = train_logprobs(idx, attn, batch.target[mb], cfg.temperature)[:, P:]  # (b, R)
+                logprobs = train_logprobs(idx, attn, batch.target_mask[mb], cfg.temperature)[:, P:]  # (b, R)
                 if cfg.advantage_estimator == "grpo":  # the KL to the reference is a loss term, not a reward
                     pg_loss, pg_clipfrac = grpo_loss(logprobs, batch.old_logprobs[mb], batch.ref_logprobs[mb],
                                                      advantages[mb], response_mask, cfg.cliprange, beta)

@@ -80,7 +80,7 @@ def sft_loss(logits, targets, mask):
     Args:
         logits: (..., V) float, ALREADY ALIGNED with the targets: logits[..., i, :] is the distribution
             that predicts targets[..., i] (for a (B, T) batch pass logits[:, :-1], idx[:, 1:] and
-            loss_mask[:, 1:]). Any leading shape works, so a training loop may pass only the rows it
+            target_mask[:, 1:]). Any leading shape works, so a training loop may pass only the rows it
             needs, e.g. (N, V) logits of the N target positions with mask = ones(N): computing the full
             (B, T, V) logits is the main CPU cost.
         targets: (...) long token ids; read only where mask is 1 (pads may be any id).
@@ -95,12 +95,12 @@ def sft_loss(logits, targets, mask):
 
 
 def target_loss(model, batch, trunk=None, causal=False):
-    """sft_loss of a collated batch (idx, attention_mask, loss_mask (B, T)), logits only at the targets.
+    """sft_loss of a collated batch (idx, attention_mask, target_mask (B, T)), logits only at the targets.
     trunk: model.hidden_states or a compiled version of it. causal=True: the batch has no padding (pretraining
     windows), so no attention mask is passed and attention takes the causal fast path (flash attention on CUDA; the
     same numbers on the CPU). Returns (loss, number of targets)."""
     trunk = trunk or model.hidden_states
-    idx, mask = batch["idx"], batch["loss_mask"][:, 1:]            # mask[:, t-1]: token t is a target
+    idx, mask = batch["idx"], batch["target_mask"][:, 1:]            # mask[:, t-1]: token t is a target
     h = trunk(idx, None if causal else batch["attention_mask"])[:, :-1]  # (B, T-1, C): h[:, t-1] predicts token t
     sel = mask.bool()                                               # (B, T-1)
     logits = model.lm_logits(h[sel])                                # (N, V) only the N target positions
@@ -115,7 +115,7 @@ def accumulate_sft_gradients(model, micro_batches, rt, trunk=None, causal=False)
     micro-batch of 8 examples and 8 micro-batches of 1 give the same gradient.
     causal: the micro-batches have no padding (target_loss). Returns the step's loss on this rank (float, nats per
     target token), read from the device once, after every backward is queued."""
-    counts = [b["loss_mask"][:, 1:].sum() for b in micro_batches]
+    counts = [b["target_mask"][:, 1:].sum() for b in micro_batches]
     total = common.all_reduce_mean(sum(counts), rt) * rt.world_size  # N, target tokens of the whole step
     step_loss = 0.0
     for b, n in zip(micro_batches, counts):
@@ -131,7 +131,7 @@ def flops_per_step(model, n_tokens, n_targets, T):
     weight per token plus 12 L T C per token for attention. The tied output layer (C x V weights) only
     runs on the n_targets positions whose logits are computed; the other weights on every token."""
     c = model.config
-    n_out = c.n_embd * c.vocab_size                                  # lm_head = wte, tied
+    n_out = c.n_embd * c.padded_vocab_size                           # lm_head = wte, tied
     n_body = model.num_params() - n_out - c.block_size * c.n_embd    # position table: a lookup, no FLOPs
     n_body -= model.scalar_head.weight.numel() if model.scalar_head is not None else 0
     return 6 * n_body * n_tokens + 12 * c.n_layer * T * c.n_embd * n_tokens + 6 * n_out * n_targets
@@ -196,7 +196,7 @@ def build_model(cfg, ckpt=None):
     if cfg.init_from == "scratch":
         model = GPT(GPTConfig(block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
                               dropout=cfg.dropout, n_tokens=cfg.vocab_size,
-                              vocab_size=padded_vocab_size(cfg.vocab_size)))
+                              padded_vocab_size=padded_vocab_size(cfg.vocab_size)))
         return model, pretrain_steps(cfg)
     if cfg.vocab_size != data.GPT2_VOCAB:
         raise common.UserError(f"--init_from={cfg.init_from} needs GPT-2's whole vocabulary: pass "
@@ -282,7 +282,8 @@ def main(argv=None):
         if step not in (first_step, n_pretrain):  # a phase's first step (warm-up, compilation) is not timed
             speed["tokens"], speed["seconds"] = speed["tokens"] + n_tok, speed["seconds"] + dt
             speed["flops"] += rt.world_size * sum(flops_per_step(model, b["attention_mask"].sum().item(),
-                                                                 b["loss_mask"][:, 1:].sum().item(), b["idx"].shape[1])
+                                                                 b["target_mask"][:, 1:].sum().item(),
+                                                                 b["idx"].shape[1])
                                                   for b in micro)
         losses[phase].append(loss)
         bar.set_postfix(phase=phase, loss=f"{loss:.3f}", tok_s=f"{n_tok / dt:.0f}")

@@ -11,7 +11,8 @@ cut vocabulary costs only length (3,000 IMDb reviews: V = 8,192 gives 1.18x the 
 (Eldan and Li 2023) kept the top 10k tokens of its tokenizer for the same reason. V = 50,257 is GPT-2's own,
 which GPT-2 weights (--init_from=gpt2) need.
 
-Batches: masks are float32 0/1 aligned to token positions; mask[:, t] = 1 means token t is a target.
+Batches: masks are float32 0/1 aligned to token positions; target_mask[:, t] = 1 means token t is a target (its
+logprob / loss counts).
 """
 from functools import lru_cache
 
@@ -82,27 +83,27 @@ def _pad(rows, pad_id, left=False):
 def _response_batch(prompts, responses, pad_id):
     """Right-padded prompt+response rows and a target mask that is 1 on the response tokens."""
     idx, attention_mask = _pad([p + r for p, r in zip(prompts, responses)], pad_id)
-    target = torch.zeros_like(attention_mask)
+    target_mask = torch.zeros_like(attention_mask)
     for i, (p, r) in enumerate(zip(prompts, responses)):
-        target[i, max(len(p), 1):len(p) + len(r)] = 1.0  # token 0 is never a target
-    return idx, attention_mask, target
+        target_mask[i, max(len(p), 1):len(p) + len(r)] = 1.0  # token 0 is never a target
+    return idx, attention_mask, target_mask
 
 
 def collate_sft(examples, pad_id=PAD_ID):
     """SFT batch of prompt + chosen, right-padded. Returns dict idx (B, T) long, attention_mask (B, T)
-    float32 (1 on real tokens), loss_mask (B, T) float32 (1 on chosen-response tokens: targets)."""
-    idx, am, lm = _response_batch([e["prompt"] for e in examples], [e["chosen"] for e in examples], pad_id)
-    return dict(idx=idx, attention_mask=am, loss_mask=lm)
+    float32 (1 on real tokens), target_mask (B, T) float32 (1 on chosen-response tokens: targets)."""
+    idx, am, target_mask = _response_batch([e["prompt"] for e in examples], [e["chosen"] for e in examples], pad_id)
+    return dict(idx=idx, attention_mask=am, target_mask=target_mask)
 
 
 def collate_pairs(examples, pad_id=PAD_ID):
     """Preference batch: rows [:B] prompt + chosen, rows [B:] prompt + rejected, right-padded to one T.
-    Returns dict idx (2B, T) long, attention_mask (2B, T) float32, loss_mask (2B, T) float32 (1 on the
+    Returns dict idx (2B, T) long, attention_mask (2B, T) float32, target_mask (2B, T) float32 (1 on the
     responses: the targets)."""
     prompts = [e["prompt"] for e in examples] * 2
     responses = [e["chosen"] for e in examples] + [e["rejected"] for e in examples]
-    idx, am, lm = _response_batch(prompts, responses, pad_id)
-    return dict(idx=idx, attention_mask=am, loss_mask=lm)
+    idx, am, target_mask = _response_batch(prompts, responses, pad_id)
+    return dict(idx=idx, attention_mask=am, target_mask=target_mask)
 
 
 def collate_prompts(examples, pad_id=PAD_ID):
@@ -113,16 +114,16 @@ def collate_prompts(examples, pad_id=PAD_ID):
 
 def sample_text_batch(stream, batch_size, block_size, generator=None):
     """batch_size random contiguous windows of block_size tokens of stream (N,) (nanoGPT's get_batch).
-    Returns dict idx (B, block_size) long, attention_mask (B, block_size) float32 (all 1), loss_mask
+    Returns dict idx (B, block_size) long, attention_mask (B, block_size) float32 (all 1), target_mask
     (B, block_size) float32 (1 everywhere but token 0, which has no context). Raises UserError if
     the stream is shorter than block_size."""
     if len(stream) < block_size:
         raise UserError(f"text stream has {len(stream)} tokens, fewer than block_size {block_size}")
     ix = torch.randint(len(stream) - block_size + 1, (batch_size,), generator=generator)  # (B,)
     idx = stream[ix[:, None] + torch.arange(block_size)]  # (B, T)
-    loss_mask = torch.ones(batch_size, block_size)
-    loss_mask[:, 0] = 0.0
-    return dict(idx=idx, attention_mask=torch.ones(batch_size, block_size), loss_mask=loss_mask)
+    target_mask = torch.ones(batch_size, block_size)
+    target_mask[:, 0] = 0.0
+    return dict(idx=idx, attention_mask=torch.ones(batch_size, block_size), target_mask=target_mask)
 
 
 
@@ -130,11 +131,11 @@ def sample_text_batch(stream, batch_size, block_size, generator=None):
 def collate_rankings(examples, pad_id=PAD_ID):
     """K-wise comparison batch (InstructGPT section 3.5): P examples with a "prompt" and K "responses" (the same K
     for all, best first) -> P * K rows, example i's response k at row i * K + k, each response forwarded once.
-    Returns dict idx (P*K, T) long, attention_mask (P*K, T) float32, loss_mask (P*K, T) float32 (1 on the
+    Returns dict idx (P*K, T) long, attention_mask (P*K, T) float32, target_mask (P*K, T) float32 (1 on the
     responses: the targets)."""
     K = len(examples[0]["responses"])
     if any(len(e["responses"]) != K for e in examples):
         raise ValueError("collate_rankings needs the same number of responses in every example")
     prompts = [e["prompt"] for e in examples for _ in range(K)]
-    idx, am, lm = _response_batch(prompts, [r for e in examples for r in e["responses"]], pad_id)
-    return dict(idx=idx, attention_mask=am, loss_mask=lm)
+    idx, am, target_mask = _response_batch(prompts, [r for e in examples for r in e["responses"]], pad_id)
+    return dict(idx=idx, attention_mask=am, target_mask=target_mask)

@@ -17,7 +17,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.
 
 def tiny(n_layer=2, seed=0):
     torch.manual_seed(seed)
-    return GPT(GPTConfig(n_layer=n_layer, n_head=2, n_embd=32, block_size=64, n_tokens=500, vocab_size=512)).eval()
+    return GPT(GPTConfig(n_layer=n_layer, n_head=2, n_embd=32, block_size=64, n_tokens=500,
+                         padded_vocab_size=512)).eval()
 
 
 def ppo_batch(B, P, R, seed):
@@ -72,9 +73,9 @@ def only_expected_recompiles(recompiles):
 
 
 def test_answer_start_is_the_first_column_with_a_target():
-    for _, _, target in BATCHES:
-        cols = [t for t in range(1, target.shape[1]) if target[:, t].any()]
-        assert answer_start(target) == cols[0]
+    for _, _, target_mask in BATCHES:
+        cols = [t for t in range(1, target_mask.shape[1]) if target_mask[:, t].any()]
+        assert answer_start(target_mask) == cols[0]
     assert answer_start(torch.zeros(2, 5)) == 1  # no target: the whole row
 
 
@@ -82,13 +83,13 @@ def test_answer_logprobs_equal_logprobs_on_the_answer_slice():
     """The fixed-shape form (eager here) against logprobs: the same values and entropies on [first, T), and 0 where
     there is no target; the padded result of the wrapper is logprobs everywhere."""
     m = tiny()
-    for idx, attn, target in BATCHES:
-        first = answer_start(target)
-        lp, ent = m.logprobs(idx, attn, target, 0.8, return_entropy=True)  # (B, T)
-        alp, aent = answer_logprobs(m, idx, attn, target[:, first:], 0.8, return_entropy=True)  # (B, W)
+    for idx, attn, target_mask in BATCHES:
+        first = answer_start(target_mask)
+        lp, ent = m.logprobs(idx, attn, target_mask, 0.8, return_entropy=True)  # (B, T)
+        alp, aent = answer_logprobs(m, idx, attn, target_mask[:, first:], 0.8, return_entropy=True)  # (B, W)
         assert alp.shape == (idx.shape[0], idx.shape[1] - first)
         assert torch.allclose(alp, lp[:, first:], atol=1e-6) and torch.allclose(aent, ent[:, first:], atol=1e-5)
-        assert torch.all(alp[target[:, first:] == 0] == 0) and torch.all(lp[:, :first] == 0)
+        assert torch.all(alp[target_mask[:, first:] == 0] == 0) and torch.all(lp[:, :first] == 0)
 
 
 @pytest.mark.parametrize("n_layer", [2, 12])  # 12: GPT-2 small's depth, past dynamo's recompile_limit of 8
@@ -100,10 +101,10 @@ def test_one_graph_per_grad_mode_no_break_no_recompile(n_layer):
     compiled = CompiledLogprobs(m, backend="eager")
     state = dynamo_state()
     for _ in range(2):  # a second pass over the shapes: steady state
-        for idx, attn, target in BATCHES:
+        for idx, attn, target_mask in BATCHES:
             with torch.no_grad():
-                assert torch.allclose(compiled(idx, attn, target), m.logprobs(idx, attn, target), atol=1e-5)
-            compiled(idx, attn, target).sum().backward()
+                assert torch.allclose(compiled(idx, attn, target_mask), m.logprobs(idx, attn, target_mask), atol=1e-5)
+            compiled(idx, attn, target_mask).sum().backward()
     s = state()
     assert s["breaks"] == [] and only_expected_recompiles(s["recompiles"]) and s["graphs"] == 2, s
 
@@ -123,16 +124,17 @@ def check_inductor_logprobs():
     ref = copy.deepcopy(m)
     compiled, compiled_entropy = CompiledLogprobs(m), CompiledLogprobs(m)
     state = dynamo_state()
-    for i, (idx, attn, target) in enumerate(BATCHES):
+    for i, (idx, attn, target_mask) in enumerate(BATCHES):
         with torch.no_grad():
-            assert torch.allclose(compiled(idx, attn, target, 0.8), ref.logprobs(idx, attn, target, 0.8), atol=1e-5)
-            lp, ent = compiled_entropy(idx, attn, target, 0.8, return_entropy=True)
-            ref_lp, ref_ent = ref.logprobs(idx, attn, target, 0.8, return_entropy=True)
+            assert torch.allclose(compiled(idx, attn, target_mask, 0.8), ref.logprobs(idx, attn, target_mask, 0.8),
+                                  atol=1e-5)
+            lp, ent = compiled_entropy(idx, attn, target_mask, 0.8, return_entropy=True)
+            ref_lp, ref_ent = ref.logprobs(idx, attn, target_mask, 0.8, return_entropy=True)
             assert torch.allclose(lp, ref_lp, atol=1e-5) and torch.allclose(ent, ref_ent, atol=1e-4)
         w = torch.randn(idx.shape, generator=torch.Generator().manual_seed(i))
         m.zero_grad()
         ref.zero_grad()
-        lp, ref_lp = compiled(idx, attn, target, 0.8), ref.logprobs(idx, attn, target, 0.8)
+        lp, ref_lp = compiled(idx, attn, target_mask, 0.8), ref.logprobs(idx, attn, target_mask, 0.8)
         assert torch.allclose(lp, ref_lp, atol=1e-5)
         (lp * w).sum().backward()
         (ref_lp * w).sum().backward()
@@ -150,10 +152,10 @@ def test_generation_with_the_kv_cache_is_the_eager_one(temperature):
     policy = tiny()
     twin = copy.deepcopy(policy)
     policy.logprobs = CompiledLogprobs(policy, backend="eager")
-    idx, attn, target = BATCHES[0]
+    idx, attn, target_mask = BATCHES[0]
     state = dynamo_state()
     with torch.no_grad():
-        policy.logprobs(idx, attn, target)  # the compiled region exists and is warm
+        policy.logprobs(idx, attn, target_mask)  # the compiled region exists and is warm
     before = state()["graphs"]
     prompt, prompt_mask = idx[:, :9], attn[:, :9]
     tokens = [m.generate(prompt, prompt_mask, 12, temperature, generator=torch.Generator().manual_seed(5))[0]

@@ -231,14 +231,14 @@ def check_rows(idx, attention_mask, target_mask, prompts, responses):
 
 def test_collate_sft():
     b = data.collate_sft(EXAMPLES, pad_id=PAD)
-    check_rows(b["idx"], b["attention_mask"], b["loss_mask"],
+    check_rows(b["idx"], b["attention_mask"], b["target_mask"],
                [e["prompt"] for e in EXAMPLES], [e["chosen"] for e in EXAMPLES])
 
 
 def test_collate_pairs():
     b = data.collate_pairs(EXAMPLES, pad_id=PAD)
     assert b["idx"].shape[0] == 2 * len(EXAMPLES)
-    check_rows(b["idx"], b["attention_mask"], b["loss_mask"], [e["prompt"] for e in EXAMPLES] * 2,
+    check_rows(b["idx"], b["attention_mask"], b["target_mask"], [e["prompt"] for e in EXAMPLES] * 2,
                [e["chosen"] for e in EXAMPLES] + [e["rejected"] for e in EXAMPLES])
 
 
@@ -360,10 +360,11 @@ def test_the_hh_task_gives_each_pair_as_a_ranking_of_two(hh_dir, tmp_path, monke
 def test_sample_text_batch_windows_are_slices():
     stream = torch.randint(0, 50, (300,), generator=torch.Generator().manual_seed(0))
     b = data.sample_text_batch(stream, 8, 16, generator=torch.Generator().manual_seed(1))
-    assert b["idx"].shape == b["attention_mask"].shape == b["loss_mask"].shape == (8, 16)
+    assert b["idx"].shape == b["attention_mask"].shape == b["target_mask"].shape == (8, 16)
     windows = [stream[s:s + 16].tolist() for s in range(300 - 16 + 1)]
     assert all(row in windows for row in b["idx"].tolist())
-    assert b["attention_mask"].eq(1).all() and b["loss_mask"][:, 0].eq(0).all() and b["loss_mask"][:, 1:].eq(1).all()
+    assert b["attention_mask"].eq(1).all()
+    assert b["target_mask"][:, 0].eq(0).all() and b["target_mask"][:, 1:].eq(1).all()
     again = data.sample_text_batch(stream, 8, 16, generator=torch.Generator().manual_seed(1))
     assert torch.equal(again["idx"], b["idx"])
     whole = data.sample_text_batch(stream[:16], 2, 16)  # exactly one window fits

@@ -146,7 +146,7 @@ def test_load_imdb_prompts_and_stream(root, V):
     assert stream.max().item() == EOT and all(e["prompt"] and max(e["prompt"]) < EOT for e in d["train_prompts"])
     # the collate functions accept the examples
     assert data.collate_prompts(d["test_prompts"])["idx"].shape[0] == 2
-    assert data.collate_sft(d["sft_train"])["loss_mask"].sum().item() == sum(len(e["chosen"]) for e in d["sft_train"])
+    assert data.collate_sft(d["sft_train"])["target_mask"].sum().item() == sum(len(e["chosen"]) for e in d["sft_train"])
     assert data.sample_text_batch(stream, 3, 8)["idx"].shape == (3, 8)
 
 

@@ -105,7 +105,7 @@ def test_kv_cache_is_preallocated():
 
 
 def test_eos_stops_rows_and_ends_the_mask():
-    m = tiny(seed=1, vocab_size=8)  # small vocabulary: EOS (token 3) comes up often when sampling
+    m = tiny(seed=1, padded_vocab_size=8)  # small vocabulary: EOS (token 3) comes up often when sampling
     idx, mask = left_pad([torch.tensor([1, 2, 5]), torch.tensor([4]), torch.tensor([0, 6]), torch.tensor([7, 7])], 0)
     N, eos = 40, 3
     g = lambda: torch.Generator().manual_seed(0)
@@ -142,16 +142,16 @@ def test_last_token_index_and_scalar_read_out():
 def test_logprobs_and_entropy_brute_force():
     m = tiny()
     idx, mask = left_pad(ROWS, 0)
-    target = mask * (torch.rand(mask.shape, generator=torch.Generator().manual_seed(1)) < 0.6)
-    target[:, 0] = 0
+    target_mask = mask * (torch.rand(mask.shape, generator=torch.Generator().manual_seed(1)) < 0.6)
+    target_mask[:, 0] = 0
     rows = []
     m.lm_head.register_forward_hook(lambda mod, inp, out: rows.append(inp[0].shape[0]))
-    lp, ent = m.logprobs(idx, mask, target, temperature=0.7, return_entropy=True)
-    assert rows == [int(target.sum())]  # logits only where a target is
+    lp, ent = m.logprobs(idx, mask, target_mask, temperature=0.7, return_entropy=True)
+    assert rows == [int(target_mask.sum())]  # logits only where a target is
     logits = m(idx, mask) / 0.7  # (B, T, V)
     for b in range(3):
         for t in range(idx.shape[1]):
-            if target[b, t]:
+            if target_mask[b, t]:
                 logp = F.log_softmax(logits[b, t - 1], -1)
                 assert torch.allclose(lp[b, t], logp[idx[b, t]], atol=1e-5)
                 assert torch.allclose(ent[b, t], -(logp.exp() * logp).sum(), atol=1e-4)
@@ -255,6 +255,23 @@ def test_checkpoint_round_trip(tmp_path):
     assert missing in str(e.value) and "python sft.py" in str(e.value)
 
 
+def test_a_checkpoint_written_before_the_padded_vocab_size_rename_loads_as_it_did(tmp_path):
+    """Checkpoints written before GPTConfig.vocab_size was renamed padded_vocab_size hold "vocab_size" (the
+    embedding's rows) in model_args: they load into the same model, with the same logits."""
+    m = tiny(n_tokens=1000, padded_vocab_size=1024)  # a cut vocabulary: 1000 tokens, 24 padding rows
+    idx, mask = left_pad([r % 1000 for r in ROWS], 0)
+    path = str(tmp_path / "sft.pt")
+    C.save_checkpoint(path, m, {}, "sft")
+    ckpt = torch.load(path, weights_only=False)
+    ckpt["model_args"] = {("vocab_size" if k == "padded_vocab_size" else k): v for k, v in ckpt["model_args"].items()}
+    torch.save(ckpt, path)  # as the code before the rename wrote it
+    assert ckpt["model_args"]["vocab_size"] == 1024 and "padded_vocab_size" not in ckpt["model_args"]
+    old = C.model_from_checkpoint(C.load_checkpoint(path, stage="sft", vocab_size=1000)).eval()
+    assert old.config == m.config and old.transformer.wte.weight.shape == (1024, 32)
+    assert torch.equal(old(idx, mask), m(idx, mask))
+    assert torch.equal(C.model_from_checkpoint(ckpt, scalar_head=True).eval()(idx, mask), m(idx, mask))
+
+
 def test_damaged_or_wrong_checkpoints_are_one_line_errors(tmp_path):
     """A truncated file, a file that is not a checkpoint, and a checkpoint of another stage: each a UserError
     naming the file and the command that writes it again."""
@@ -281,7 +298,7 @@ def test_a_checkpoint_of_another_vocabulary_is_a_one_line_error(tmp_path):
     """Token ids of one vocabulary mean other words in another: loading where another vocab_size is expected fails
     with one line naming the file, both sizes and the flag that fixes it; without vocab_size any loads."""
     path = str(tmp_path / "sft.pt")
-    C.save_checkpoint(path, tiny(n_tokens=8192, vocab_size=8192), {}, "sft")
+    C.save_checkpoint(path, tiny(n_tokens=8192, padded_vocab_size=8192), {}, "sft")
     assert C.load_checkpoint(path, stage="sft", vocab_size=8192)["model_args"]["n_tokens"] == 8192
     assert C.load_checkpoint(path, stage="sft")["model_args"]["n_tokens"] == 8192
     for expected in (50257, 1024):
@@ -302,7 +319,7 @@ def test_a_checkpoint_of_another_vocabulary_is_a_one_line_error(tmp_path):
 def test_a_cut_vocabulary_masks_the_padding_rows_and_stops_at_its_own_eot():
     """n_tokens = 5 real tokens in 8 embedding rows: ids 5..7 get logit -1e9 (never sampled), <|endoftext|> is id 4,
     and generate() stops there by default, as it does with eos_token_id=4 given by hand."""
-    m = tiny(seed=2, n_tokens=5, vocab_size=8)
+    m = tiny(seed=2, n_tokens=5, padded_vocab_size=8)
     assert m.eot_id == 4 and tiny().eot_id == 50256
     idx, mask = left_pad([torch.tensor([1, 2, 3]), torch.tensor([0])], 0)
     logits = m(idx, mask)

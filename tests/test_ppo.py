@@ -341,7 +341,7 @@ def write_tiny_checkpoints(out_dir, seed=0):
     PPO has to learn which of the 16 tokens to end on."""
     torch.manual_seed(seed)
     settings = dict(block_size=128, max_prompt_len=64)
-    vocab = dict(n_tokens=8192, vocab_size=8192)  # common.SHARED's default vocabulary: <|endoftext|> is 8191
+    vocab = dict(n_tokens=8192, padded_vocab_size=8192)  # common.SHARED's default vocabulary: <|endoftext|> is 8191
     sft = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=128, **vocab))
     with torch.no_grad():
         sft.transformer.wte.weight[1000:1016] *= 50
@@ -471,7 +471,7 @@ def test_rollout_tensors_are_aligned_with_a_slow_per_sequence_computation(V):
     padding: log pi(y_t | x, y_<t) from full logits, V_t = the critic at the token before y_t, the score at the
     last real token (the EOS, the vocabulary's last id V - 1, if there is one)."""
     torch.manual_seed(0)
-    eot, vocab = V - 1, dict(n_tokens=V, vocab_size=64 * math.ceil(V / 64))
+    eot, vocab = V - 1, dict(n_tokens=V, padded_vocab_size=64 * math.ceil(V / 64))
     policy, reference = (GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=64, **vocab)).eval()
                          for _ in range(2))
     critic, rm = (GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=64, scalar_head=True, **vocab)).eval()
@@ -654,18 +654,18 @@ def test_penalised_scores_of_a_batch_with_and_without_eos():
 
 
 def test_ptx_loss_by_hand():
-    """ptx_loss = - ptx_coef * mean over the loss_mask tokens of log pi(x_t | x_<t), computed here from the full
+    """ptx_loss = - ptx_coef * mean over the target_mask tokens of log pi(x_t | x_<t), computed here from the full
     logits one token at a time; its gradient reaches the policy."""
     torch.manual_seed(0)
-    policy = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, n_tokens=100, vocab_size=128))
+    policy = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, n_tokens=100, padded_vocab_size=128))
     stream = torch.randint(0, 100, (200,))
     tb = data.sample_text_batch(stream, 3, 10, torch.Generator().manual_seed(1))
     loss = ppo.ptx_loss(policy, tb, 0.5)
     logits = policy(tb["idx"], tb["attention_mask"])  # (3, 10, V)
     total, count = 0.0, 0
     for b in range(3):
-        for t in range(1, 10):  # token 0 has no context (its loss_mask is 0)
-            if tb["loss_mask"][b, t]:
+        for t in range(1, 10):  # token 0 has no context (its target_mask is 0)
+            if tb["target_mask"][b, t]:
                 total += torch.log_softmax(logits[b, t - 1], -1)[tb["idx"][b, t]].item()
                 count += 1
     assert count == 27 and loss.item() == pytest.approx(-0.5 * total / count, rel=1e-5)
@@ -677,14 +677,14 @@ def test_rollout_takes_pi_old_from_the_updates_function():
     """With a compiled logprob function for the update, the rollout records log pi_old with that same function (so
     the first ratio of an update is exactly 1): a stand-in that shifts every logprob by 1 shows where they came from."""
     torch.manual_seed(0)
-    cfg = dict(n_layer=1, n_head=2, n_embd=16, block_size=32, n_tokens=100, vocab_size=128)
+    cfg = dict(n_layer=1, n_head=2, n_embd=16, block_size=32, n_tokens=100, padded_vocab_size=128)
     policy, reference = GPT(GPTConfig(**cfg)).eval(), GPT(GPTConfig(**cfg)).eval()
     rm = GPT(GPTConfig(**cfg, scalar_head=True)).eval()
     rt = common.setup_runtime(types.SimpleNamespace(device="cpu", dtype="float32", seed=0))
     prompts = data.collate_prompts([dict(prompt=[5, 6, 7]), dict(prompt=[8])])
-    def shifted(idx, attn, target, temperature, return_entropy=False):
-        lp, entropy = policy.logprobs(idx, attn, target, temperature, return_entropy=True)
-        return (lp + target, entropy) if return_entropy else lp + target
+    def shifted(idx, attn, target_mask, temperature, return_entropy=False):
+        lp, entropy = policy.logprobs(idx, attn, target_mask, temperature, return_entropy=True)
+        return (lp + target_mask, entropy) if return_entropy else lp + target_mask
     a = ppo.rollout(policy, reference, None, rm, prompts, rt, 6, 1.0, torch.Generator().manual_seed(0))
     b = ppo.rollout(policy, reference, None, rm, prompts, rt, 6, 1.0, torch.Generator().manual_seed(0), shifted)
     assert torch.equal(a.idx, b.idx)

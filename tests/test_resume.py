@@ -29,7 +29,7 @@ def argv(settings, **over):
     return [f"--{k}={v}" for k, v in {**settings, **over}.items()]
 
 
-VOCAB = dict(n_tokens=8192, vocab_size=8192)  # common.SHARED's default vocabulary
+VOCAB = dict(n_tokens=8192, padded_vocab_size=8192)  # common.SHARED's default vocabulary
 
 
 def tiny_sft_checkpoint(out, block_size=128):

@@ -210,7 +210,7 @@ def test_tiny_end_to_end(tmp_path, hh_dir, monkeypatch, capsys):
     margin rise, to an accuracy above 0.9 (a random head may already order them all: then it must stay at 1)."""
     monkeypatch.chdir(tmp_path)
     out = str(tmp_path / "out")
-    sft = tiny_gpt(n_tokens=8192, vocab_size=8192)  # the default vocabulary, common.SHARED's vocab_size
+    sft = tiny_gpt(n_tokens=8192, padded_vocab_size=8192)  # the default vocabulary, common.SHARED's vocab_size
     save_checkpoint(os.path.join(out, "sft.pt"), sft, dict(block_size=64, max_prompt_len=32), "sft")
     report = reward.main(args(out_dir=out, data_dir=hh_dir))
     assert report["train_loss_last"] < report["train_loss_first"]
@@ -260,7 +260,7 @@ def test_a_damaged_comparisons_file_is_sampled_again_saying_so(tmp_path, capsys)
 def test_the_before_figures_of_a_resumed_run_are_those_of_the_start(tmp_path, hh_dir, monkeypatch):
     monkeypatch.chdir(tmp_path)
     out = str(tmp_path / "out")
-    save_checkpoint(os.path.join(out, "sft.pt"), tiny_gpt(n_tokens=8192, vocab_size=8192),
+    save_checkpoint(os.path.join(out, "sft.pt"), tiny_gpt(n_tokens=8192, padded_vocab_size=8192),
                     dict(block_size=64, max_prompt_len=32), "sft")
     first = reward.main(args(out_dir=out, data_dir=hh_dir, max_iters=6, eval_every=0, n_show=0))
     again = reward.main(args(out_dir=out, data_dir=hh_dir, max_iters=9, eval_every=0, n_show=0, resume=True))

@@ -22,7 +22,7 @@ V = 512  # a cut GPT-2 vocabulary: tiny embeddings, real BPE
 
 def tiny(seed, scalar_head=False):
     torch.manual_seed(seed)
-    return GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=64, n_tokens=V, vocab_size=V,
+    return GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=64, n_tokens=V, padded_vocab_size=V,
                          scalar_head=scalar_head))
 
 

@@ -84,7 +84,7 @@ def test_target_only_logits_equal_full_logits(hh_dir):
     batch = data.collate_sft(examples, pad_id=4321)
     loss, n = sft.target_loss(model, batch)
     logits = model(batch["idx"], batch["attention_mask"])  # (B, T, V) full
-    expected = loop_loss(logits[:, :-1], batch["idx"][:, 1:], batch["loss_mask"][:, 1:])
+    expected = loop_loss(logits[:, :-1], batch["idx"][:, 1:], batch["target_mask"][:, 1:])
     assert loss.item() == pytest.approx(expected, rel=1e-5)
     assert n.item() == sum(len(e["chosen"]) for e in examples)  # every response token, EOT included
 
@@ -132,7 +132,7 @@ def test_flops_formula_with_every_position_a_target():
     T, n = 50, 1000
     attention = 12 * c.n_layer * T * c.n_embd * n
     assert sft.flops_per_step(model, n, n, T) == 6 * N * n + attention
-    assert sft.flops_per_step(model, n, 0, T) == 6 * (N - c.vocab_size * c.n_embd) * n + attention  # no logits
+    assert sft.flops_per_step(model, n, 0, T) == 6 * (N - c.padded_vocab_size * c.n_embd) * n + attention  # no logits
 
 
 TINY = dict(task="hh", device="cpu", n_layer=1, n_head=2, n_embd=32, block_size=64, max_prompt_len=32,
@@ -208,7 +208,7 @@ def test_a_model_from_scratch_has_the_task_vocabulary(V, rows):
     """n_tokens = vocab_size real tokens (<|endoftext|> the last), the embedding padded up to a multiple of 64."""
     cfg = sft.config | dict(vocab_size=V, n_layer=1, n_head=2, n_embd=32, block_size=64, seed=0)
     model, n_pretrain = sft.build_model(SimpleNamespace(**cfg))
-    assert model.config.n_tokens == V and model.config.vocab_size == rows and rows % 64 == 0 and rows - V < 64
+    assert model.config.n_tokens == V and model.config.padded_vocab_size == rows and rows % 64 == 0 and rows - V < 64
     assert model.transformer.wte.weight.shape == (rows, 32) and model.eot_id == V - 1
     assert n_pretrain == cfg["pretrain_iters"]
 

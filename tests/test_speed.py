@@ -15,10 +15,10 @@ from model import GPT, GPTConfig
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
-def tiny(seed=0, n_tokens=40, vocab_size=64, block_size=96):
+def tiny(seed=0, n_tokens=40, padded_vocab_size=64, block_size=96):
     torch.manual_seed(seed)
     return GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=block_size, n_tokens=n_tokens,
-                         vocab_size=vocab_size)).eval()
+                         padded_vocab_size=padded_vocab_size)).eval()
 
 
 def prompts(B, P, seed, n_tokens):
@@ -46,7 +46,7 @@ def test_static_generator_gives_the_tokens_of_generate(temperature, eos):
 def test_static_generator_stops_where_generate_stops():
     """A vocabulary of 8 tokens, EOS (3) drawn often: rows finish at different steps, and the result has
     model.generate's width (the step at which the last row emitted EOS), not a multiple of check_every."""
-    m = tiny(seed=1, n_tokens=8, vocab_size=8, block_size=64)
+    m = tiny(seed=1, n_tokens=8, padded_vocab_size=8, block_size=64)
     idx, mask = prompts(6, 4, 0, 8)
     fast = speed.StaticGenerator(m, check_every=8)
     widths = set()
@@ -109,9 +109,9 @@ def test_compile_options_a_torch_lacks_are_dropped(monkeypatch):
     m = tiny()
     compiled = speed.CompiledLogprobs(m, backend="eager")
     idx, mask = prompts(3, 12, 0, 40)
-    target = torch.cat([torch.zeros(3, 6), torch.ones(3, 6)], 1)
+    target_mask = torch.cat([torch.zeros(3, 6), torch.ones(3, 6)], 1)
     with torch.no_grad():
-        assert torch.allclose(compiled(idx, mask, target), m.logprobs(idx, mask, target), atol=1e-5)
+        assert torch.allclose(compiled(idx, mask, target_mask), m.logprobs(idx, mask, target_mask), atol=1e-5)
     assert seen == ["eager", "eager"]  # both graphs went through the old signature
     with pytest.raises(TypeError):  # the option itself really is unknown to it
         old_compile(m.logprobs, isolate_recompiles=True)

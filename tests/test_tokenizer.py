@@ -98,8 +98,8 @@ def test_collate_rankings_puts_example_i_response_k_at_row_i_k():
     b = data.collate_rankings(RANKINGS, pad_id=PAD)
     P, K = len(RANKINGS), 3
     T = max(len(e["prompt"]) + len(r) for e in RANKINGS for r in e["responses"])
-    assert b["idx"].shape == b["attention_mask"].shape == b["loss_mask"].shape == (P * K, T)
-    assert b["idx"].dtype == torch.long and b["attention_mask"].dtype == b["loss_mask"].dtype == torch.float32
+    assert b["idx"].shape == b["attention_mask"].shape == b["target_mask"].shape == (P * K, T)
+    assert b["idx"].dtype == torch.long and b["attention_mask"].dtype == b["target_mask"].dtype == torch.float32
     for i, e in enumerate(RANKINGS):
         for k, resp in enumerate(e["responses"]):
             row, n = i * K + k, len(e["prompt"]) + len(resp)
@@ -108,7 +108,7 @@ def test_collate_rankings_puts_example_i_response_k_at_row_i_k():
             want_response = [0.0] * len(e["prompt"]) + [1.0] * len(resp) + [0.0] * (T - n)
             assert b["idx"][row].tolist() == want_idx, (i, k)
             assert b["attention_mask"][row].tolist() == want_attention, (i, k)
-            assert b["loss_mask"][row].tolist() == want_response, (i, k)
+            assert b["target_mask"][row].tolist() == want_response, (i, k)
 
 
 def test_collate_rankings_with_k_2_is_a_pair_batch_reordered():
@@ -118,7 +118,7 @@ def test_collate_rankings_with_k_2_is_a_pair_batch_reordered():
     a, b = data.collate_pairs(pairs, pad_id=PAD), data.collate_rankings(rankings, pad_id=PAD)
     B = len(pairs)
     order = [r for i in range(B) for r in (i, B + i)]
-    for key in ("idx", "attention_mask", "loss_mask"):
+    for key in ("idx", "attention_mask", "target_mask"):
         assert torch.equal(b[key], a[key][order]), key
 
 
