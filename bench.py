@@ -245,7 +245,7 @@ def gpu_bench(argv=()):
     generators = dict(nocache=lambda *a, **k: policy.generate(*a, use_cache=False, **k), cache=policy.generate,
                       static=speed.StaticGenerator(policy))
     compiled_static = speed.StaticGenerator(policy)
-    compiled_static.step = speed.compile(speed.decode_step, fullgraph=True, backend=cfg.backend)
+    compiled_static.step = speed.torch_compile(speed.decode_step, fullgraph=True, backend=cfg.backend)
     generators["static_compiled"] = compiled_static
     for name, generate in generators.items():
         run = lambda: generate(prompt, mask, N, 1.0, None, torch.Generator(rt.device).manual_seed(0))
@@ -268,7 +268,7 @@ def gpu_bench(argv=()):
     peak, _ = sft.peak_flops(rt)
     flops = sft.flops_per_step(model, idx.numel(), cfg.train_batch_size * (T - 1), T)
     for name, trunk in (("eager", model.hidden_states),
-                        ("compiled", speed.compile(model.hidden_states, dynamic=True, backend=cfg.backend))):
+                        ("compiled", speed.torch_compile(model.hidden_states, dynamic=True, backend=cfg.backend))):
         def step():
             sft.accumulate_sft_gradients(model, [batch], rt, trunk, causal=True)
             common.optimizer_step(model, optimizer, 1.0, rt, 0)

@@ -274,7 +274,6 @@ class Runtime:
     local_rank: int
     world_size: int
     fast_generation: bool = False  # sample with speed.StaticGenerator (speed.generate_fn)
-    compile: bool = False          # torch.compile where a stage offers it (its decode step too)
 
     @property
     def master(self):
@@ -319,7 +318,7 @@ def setup_runtime(cfg):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     return Runtime(device, device_type, dtypes[cfg.dtype], ddp, rank, local_rank, world_size,
-                   getattr(cfg, "fast_generation", False), getattr(cfg, "compile", False))
+                   getattr(cfg, "fast_generation", False))
 
 
 def keep_freed_memory():

@@ -38,6 +38,7 @@ import gpt2
 from checkpoint import checkpoint_due, model_from_checkpoint, resume_checkpoint, save_training_state, start_training
 from common import setting
 from model import GPT, GPTConfig, padded_vocab_size
+from speed import torch_compile
 
 # ----------------------------------------------------------------------------- config
 config = dict(common.SHARED, # out_dir, data_dir, device, block_size, max_new_tokens, checkpoint_every, ... (common.py)
@@ -253,7 +254,9 @@ def main(argv=None):
         raise common.UserError(f"--block_size={cfg.block_size} exceeds the model's block_size "
                                f"{model.config.block_size}")
     model.to(rt.device).train()
-    trunk = torch.compile(model.hidden_states, dynamic=True) if cfg.compile else model.hidden_states
+    # compiled: one graph per phase, the pretraining windows (no mask: the causal path) and the padded SFT batches
+    trunks = {phase: torch_compile(model.hidden_states, dynamic=True, isolate_recompiles=True) if cfg.compile
+              else model.hidden_states for phase in ("pretrain", "sft")}
     gen = torch.Generator().manual_seed(cfg.seed + rt.rank)  # each rank samples its own batches
     optimizer, state, step, logger = start_training(model, cfg, rt, ckpt, "sft", dict(gen=gen))
     total_steps = n_pretrain + cfg.sft_iters
@@ -272,7 +275,7 @@ def main(argv=None):
         common.set_lr(optimizer, lr)
         t0 = time.time()
         micro = micro_batches(phase, stream, train, cfg, gen, rt)
-        loss = accumulate_sft_gradients(model, micro, rt, trunk, causal=phase == "pretrain")
+        loss = accumulate_sft_gradients(model, micro, rt, trunks[phase], causal=phase == "pretrain")
         common.check_finite(step, loss=loss)
         grad_norm = common.optimizer_step(model, optimizer, cfg.grad_clip, rt, step)
         if rt.device_type == "cuda":

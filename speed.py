@@ -2,7 +2,7 @@
 The speed machinery, one import away from the math: nothing here changes what is computed, only how fast it runs.
 model.py stays the readable reference (its logprobs and its generate); each fast path here is tested against it.
 
-- compile(fn, **options): torch.compile with the options this torch knows (a newer keyword is dropped on an older
+- torch_compile(fn, **options): torch.compile with the options this torch knows (a newer keyword is dropped on an older
   torch, so the compiled paths run on every torch in the tested range of requirements.txt).
 - CompiledLogprobs: model.logprobs as one torch.compile graph per grad mode (--compile in ppo.py and dpo.py).
 - StaticGenerator: model.generate with a static KV cache and a decode step whose shapes never change, so it compiles
@@ -24,7 +24,7 @@ from model import GPT, KVCache, position_ids, sample_from_logits
 # ----------------------------------------------------------------------------------------------------
 # torch.compile across torch versions
 
-def compile(fn, **options):
+def torch_compile(fn, **options):
     """torch.compile(fn, **options) without the options this torch's torch.compile does not take (e.g.
     isolate_recompiles, new in torch 2.12): the code then runs as on that torch (there: one recompile on the grad
     mode, where isolate_recompiles keeps two graphs apart), never a TypeError. Returns the compiled callable."""
@@ -68,7 +68,7 @@ class CompiledLogprobs:
     Generation never enters it."""
 
     def __init__(self, model, backend="inductor"):
-        graph = lambda: compile(lambda *a: answer_logprobs(model, *a), dynamic=True, fullgraph=True, backend=backend,
+        graph = lambda: torch_compile(lambda *a: answer_logprobs(model, *a), dynamic=True, fullgraph=True, backend=backend,
                                 isolate_recompiles=True)
         self.graphs = {True: graph(), False: graph()}  # by torch.is_grad_enabled(); each compiles at its first call
 
@@ -180,14 +180,16 @@ class StaticGenerator:
     - compiled=True: the decode step goes through torch.compile (one graph, fullgraph); cuda_graph=True (on CUDA): it
       is captured once per state as a CUDA graph and replayed; a capture that fails falls back to the plain step,
       with a warning.
-    - No host sync per token: whether every row is done is read every `check_every` steps, so up to check_every - 1
-      steps more than needed may run (rows already done get EOS fillers); their uniform draws advance the generator,
-      so the generator's state after a call, not its tokens, can differ from model.generate's.
+    - No host sync per token on CUDA: whether every row is done is read every `check_every` steps (None: 8 on CUDA,
+      1 on the CPU, where reading it costs nothing), so up to check_every - 1 steps more than needed may run (rows
+      already done get EOS fillers); their uniform draws advance the generator, so with check_every > 1 the
+      generator's state after a call, not its tokens, can differ from model.generate's. With check_every = 1 it is
+      model.generate's too.
     return_logits=True or use_cache=False run model.generate itself."""
 
-    def __init__(self, model, compiled=False, cuda_graph=True, check_every=8, keep=4):
+    def __init__(self, model, compiled=False, cuda_graph=True, check_every=None, keep=4):
         self.model, self.check_every, self.keep, self.cuda_graph = model, check_every, keep, cuda_graph
-        self.step = compile(decode_step, fullgraph=True) if compiled else decode_step
+        self.step = torch_compile(decode_step, fullgraph=True) if compiled else decode_step
         self.states = collections.OrderedDict()
 
     def state_for(self, B, L, dtype, device, temperature, eos_token_id):
@@ -257,15 +259,16 @@ class StaticGenerator:
         h = model.hidden_states(idx, state.mask[:, :P], state.cache, 0)[:, -1]  # (B, C)
         state.pos.fill_(P - 1)
         emit(state, sample_from_logits(model.lm_logits(h), temperature, generator), eos_token_id)
+        check_every = self.check_every or (8 if idx.is_cuda else 1)
         for t in range(1, max_new_tokens):
+            if eos_token_id is not None and (t - 1) % check_every == 0 and bool(state.done.all()):
+                break  # every row has emitted EOS (read after tokens 0, check_every, 2 check_every, ...)
             if temperature != 0:
                 state.uniform.copy_(draw())
             if state.graph is not None:
                 state.graph.replay()
             else:
                 self.autocast(dtype)(self.step)(model, state, temperature, eos_token_id)
-            if eos_token_id is not None and t % self.check_every == 0 and bool(state.done.all()):
-                break
         response_mask = state.response_mask[:, P:P + max_new_tokens]  # (B, max_new_tokens)
         R = int(response_mask.sum(1).max())  # model.generate stops at the step where the last row emitted EOS
         return state.seq[:, P:P + R].clone(), response_mask[:, :R].clone()
@@ -276,9 +279,11 @@ _generators = weakref.WeakKeyDictionary()  # model -> its StaticGenerator
 
 def generate_fn(model, rt):
     """The generate a stage samples with: model.generate, or with rt.fast_generation the model's StaticGenerator
-    (made at the first call, kept while the model lives; its decode step compiled with rt.compile)."""
+    (made at the first call, kept while the model lives). Its decode step is not compiled in the stages, whatever
+    --compile says: each (batch, cache length, temperature) would compile a graph of its own, tens of seconds each on
+    a GPU, where the CUDA graph alone removes the launches (bench.py --gpu measures both)."""
     if not getattr(rt, "fast_generation", False):
         return model.generate
     if model not in _generators:
-        _generators[model] = StaticGenerator(model, compiled=rt.compile)
+        _generators[model] = StaticGenerator(model)
     return _generators[model]

@@ -45,15 +45,21 @@ def test_static_generator_gives_the_tokens_of_generate(temperature, eos):
 
 def test_static_generator_stops_where_generate_stops():
     """A vocabulary of 8 tokens, EOS (3) drawn often: rows finish at different steps, and the result has
-    model.generate's width (the step at which the last row emitted EOS), not a multiple of check_every."""
+    model.generate's width (the step at which the last row emitted EOS), not a multiple of check_every; read after
+    every step (the CPU's default), the sampler ends where model.generate leaves it."""
     m = tiny(seed=1, n_tokens=8, padded_vocab_size=8, block_size=64)
     idx, mask = prompts(6, 4, 0, 8)
     fast = speed.StaticGenerator(m, check_every=8)
+    every_step = speed.StaticGenerator(m)  # on the CPU: done read after every step
     widths = set()
     for seed in range(8):
-        want = m.generate(idx, mask, 40, 1.0, 3, torch.Generator().manual_seed(seed))
-        got = fast(idx, mask, 40, 1.0, 3, torch.Generator().manual_seed(seed))
+        g_want, g_got, g_every = (torch.Generator().manual_seed(seed) for _ in range(3))
+        want = m.generate(idx, mask, 40, 1.0, 3, g_want)
+        got = fast(idx, mask, 40, 1.0, 3, g_got)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        got = every_step(idx, mask, 40, 1.0, 3, g_every)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        assert torch.equal(g_every.get_state(), g_want.get_state())  # the sampler where model.generate leaves it
         widths.add(want[0].shape[1])
     assert len(widths) > 1 and max(widths) < 40  # the test exercises early and varied stops
 
@@ -74,7 +80,7 @@ def test_compiled_decode_step_is_one_graph_without_recompiles():
     from torch._dynamo.utils import counters, get_compilation_metrics
     m = tiny()
     fast = speed.StaticGenerator(m)
-    fast.step = speed.compile(speed.decode_step, fullgraph=True, backend="eager")
+    fast.step = speed.torch_compile(speed.decode_step, fullgraph=True, backend="eager")
     torch._dynamo.reset()
     counters.clear()
     for P in (9, 11, 9):  # one state (L = 64) for all three
