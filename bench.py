@@ -1,6 +1,6 @@
 """
 The project's speed benchmark (random-init GPT, so no checkpoint is needed): a training step (tokens/s),
-generation (new tokens/s, with and without the KV cache), the forward pass with full vs last-token
+generation (new tokens/s: model.generate with and without the KV cache, speed.StaticGenerator), the forward pass with full vs last-token
 logits, and the sampler (torch.multinomial vs model.sample_from_logits).
     python bench.py                          # the CPU preset (sft.py's 4 x 192 GPT, 8,192 tokens, PPO's batch)
     python bench.py --vocab_size=50257       # the same with GPT-2's whole vocabulary: what the cut buys
@@ -25,6 +25,7 @@ import torch.nn.functional as F
 import common
 from common import parse_config, setup_runtime
 from model import GPT, GPTConfig, padded_vocab_size, sample_from_logits
+from speed import StaticGenerator
 
 config = dict(device="auto", dtype="auto", seed=1337, compile=False, n_layer=4, n_head=4, n_embd=192,
               vocab_size=8192, block_size=256, batch_size=64, prompt_len=8, max_new_tokens=48, train_batch_size=16,
@@ -89,14 +90,15 @@ def measure(model, cfg, rt):
     mask = torch.ones(B, P, device=rt.device)
     mask[: B // 2, : P // 4] = 0  # half the rows left-padded
     report = {}
-    for use_cache in (True, False):
+    generators = dict(cache=("KV cache    ", model.generate), static=("static cache", StaticGenerator(model)),
+                      nocache=("no cache    ", lambda *a, **k: model.generate(*a, use_cache=False, **k)))
+    for key, (label, generate) in generators.items():
         def gen():
             with rt.autocast():  # eos_token_id=None: all B x N tokens are generated
-                model.generate(prompt, mask, N, temperature=1.0, eos_token_id=None, use_cache=use_cache)
-        s = timed(gen, cfg, 1 if not use_cache else cfg.repeats)
-        report[f"generate_{'cache' if use_cache else 'nocache'}_tok_s"] = B * N / s
-        print(f"generate B{B} P{P} +{N} tokens, {'KV cache   ' if use_cache else 'no cache   '}: "
-              f"{B * N / s:8.0f} new tokens/s ({s:.2f} s)")
+                generate(prompt, mask, N, temperature=1.0, eos_token_id=None)
+        s = timed(gen, cfg, 1 if key == "nocache" else cfg.repeats)
+        report[f"generate_{key}_tok_s"] = B * N / s
+        print(f"generate B{B} P{P} +{N} tokens, {label}: {B * N / s:8.0f} new tokens/s ({s:.2f} s)")
     idx = torch.randint(0, cfg.vocab_size - 1, (B, cfg.block_size), device=rt.device)
     for name, fn in (("full logits      ", lambda: fwd(idx)),
                      ("last-token logits", lambda: model.lm_logits(model.hidden_states(idx)[:, -1]))):

@@ -73,8 +73,10 @@ config = dict(common.SHARED,  # out_dir, data_dir, device, block_size, max_new_t
     gamma=setting(1.0, "[0, 1]"),       # discount
     lam=setting(0.95, "[0, 1]"),        # GAE lambda
     whiten_advantages=True,             # False: raw GAE advantages (their scale then follows the reward's)
-    advantage_estimator=setting("gae", "gae | rloo | grpo"),  # a critic | the prompt's other samples (same budget:
-                                        # the same batch_size * samples_per_prompt)
+    advantage_estimator=setting("gae", "gae | rloo | grpo"),  # gae: a critic | rloo: the prompt's other samples |
+                                        # grpo: the group's normalised scores, AND the KL moves from the reward into
+                                        # the loss (grpo_loss, DeepSeekMath); rloo, grpo: no critic, and the same
+                                        # budget as gae: batch_size * samples_per_prompt answers
     samples_per_prompt=setting(1, ">= 1"),  # k responses per prompt, consecutive in the batch (k >= 2: rloo, grpo)
     # PPO-ptx: off in the CPU preset, where it slows the gain and keeps almost nothing (README); try --ptx_coef=0.5
     ptx_coef=setting(0.0, ">= 0"),      # weight of the pretraining loss (0 = plain PPO)
@@ -235,10 +237,9 @@ def value_loss(values, old_values, returns, response_mask, cliprange_value):
     """Clipped value loss (the PPO baselines code of Schulman et al. 2017), token-level mean:
         V_clip = V_old + clip(V - V_old, -cliprange_value, cliprange_value)
         L = 0.5 * mean_t max((V_t - returns_t)^2, (V_clip_t - returns_t)^2)
-    values (B, T) (with grad), old_values, returns, response_mask (B, T). cliprange_value None: no clipping, exactly
-    L = 0.5 * mean_t (V_t - returns_t)^2 and clipfrac 0 (not V_old + clamp(V - V_old, -inf, inf), which is not
-    exactly V in floating point). Returns (loss, clipfrac): the fraction of masked tokens where the clipped
-    term is the larger one."""
+    values (B, T) (with grad), old_values, returns, response_mask (B, T). cliprange_value None: no clipping,
+    L = 0.5 * mean_t (V_t - returns_t)^2 and clipfrac 0. Returns (loss, clipfrac): the fraction of masked tokens where
+    the clipped term is the larger one."""
     if cliprange_value is None:
         return 0.5 * masked_mean((values - returns) ** 2, response_mask), torch.zeros((), device=values.device)
     clipped_values = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)

@@ -390,7 +390,7 @@ def test_bench_runs_at_any_vocabulary():
         report = bench.main(["--device=cpu", "--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32",
                              "--batch_size=2", "--prompt_len=4", "--max_new_tokens=4", "--train_batch_size=2",
                              "--repeats=1", f"--vocab_size={V}"])
-        assert {"train_tok_s", "generate_cache_tok_s", "generate_nocache_tok_s"} <= set(report)
+        assert {"train_tok_s", "generate_cache_tok_s", "generate_static_tok_s", "generate_nocache_tok_s"} <= set(report)
         assert all(v > 0 for v in report.values())
 
 
