@@ -113,7 +113,8 @@ def accumulate_sft_gradients(model, micro_batches, rt, trunk=None, causal=False)
     Each micro-batch's loss (a mean over its n_i target tokens) is scaled by n_i / N, N = the step's target
     tokens over all micro-batches and all DDP ranks (times world_size, because all_reduce_grads then
     averages the ranks). The gradient is thus that of ONE token-level mean over the whole step: 1
-    micro-batch of 8 examples and 8 micro-batches of 1 give the same gradient.
+    micro-batch of 8 examples and 8 micro-batches of 1 give the same gradient. Per token, not per example (as
+    reward.py's per prompt): sft_loss is a mean over target tokens, so a long answer weighs more than a short one.
     causal: the micro-batches have no padding (target_loss). Returns the step's loss on this rank (float, nats per
     target token), read from the device once, after every backward is queued."""
     counts = [b["target_mask"][:, 1:].sum() for b in micro_batches]
