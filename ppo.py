@@ -16,7 +16,7 @@ rollout's and the update's logprobs come from one function. One iteration of mai
   4. advantages  compute_gae (then whitened), or critic-free from the prompt's other answers (rloo, grpo)
   5. update   ppo_epochs x shuffled minibatches: clipped policy loss (+ ptx loss), clipped value loss
   6. beta     fixed, or AdaptiveKLController (Ziegler et al. 2019, section 2.2)
-The logged figures are explained in the README; ppo.pt is written every checkpoint_every iterations, and
+The logged figures are explained in docs/ppo.md; ppo.pt is written every checkpoint_every iterations, and
 `--resume=True` continues a killed run to the same final iteration.
 
 Layout: sequences = cat([prompt (B, P) left-padded, response (B, R)], 1); everything per token is the (B, R) response
@@ -49,7 +49,7 @@ config = dict(common.SHARED,  # out_dir, data_dir, device, block_size, max_new_t
     batch_size=setting(64, ">= 1"),    # prompts per rollout (per DDP rank)
     temperature=setting(1.0, "> 0"),   # sampling temperature; every logprob (old, new, reference) uses the same one
     # reward
-    beta=setting(0.2, ">= 0"),         # KL coefficient (initial value when adaptive_kl); the README: KL for each beta
+    beta=setting(0.2, ">= 0"),         # KL coefficient (initial value when adaptive_kl); README: KL for each beta
     kl_estimator=setting("k1", "k1 | k3"),  # the per-token KL in the reward (kl_estimate); grpo's loss term is
                                        # always k3 (DeepSeekMath): this flag then sets only the logged kl
     adaptive_kl=False,                 # True: beta follows the controller towards target_kl (Ziegler et al. 2019, 2.2)
@@ -78,7 +78,8 @@ config = dict(common.SHARED,  # out_dir, data_dir, device, block_size, max_new_t
                                         # the loss (grpo_loss, DeepSeekMath); rloo, grpo: no critic, and the same
                                         # budget as gae: batch_size * samples_per_prompt answers
     samples_per_prompt=setting(1, ">= 1"),  # k responses per prompt, consecutive in the batch (k >= 2: rloo, grpo)
-    # PPO-ptx: off in the CPU preset, where it slows the gain and keeps almost nothing (README); try --ptx_coef=0.5
+    # PPO-ptx: off in the CPU preset, where it slows the gain and keeps almost nothing (docs/cpu_preset.md);
+    # try --ptx_coef=0.5
     ptx_coef=setting(0.0, ">= 0"),      # weight of the pretraining loss (0 = plain PPO)
     ptx_batch_size=setting(4, ">= 1"),  # pretraining windows per gradient step
     ptx_block_size=setting(64, ">= 2"),  # tokens per pretraining window

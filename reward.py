@@ -17,7 +17,7 @@ forwarded once. After training the head's bias takes InstructGPT's normalisation
 Writes out/<task>/rm.pt (every checkpoint_every steps and at the end; --resume=True continues a killed run),
 rm_log.jsonl, rm.png and prints a report (make_report): test pairwise accuracy, margin and loss before and after
 training, the "longer response wins" floor, (imdb) the agreement with the gold judge, and a few test pairs with
-their scores. The README gives the figures to expect.
+their scores. The README and docs/cpu_preset.md give the figures to expect.
 """
 import os
 import time

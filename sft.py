@@ -21,7 +21,8 @@ nanoGPT; logits only at the target positions. sft.pt is written every checkpoint
 
 Writes out/<task>/sft.pt, sft_log.jsonl and sft.png and prints a report: test response loss, perplexity and bits per
 byte before and after, answers to fixed test prompts, tokens/s and MFU where the GPU's peak is known, and on imdb the
-gold judge's view of the SFT policy (the start of every RL run). The README gives the figures to expect.
+gold judge's view of the SFT policy (the start of every RL run). The README and docs/cpu_preset.md give the figures
+to expect.
 """
 import math
 import os
