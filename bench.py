@@ -1,7 +1,7 @@
 """
 The project's speed benchmark (random-init GPT, so no checkpoint is needed): a training step (tokens/s),
-generation (new tokens/s: model.generate with and without the KV cache, speed.StaticGenerator), the forward pass with full vs last-token
-logits, and the sampler (torch.multinomial vs model.sample_from_logits).
+generation (new tokens/s: model.generate with and without the KV cache, speed.StaticGenerator), the forward pass
+with full vs last-token logits, and the sampler (torch.multinomial vs model.sample_from_logits).
     python bench.py                          # the CPU preset (sft.py's 4 x 192 GPT, 8,192 tokens, PPO's batch)
     python bench.py --vocab_size=50257       # the same with GPT-2's whole vocabulary: what the cut buys
     python bench.py --device=cuda --batch_size=128
@@ -32,19 +32,21 @@ config = dict(device="auto", dtype="auto", seed=1337, compile=False, n_layer=4, 
               repeats=3)
 
 
+def once(fn, cfg):
+    """Wall time (seconds) of one call of fn, the GPU's queued work included."""
+    if cfg.device.startswith("cuda"):
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    if cfg.device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
 def timed(fn, cfg, repeats):
     """Best wall time (seconds) of `repeats` calls after one warm-up call."""
     fn()
-    best = float("inf")
-    for _ in range(repeats):
-        if cfg.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if cfg.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
-    return best
+    return min(once(fn, cfg) for _ in range(repeats))
 
 
 def train_step_tokens_per_s(model, cfg, rt):
@@ -226,16 +228,6 @@ def gpu_bench(argv=()):
         report[name] = value
         rows.append((name, value, unit, note))
 
-    def once(fn):
-        """Seconds of one call, device work included."""
-        if rt.device_type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if rt.device_type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - t0
-
     print(f"bench --gpu: GPT {cfg.n_layer} x {cfg.n_embd}, {cfg.vocab_size} tokens on {rt.device} ({cfg.dtype}), "
           f"torch {torch.__version__}{' (dry run: figures meaningless)' if rt.device_type == 'cpu' else ''}")
     policy = gpt().eval()
@@ -252,8 +244,8 @@ def gpu_bench(argv=()):
     for name, generate in generators.items():
         run = lambda: generate(prompt, mask, N, 1.0, None, torch.Generator(rt.device).manual_seed(0))
         with torch.no_grad(), rt.autocast():
-            first = once(run)
-            s = min(once(run) for _ in range(1 if name == "nocache" else cfg.repeats))
+            first = once(run, cfg)
+            s = min(once(run, cfg) for _ in range(1 if name == "nocache" else cfg.repeats))
         row(f"generate_{name}_tok_s", B * N / s, "new tokens/s", f"{s / N * 1e3:.2f} ms per token step")
         if name == "static_compiled":
             row("generate_compile_s", first - s, "s", "compiling the decode step (first call - a later one)")
@@ -274,8 +266,8 @@ def gpu_bench(argv=()):
         def step():
             sft.accumulate_sft_gradients(model, [batch], rt, trunk, causal=True)
             common.optimizer_step(model, optimizer, 1.0, rt, 0)
-        first = once(step)
-        s = min(once(step) for _ in range(cfg.repeats))
+        first = once(step, cfg)
+        s = min(once(step, cfg) for _ in range(cfg.repeats))
         row(f"train_{name}_tok_s", idx.numel() / s, "tokens/s",
             f"MFU {flops / s / peak:.1%}" if peak else "MFU: peak unknown for this device")
         if peak:
@@ -298,17 +290,17 @@ def gpu_bench(argv=()):
         generate = lambda: sample_answers(policy, prompt, mask, N, 1.0, sampler,
                                           generate=speed.generate_fn(policy, rt))
         with rt.autocast():
-            t_gen = min(once(generate) for _ in range(cfg.repeats + 1))
+            t_gen = timed(generate, cfg, cfg.repeats)
         rollouts = []
         roll = lambda: rollouts.append(ppo.rollout(policy, reference, critic, reward_model, prompts, rt, N, 1.0,
                                                    sampler, policy.logprobs))
-        t_rollout, batch = min(once(roll) for _ in range(cfg.repeats + 1)), rollouts[-1]
+        t_rollout, batch = timed(roll, cfg, cfg.repeats), rollouts[-1]
         rewards = ppo.per_token_rewards(batch.scores, batch.old_logprobs, batch.ref_logprobs, batch.response_mask,
                                         pcfg.beta)
         advantages, returns = ppo.compute_gae(rewards, batch.old_values, batch.response_mask, pcfg.gamma, pcfg.lam)
         advantages = ppo.whiten(advantages, batch.response_mask)
-        t_update = min(once(lambda: ppo.update(run, batch, advantages, returns, batch.old_values, pcfg.beta, pcfg,
-                                               rt, None, 0)) for _ in range(cfg.repeats + 1))
+        t_update = timed(lambda: ppo.update(run, batch, advantages, returns, batch.old_values, pcfg.beta, pcfg, rt,
+                                            None, 0), cfg, cfg.repeats)
         row(f"ppo_{name}_generation_s", t_gen, "s", f"{B} answers x {N} tokens")
         row(f"ppo_{name}_scoring_s", t_rollout - t_gen, "s", "log pi_old, log pi_ref, V, the reward model's score")
         row(f"ppo_{name}_update_s", t_update, "s", f"{pcfg.ppo_epochs} epochs x minibatches of {pcfg.minibatch_size}")
@@ -327,8 +319,7 @@ def gpu_bench(argv=()):
             loss = rm.score(x, ones).float().pow(2).mean()  # the shape of the ranking loss's work, not its value
         loss.backward()
         common.optimizer_step(rm, rm_opt, 1.0, rt, 0)
-    once(rm_step)
-    row("reward_steps_s", 1 / min(once(rm_step) for _ in range(cfg.repeats)), "steps/s", f"{cfg.rm_rows} x {L} rows")
+    row("reward_steps_s", 1 / timed(rm_step, cfg, cfg.repeats), "steps/s", f"{cfg.rm_rows} x {L} rows")
     target_mask = torch.cat([torch.zeros(cfg.dpo_rows, P, device=rt.device),
                              torch.ones(cfg.dpo_rows, N, device=rt.device)], 1)
     y, ones = rows_idx(cfg.dpo_rows), torch.ones(cfg.dpo_rows, L, device=rt.device)
@@ -338,8 +329,7 @@ def gpu_bench(argv=()):
             loss = -model.logprobs(y, ones, target_mask).sum(1).mean()  # a DPO micro-batch's logprob work
         loss.backward()
         common.optimizer_step(model, optimizer, 1.0, rt, 0)
-    once(dpo_step)
-    row("dpo_steps_s", 1 / min(once(dpo_step) for _ in range(cfg.repeats)), "micro-batches/s",
+    row("dpo_steps_s", 1 / timed(dpo_step, cfg, cfg.repeats), "micro-batches/s",
         f"{cfg.dpo_rows} x {L} rows (chosen + rejected)")
 
     print(f"{'figure':28s} {'value':>12s}  unit")

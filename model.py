@@ -251,6 +251,12 @@ class GPT(nn.Module):
         ent = -(logp.exp() * logp).sum(-1) if return_entropy else None  # H = -sum_v p_v log p_v
         return lp, ent
 
+    def check_generation_fits(self, P, max_new_tokens):
+        """Raise ValueError if a prompt of P tokens plus max_new_tokens exceeds block_size (generate's check)."""
+        if P + max_new_tokens > self.config.block_size:
+            raise ValueError(f"prompt length {P} + max_new_tokens {max_new_tokens} = {P + max_new_tokens} exceeds "
+                             f"block_size {self.config.block_size}")
+
     @torch.no_grad()
     def generate(self, idx, attention_mask, max_new_tokens, temperature=1.0,
                  eos_token_id="eot", generator=None, use_cache=True, return_logits=False):
@@ -269,9 +275,7 @@ class GPT(nn.Module):
             empty = idx.new_zeros(B, 0), torch.zeros(B, 0, device=idx.device)
             no_logits = torch.zeros(B, 0, self.config.padded_vocab_size, device=idx.device)
             return empty + (no_logits,) if return_logits else empty
-        if L > self.config.block_size:
-            raise ValueError(f"prompt length {P} + max_new_tokens {max_new_tokens} = {L} exceeds "
-                             f"block_size {self.config.block_size}")
+        self.check_generation_fits(P, max_new_tokens)
         mask = torch.ones(B, L, dtype=torch.long, device=idx.device)  # generated tokens are all real
         if attention_mask is not None:
             mask[:, :P] = attention_mask

@@ -68,8 +68,8 @@ class CompiledLogprobs:
     Generation never enters it."""
 
     def __init__(self, model, backend="inductor"):
-        graph = lambda: torch_compile(lambda *a: answer_logprobs(model, *a), dynamic=True, fullgraph=True, backend=backend,
-                                isolate_recompiles=True)
+        graph = lambda: torch_compile(lambda *a: answer_logprobs(model, *a), dynamic=True, fullgraph=True,
+                                      backend=backend, isolate_recompiles=True)
         self.graphs = {True: graph(), False: graph()}  # by torch.is_grad_enabled(); each compiles at its first call
 
     def __call__(self, idx, attention_mask, target_mask, temperature=1.0, return_entropy=False):
@@ -208,7 +208,7 @@ class StaticGenerator:
         """Record one decode step on `state` as a CUDA graph (warm-up steps on a side stream first, as torch.cuda.graph
         requires; autocast without its weight cache, which a graph cannot hold). The warm-up writes into the state,
         which start() and the prefill rewrite before it is read."""
-        run = lambda: self.autocast(dtype)(self.step)(self.model, state, temperature, eos_token_id)
+        run = lambda: self.run_step(state, temperature, eos_token_id, dtype)
         try:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
@@ -224,18 +224,11 @@ class StaticGenerator:
             print(f"warning: the decode step could not be captured as a CUDA graph ({str(e).splitlines()[0][:120]}); "
                   "generating without one")
 
-    @staticmethod
-    def autocast(dtype):
-        """The step under autocast to `dtype` (float32: none), its weight cache off (a CUDA graph cannot hold it)."""
-        def wrap(fn):
-            def run(*args):
-                if dtype == torch.float32:
-                    return fn(*args)
-                device_type = args[1].seq.device.type
-                with torch.autocast(device_type, dtype=dtype, cache_enabled=False):
-                    return fn(*args)
-            return run
-        return wrap
+    def run_step(self, state, temperature, eos_token_id, dtype):
+        """One decode step on `state` under autocast to `dtype` (float32: none), its weight cache off (a CUDA graph
+        cannot hold it)."""
+        with torch.autocast(state.seq.device.type, dtype=dtype, enabled=dtype != torch.float32, cache_enabled=False):
+            self.step(self.model, state, temperature, eos_token_id)
 
     @torch.no_grad()
     def __call__(self, idx, attention_mask, max_new_tokens, temperature=1.0, eos_token_id="eot", generator=None,
@@ -245,9 +238,7 @@ class StaticGenerator:
             return GPT.generate(model, idx, attention_mask, max_new_tokens, temperature, eos_token_id, generator,
                                 use_cache, return_logits)
         B, P = idx.shape
-        if P + max_new_tokens > model.config.block_size:
-            raise ValueError(f"prompt length {P} + max_new_tokens {max_new_tokens} = {P + max_new_tokens} exceeds "
-                             f"block_size {model.config.block_size}")
+        model.check_generation_fits(P, max_new_tokens)
         eos_token_id = model.eot_id if eos_token_id == "eot" else eos_token_id
         L = min(-(-(P + max_new_tokens) // 64) * 64, model.config.block_size)
         device_type = idx.device.type
@@ -268,7 +259,7 @@ class StaticGenerator:
             if state.graph is not None:
                 state.graph.replay()
             else:
-                self.autocast(dtype)(self.step)(model, state, temperature, eos_token_id)
+                self.run_step(state, temperature, eos_token_id, dtype)
         response_mask = state.response_mask[:, P:P + max_new_tokens]  # (B, max_new_tokens)
         R = int(response_mask.sum(1).max())  # model.generate stops at the step where the last row emitted EOS
         return state.seq[:, P:P + R].clone(), response_mask[:, :R].clone()
