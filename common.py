@@ -474,13 +474,15 @@ class Logger:
     """Append one JSON object per logged step to out/<stage>_log.jsonl and draw out/<stage>.png.
 
     `log(step, **metrics)` takes numbers (floats/ints) and strings (e.g. sampled text, kept in the jsonl,
-    not plotted). `plot()` draws one small panel per numeric metric against the step. A non-master DDP
-    rank writes nothing. A fresh run starts the jsonl afresh; a resumed run (start_step > 0) keeps the
-    rows of the steps before start_step and drops the rest (they are about to be redone).
+    not plotted). `plot()` draws one small panel per numeric metric against the step (x_label names it), and
+    lists a metric that never changed (beta without adaptive KL, ptx_loss without ptx) in the title instead
+    of a flat panel. A non-master DDP rank writes nothing. A fresh run starts the jsonl afresh; a resumed run
+    (start_step > 0) keeps the rows of the steps before start_step and drops the rest (they are about to be
+    redone).
     """
 
-    def __init__(self, out_dir, stage, master=True, start_step=0):
-        self.master = master
+    def __init__(self, out_dir, stage, master=True, start_step=0, x_label="step"):
+        self.master, self.x_label = master, x_label
         self.path = os.path.join(out_dir, f"{stage}_log.jsonl")
         self.png = os.path.join(out_dir, f"{stage}.png")
         self.stage = stage
@@ -503,25 +505,36 @@ class Logger:
                 f.write(json.dumps(row) + "\n")
 
     def plot(self):
+        """Draw out/<stage>.png. Returns (the metrics drawn, {metric: value} of those that never changed)."""
         if not self.master or not self.rows:
-            return
+            return [], {}
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        keys = []
+        series = {}  # metric -> [(step, value)], in the order the metrics were first logged
         for row in self.rows:
-            keys += [k for k, v in row.items() if k != "step" and isinstance(v, (int, float)) and k not in keys]
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    series.setdefault(k, []).append((row["step"], v))
+        constant = {k: pts[0][1] for k, pts in series.items() if len(pts) > 1 and len({v for _, v in pts}) == 1}
+        keys = [k for k in series if k not in constant]
         cols = min(4, max(1, len(keys)))
         rows = math.ceil(len(keys) / cols) or 1
         fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.6 * rows), squeeze=False)
-        for ax, key in zip(axes.flat, keys):
-            pts = [(r["step"], r[key]) for r in self.rows if isinstance(r.get(key), (int, float))]
+        for i, (ax, key) in enumerate(zip(axes.flat, keys)):
+            pts = series[key]
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="." if len(pts) < 30 else None)
             ax.set_title(key, fontsize=9)
             ax.tick_params(labelsize=7)
+            if i + cols >= len(keys):  # the lowest panel of its column
+                ax.set_xlabel(self.x_label, fontsize=8)
         for ax in list(axes.flat)[len(keys):]:
             ax.axis("off")
-        fig.suptitle(self.stage)
+        title = f"{self.stage}: every logged metric ({os.path.basename(self.path)})"
+        if constant:
+            title += "\nconstant over the run: " + ", ".join(f"{k} = {v:.4g}" for k, v in constant.items())
+        fig.suptitle(title, fontsize=10)
         fig.tight_layout()
         fig.savefig(self.png, dpi=90)
         plt.close(fig)
+        return keys, constant

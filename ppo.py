@@ -544,7 +544,7 @@ def main(argv=None):
     task = data.load_task(cfg, verbose=rt.master)  # train prompts, pretraining text for ptx, the judge (imdb)
     run = start_run(cfg, rt, task.prompts_train, ckpt)
     t0 -= ckpt.get("seconds", 0.0) if ckpt else 0.0  # the report's seconds count the run before a resume too
-    logger = common.Logger(cfg.out_dir, "ppo", rt.master, start_step=run.start)
+    logger = common.Logger(cfg.out_dir, "ppo", rt.master, start_step=run.start, x_label="iteration")
 
     pbar = tqdm(range(run.start, cfg.iterations), desc="ppo", disable=not rt.master)
     for it in pbar:

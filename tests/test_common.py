@@ -164,9 +164,11 @@ def test_logger_writes_jsonl_and_png(tmp_path):
     log = Logger(str(tmp_path), "demo")
     for step in range(3):
         log.log(step, loss=1.0 / (step + 1), lr=torch.tensor(0.5), sample="text is kept, not plotted")
-    log.plot()
+    log.log(3, test_loss=0.25)  # logged once: a panel with one point
+    drawn, constant = log.plot()
+    assert drawn == ["loss", "test_loss"] and constant == {"lr": 0.5}  # lr never changed: in the title, no panel
     rows = [json.loads(line) for line in open(tmp_path / "demo_log.jsonl")]
-    assert [r["step"] for r in rows] == [0, 1, 2]
+    assert [r["step"] for r in rows] == [0, 1, 2, 3]
     assert rows[2]["loss"] == pytest.approx(1 / 3) and rows[0]["lr"] == 0.5 and rows[0]["sample"]
     assert (tmp_path / "demo.png").stat().st_size > 1000
 
