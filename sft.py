@@ -126,7 +126,7 @@ def accumulate_sft_gradients(model, micro_batches, rt, trunk=None, causal=False)
             loss, _ = target_loss(model, b, trunk, causal)
         (loss * n / total * rt.world_size).backward()
         step_loss = step_loss + loss.detach().double() * n.double()  # on the device: no sync per micro-batch
-    return (step_loss / max(sum(counts).item(), 1)).item()  # this rank's token-level mean, for display
+    return (step_loss / sum(counts).clamp(min=1)).item()  # this rank's token-level mean, for display
 
 
 def flops_per_step(model, n_tokens, n_targets, T):
