@@ -203,6 +203,29 @@ def best_of_n_curve(proxy, gold=None, ns=None):
     return rows
 
 
+def seed_interval(values, resamples=10000):
+    """The mean over training seeds of one figure, with a 95% interval over the seeds (RL results move with the seed:
+    Henderson et al. 2018; report intervals over runs: Agarwal et al. 2021). values: floats, one per seed (nan for
+    a run that diverged is dropped). Fewer than 5 seeds: the range (min, max), said as "range"; 5 or more: a
+    percentile bootstrap of the mean ("bootstrap", resamples draws of n seeds with replacement, generator seed 0).
+    Returns dict mean, low, high, n, how; mean None when no value is left."""
+    x = torch.tensor([v for v in values if v == v], dtype=torch.float64)  # v == v drops nan
+    if len(x) == 0:
+        return dict(mean=None, low=None, high=None, n=0, how="none")
+    if len(x) < 5:
+        return dict(mean=x.mean().item(), low=x.min().item(), high=x.max().item(), n=len(x), how="range")
+    draws = x[torch.randint(len(x), (resamples, len(x)), generator=torch.Generator().manual_seed(0))].mean(1)
+    low, high = torch.quantile(draws, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return dict(mean=x.mean().item(), low=low, high=high, n=len(x), how="bootstrap")
+
+
+def order(a, b):
+    """+1 if interval a (seed_interval) lies wholly above b, -1 wholly below, 0 where they overlap: not separable."""
+    if a["mean"] is None or b["mean"] is None:
+        return 0
+    return 1 if a["low"] > b["high"] else -1 if a["high"] < b["low"] else 0
+
+
 def save_point(out_dir, stage, summary, settings):
     """Write out/eval_<stage>.json, the point the frontier chart draws for that policy, with its eval settings."""
     with open(os.path.join(out_dir, f"eval_{stage}.json"), "w") as f:

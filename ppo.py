@@ -13,11 +13,11 @@ rollout's and the update's logprobs come from one function. One iteration of mai
   1. rollout  answers y ~ pi_old(.|x) to `batch_size` train prompts: log pi_old, log pi_ref, V per response token
   2. score    s = r(x, y) / (std of the first rollout's scores) (Ziegler et al. 2019); critic head likewise
   3. rewards  per_token_rewards: -beta * kl_t, plus s on the last response token (InstructGPT eq. 2)
-  4. advantages  compute_gae (then whitened), or critic-free from the prompt's other answers (rloo, grpo)
+  4. advantages  compute_gae (then whitened), or critic-free: the prompt's other answers (rloo, grpo), REINFORCE
   5. update   ppo_epochs x shuffled minibatches: clipped policy loss (+ ptx loss), clipped value loss
   6. beta     fixed, or AdaptiveKLController (Ziegler et al. 2019, section 2.2)
-The logged figures are explained in docs/ppo.md; ppo.pt is written every checkpoint_every iterations, and
-`--resume=True` continues a killed run to the same final iteration.
+The rungs from REINFORCE to this (--advantage_estimator, --surrogate) are run side by side by ladder.py; the logged
+figures are explained in docs/ppo.md; `--resume=True` continues a killed run to the same final iteration.
 
 Layout: sequences = cat([prompt (B, P) left-padded, response (B, R)], 1); everything per token is the (B, R) response
 slice [:, P:] with `response_mask` (1 up to and including the first EOS). V_t is the critic at position P + t - 1,
@@ -73,10 +73,16 @@ config = dict(common.SHARED,  # out_dir, data_dir, device, block_size, max_new_t
     gamma=setting(1.0, "[0, 1]"),       # discount
     lam=setting(0.95, "[0, 1]"),        # GAE lambda
     whiten_advantages=True,             # False: raw GAE advantages (their scale then follows the reward's)
-    advantage_estimator=setting("gae", "gae | rloo | grpo"),  # gae: a critic | rloo: the prompt's other samples |
-                                        # grpo: the group's normalised scores, AND the KL moves from the reward into
-                                        # the loss (grpo_loss, DeepSeekMath); rloo, grpo: no critic, and the same
-                                        # budget as gae: batch_size * samples_per_prompt answers
+    advantage_estimator=setting("gae", "gae | reinforce | reinforce_baseline | reward_to_go | rloo | grpo"),
+                                        # gae: a critic | reinforce: the answer's return R | reinforce_baseline:
+                                        # R - batch mean | reward_to_go: G_t - batch mean of R | rloo: the prompt's
+                                        # other samples | grpo: the group's normalised scores, AND the KL moves from
+                                        # the reward into the loss (grpo_loss); all but gae: no critic
+    surrogate=setting("clip", "clip | klpen | cpi"),  # the policy loss (Schulman et al. 2017): clip (eq. 7) | klpen:
+                                        # adaptive KL penalty to pi_old (eq. 8) | cpi: rho * A, nothing holds rho back
+    klpen_target=setting(0.01, "> 0"),  # klpen: target KL(pi_old || pi_theta) per token after an update, nats
+    klpen_beta=setting(1.0, "> 0"),     # klpen: the penalty's first coefficient (halved / doubled each iteration)
+    critic_init=setting("rm", "rm | sft"),  # gae: the critic starts as the reward model | the SFT policy + a fresh head
     samples_per_prompt=setting(1, ">= 1"),  # k responses per prompt, consecutive in the batch (k >= 2: rloo, grpo)
     # PPO-ptx: off in the CPU preset, where it slows the gain and keeps almost nothing (docs/cpu_preset.md);
     # try --ptx_coef=0.5
@@ -225,13 +231,63 @@ def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, response_mask, c
     return per_sequence.mean(), masked_mean(clipped, response_mask)
 
 
-def critic_free_advantages(scores, rewards, response_mask, estimator, k):
-    """The advantage of every response token when there is no critic: its sequence's. rloo: the leave-one-out
-    advantage of R_i = sum_t r_t = score - beta * KL; grpo: the group-normalised score (its KL term is in the loss).
-    scores (B,), rewards (B, R) per-token rewards, response_mask (B, R). Returns (B, R), 0 outside the mask."""
+def reinforce_advantages(rewards, response_mask, estimator, gamma):
+    """The ladder's first rungs, on-policy REINFORCE (Williams 1992) without a critic, R = sum_t r_t:
+        reinforce:           A_t = R                  every token weighted by the whole answer's return
+        reinforce_baseline:  A_t = R - b              b = mean of R over this rank's batch
+        reward_to_go:        A_t = G_t - b            G_t = sum_{t' >= t} gamma^(t' - t) r_t'  (credit assignment)
+    rewards, response_mask (B, T) float. Returns (B, T), 0 outside the mask. Raises ValueError for another
+    estimator."""
+    R = rewards.sum(1, keepdim=True)  # (B, 1)
+    if estimator == "reinforce":
+        return R * response_mask
+    if estimator == "reinforce_baseline":
+        return (R - R.mean()) * response_mask
+    if estimator == "reward_to_go":  # GAE with V = 0 and lam = 1 is the discounted reward-to-go
+        G = compute_gae(rewards, torch.zeros_like(rewards), response_mask, gamma, 1.0)[0]  # (B, T)
+        return (G - R.mean()) * response_mask
+    raise ValueError(f"reinforce_advantages: estimator {estimator!r}")
+
+
+def critic_free_advantages(scores, rewards, response_mask, estimator, k, gamma):
+    """The advantage of every response token when there is no critic. rloo: the leave-one-out advantage of
+    R_i = sum_t r_t = score - beta * KL; grpo: the group-normalised score (its KL term is in the loss); the REINFORCE
+    rungs: reinforce_advantages. scores (B,), rewards (B, R) per-token rewards, response_mask (B, R). Returns (B, R),
+    0 outside the mask."""
     if estimator == "rloo":
         return rloo_advantages(rewards.sum(1), k)[:, None] * response_mask
-    return grpo_advantages(scores, k)[:, None] * response_mask
+    if estimator == "grpo":
+        return grpo_advantages(scores, k)[:, None] * response_mask
+    return reinforce_advantages(rewards, response_mask, estimator, gamma)
+
+
+def cpi_loss(logprobs, old_logprobs, advantages, response_mask, cliprange):
+    """The importance-sampled surrogate with nothing holding the ratio back ("CPI", Kakade & Langford 2002;
+    Schulman et al. 2017, eq. 6), negated:  L = - mean_t rho_t A_t,  rho_t = pi_theta(y_t) / pi_old(y_t).
+    At rho = 1 (an update's first step) its gradient is the policy gradient - mean_t A_t grad log pi(y_t).
+    Shapes as policy_loss. Returns (loss, clipfrac): where PPO-clip would have cut the gradient (logged only)."""
+    ratio = torch.exp(logprobs - old_logprobs)
+    clipped = clipped_surrogate(logprobs, old_logprobs, advantages, cliprange)[1]
+    return -masked_mean(ratio * advantages, response_mask), masked_mean(clipped, response_mask)
+
+
+def klpen_loss(logprobs, old_logprobs, advantages, response_mask, cliprange, beta_old):
+    """PPO's KL-penalised surrogate (Schulman et al. 2017, eq. 8), negated:
+        L = - mean_t rho_t A_t + beta_old * mean_t KL_t(pi_old || pi_theta)
+    the per-token KL estimated by k3 on the tokens pi_old sampled, (rho - 1) - log rho. beta_old float (adapted by
+    klpen_beta_update). Shapes and clipfrac as cpi_loss."""
+    loss, clipfrac = cpi_loss(logprobs, old_logprobs, advantages, response_mask, cliprange)
+    return loss + beta_old * masked_mean(kl_estimate(old_logprobs, logprobs, "k3"), response_mask), clipfrac
+
+
+def klpen_beta_update(beta_old, kl, target):
+    """PPO's adaptive penalty coefficient (Schulman et al. 2017, section 4), after an update that moved the policy
+    by kl = mean KL(pi_old || pi_theta):  kl < target / 1.5 -> beta / 2;  kl > target * 1.5 -> beta * 2."""
+    if kl < target / 1.5:
+        return beta_old / 2
+    if kl > target * 1.5:
+        return beta_old * 2
+    return beta_old
 
 
 def value_loss(values, old_values, returns, response_mask, cliprange_value):
@@ -329,12 +385,16 @@ def update(run, batch, advantages, returns, old_values, beta, cfg, rt, text, it)
             response_mask, idx, attn = batch.response_mask[mb], batch.idx[mb], batch.attn[mb]  # (b, R), (b, P+R) x2
             with rt.autocast():
                 logprobs = train_logprobs(idx, attn, batch.target_mask[mb], cfg.temperature)[:, P:]  # (b, R)
+                old, adv = batch.old_logprobs[mb], advantages[mb]  # (b, R) x2
                 if cfg.advantage_estimator == "grpo":  # the KL to the reference is a loss term, not a reward
-                    pg_loss, pg_clipfrac = grpo_loss(logprobs, batch.old_logprobs[mb], batch.ref_logprobs[mb],
-                                                     advantages[mb], response_mask, cfg.cliprange, beta)
+                    pg_loss, pg_clipfrac = grpo_loss(logprobs, old, batch.ref_logprobs[mb], adv, response_mask,
+                                                     cfg.cliprange, beta)
+                elif cfg.surrogate == "clip":
+                    pg_loss, pg_clipfrac = policy_loss(logprobs, old, adv, response_mask, cfg.cliprange)
+                elif cfg.surrogate == "klpen":
+                    pg_loss, pg_clipfrac = klpen_loss(logprobs, old, adv, response_mask, cfg.cliprange, run.klpen_beta)
                 else:
-                    pg_loss, pg_clipfrac = policy_loss(logprobs, batch.old_logprobs[mb], advantages[mb], response_mask,
-                                                       cfg.cliprange)
+                    pg_loss, pg_clipfrac = cpi_loss(logprobs, old, adv, response_mask, cfg.cliprange)
                 ptx = torch.zeros((), device=rt.device)
                 if cfg.ptx_coef > 0:  # PPO-ptx: a batch of pretraining text windows
                     tb = data.sample_text_batch(text, cfg.ptx_batch_size, cfg.ptx_block_size, gen)
@@ -358,6 +418,16 @@ def update(run, batch, advantages, returns, old_values, beta, cfg, rt, text, it)
             for k, v in step_stats.items():
                 stats[k].append(v.item())
     return {k: sum(v) / len(v) for k, v in stats.items()}
+
+
+@torch.no_grad()
+def policy_drift(run, batch, cfg, rt):
+    """After an update: mean_t KL(pi_old || pi_theta) over the rollout's response tokens (k3), the mean over the DDP
+    ranks (a float)."""
+    with rt.autocast():
+        logprobs = run.logprobs(batch.idx, batch.attn, batch.target_mask, cfg.temperature)[:, batch.P:]  # (B, R)
+    return common.all_reduce_mean(masked_mean(kl_estimate(batch.old_logprobs, logprobs.float(), "k3"),
+                                              batch.response_mask), rt)
 
 
 def responses(batch):
@@ -405,9 +475,12 @@ def check_combinations(cfg):
     from the other samples)."""
     if cfg.reward == "gold" and cfg.task != "imdb":
         raise common.ConfigError(f"--reward={cfg.reward}: expected rm, or gold on the imdb task (hh has no judge)")
-    if cfg.advantage_estimator != "gae" and cfg.samples_per_prompt < 2:
+    if cfg.advantage_estimator in ("rloo", "grpo") and cfg.samples_per_prompt < 2:
         raise common.ConfigError(f"--advantage_estimator={cfg.advantage_estimator} needs --samples_per_prompt >= 2 "
                                  f"(got {cfg.samples_per_prompt}): its baseline is the prompt's other samples")
+    if cfg.advantage_estimator == "grpo" and cfg.surrogate != "clip":
+        raise common.ConfigError(f"--surrogate={cfg.surrogate} with --advantage_estimator=grpo: GRPO's loss is its own "
+                                 "clipped one (grpo_loss); pass --surrogate=clip")
 
 
 def load_ppo_models(cfg, rt, prompts):
@@ -418,7 +491,7 @@ def load_ppo_models(cfg, rt, prompts):
     rm_ckpt = load_checkpoint(os.path.join(cfg.out_dir, "rm.pt"), stage="rm", vocab_size=cfg.vocab_size)
     load = lambda ckpt, head: model_from_checkpoint(ckpt, scalar_head=head).to(rt.device).eval()
     policy = load(sft_ckpt, False)
-    critic = load(rm_ckpt, True) if cfg.advantage_estimator == "gae" else None  # rloo, grpo: no critic at all
+    critic = load(rm_ckpt if cfg.critic_init == "rm" else sft_ckpt, True) if cfg.advantage_estimator == "gae" else None
     reference, reward_model = load(sft_ckpt, False).requires_grad_(False), load(rm_ckpt, True).requires_grad_(False)
     longest = max(len(e["prompt"]) for e in prompts)
     if longest + cfg.max_new_tokens > policy.config.block_size:
@@ -444,9 +517,10 @@ def start_run(cfg, rt, prompts, ckpt):
                  optimizers=dict(policy=run.opt_policy, critic=run.opt_critic),
                  generators=dict(gen=run.gen, sampler=run.sampler))
     run.state = {k: {name: x for name, x in v.items() if x is not None} for k, v in state.items()}  # no critic: none
-    run.start, run.score_scale = 0, None
+    run.start, run.score_scale, run.klpen_beta = 0, None, cfg.klpen_beta
     if ckpt:
         run.start, run.score_scale = restore_training_state(ckpt, rt, **run.state), ckpt["score_scale"]
+        run.klpen_beta = ckpt.get("klpen_beta", cfg.klpen_beta)
         if run.kl_ctl:
             run.kl_ctl.value = ckpt["beta"]
     return run
@@ -478,9 +552,9 @@ def iteration(run, it, beta, cfg, rt, task):
         run.score_scale = score_scale(scores, cfg, rt)
         critic_scale = score_scale(batch.scores, cfg, rt, "reward-model scores") if cfg.reward == "gold" else \
             run.score_scale  # the critic is a copy of the reward model: its own scores' std
-        if run.critic:
+        if run.critic and cfg.critic_init == "rm":  # a fresh head (critic_init=sft) has no units to change
             rescale_critic(run.critic, critic_scale)
-        values = values / critic_scale  # this rollout's values came from the critic before its rescaling
+            values = values / critic_scale  # this rollout's values came from the critic before its rescaling
         if rt.master:
             tqdm.write(f"std of the SFT policy's scores {run.score_scale:.4f}: rewards use s / {run.score_scale:.4f}, "
                        f"the critic its own scores / {critic_scale:.4f}")
@@ -497,13 +571,16 @@ def iteration(run, it, beta, cfg, rt, task):
             advantages = whiten(advantages, batch.response_mask)
     else:
         advantages, returns = critic_free_advantages(final_scores, rewards, batch.response_mask,
-                                                     cfg.advantage_estimator, cfg.samples_per_prompt), None
+                                                     cfg.advantage_estimator, cfg.samples_per_prompt, cfg.gamma), None
 
     # 5. update: ppo_epochs x shuffled minibatches of policy (+ ptx) and value steps
     t_update = time.time()
     stats = update(run, batch, advantages, returns, values, beta, cfg, rt, task.text, it)
 
-    # 6. log, and beta for the next iteration
+    # 6. log, and beta for the next iteration (klpen: and its penalty's, from how far this update moved the policy)
+    if cfg.surrogate == "klpen":
+        stats.update(klpen_beta=run.klpen_beta, policy_drift=policy_drift(run, batch, cfg, rt))
+        run.klpen_beta = klpen_beta_update(run.klpen_beta, stats["policy_drift"], cfg.klpen_target)
     metrics = dict(rollout_metrics(batch, scores, rewards, values, returns, beta, cfg.kl_estimator),
                    lr=cfg.lr * lr_scale, rollout_s=t_update - t_rollout, update_s=time.time() - t_update, **stats)
     if gold is not None:  # the truth behind the proxy score: does the policy really get more positive?
@@ -556,7 +633,7 @@ def main(argv=None):
         if checkpoint_due(it + 1, cfg, cfg.iterations):
             save_training_state(path, "ppo", cfg, it + 1, cfg.iterations, rt, **run.state,
                                 score_scale=run.score_scale, beta=run.kl_ctl.value if run.kl_ctl else cfg.beta,
-                                seconds=time.time() - t0)
+                                klpen_beta=run.klpen_beta, seconds=time.time() - t0)
     logger.plot()
 
     report = {}

@@ -297,10 +297,11 @@ def test_grpo_loss_equals_the_formula_token_by_token():
     assert clipfrac.item() == pytest.approx(n_clipped / n)
 
 
-@pytest.mark.parametrize("estimator, beta", [("rloo", 0.5), ("grpo", 0.02)])
+@pytest.mark.parametrize("estimator, beta", [("rloo", 0.5), ("grpo", 0.02), ("reinforce_baseline", 0.5)])
 def test_critic_free_estimators_move_a_bandit_toward_the_optimum(estimator, beta):
     """The bandit of the PPO test, k = 8 samples per prompt, no critic. rloo optimises the same KL-regularised
-    objective as PPO (R = r - beta kl, leave-one-out baseline), so it must approach pi* ∝ pi_ref exp(r / beta).
+    objective as PPO (R = r - beta kl, leave-one-out baseline), so it must approach pi* ∝ pi_ref exp(r / beta), and
+    so must REINFORCE with the batch-mean baseline (with the unclipped importance-sampled loss, cpi_loss).
     grpo's advantages are rescaled by the group's std, and its k3 loss term pulls with the gradient of
     KL(pi_ref || pi), so its fixed point is not that pi*; with a small beta both approach the best arm, and it
     must move there."""
@@ -319,11 +320,13 @@ def test_critic_free_estimators_move_a_bandit_toward_the_optimum(estimator, beta
             old_logp = torch.log_softmax(logits, 0)
             a = torch.multinomial(old_logp.exp(), k * groups, replacement=True, generator=g)  # groups of k
             rewards = ppo.per_token_rewards(r[a], old_logp[a][:, None], ref_logp[a][:, None], mask, beta, "k1")
-            adv = ppo.critic_free_advantages(r[a], rewards, mask, estimator, k)
+            adv = ppo.critic_free_advantages(r[a], rewards, mask, estimator, k, 1.0)
         for _ in range(4):
             logp = torch.log_softmax(logits, 0)[a][:, None]
             if estimator == "grpo":
                 loss, _ = ppo.grpo_loss(logp, old_logp[a][:, None], ref_logp[a][:, None], adv, mask, 0.2, beta)
+            elif estimator == "reinforce_baseline":
+                loss, _ = ppo.cpi_loss(logp, old_logp[a][:, None], adv, mask, 0.2)
             else:
                 loss, _ = ppo.policy_loss(logp, old_logp[a][:, None], adv, mask, 0.2)
             opt.zero_grad()
@@ -571,7 +574,7 @@ def test_tiny_critic_free_run_builds_no_critic(estimator, hh_dir, tmp_path, monk
 def test_critic_free_estimators_need_two_samples_per_prompt(tmp_path):
     with pytest.raises(common.ConfigError, match="samples_per_prompt >= 2"):
         ppo.main(["--device=cpu", f"--out_dir={tmp_path}", "--advantage_estimator=grpo"])
-    with pytest.raises(common.ConfigError, match="--advantage_estimator=a2c: expected one of gae, rloo, grpo"):
+    with pytest.raises(common.ConfigError, match="--advantage_estimator=a2c: expected one of gae, reinforce, "):
         ppo.main(["--device=cpu", f"--out_dir={tmp_path}", "--advantage_estimator=a2c"])
 
 
@@ -716,3 +719,109 @@ def test_flags_whiten_off_and_grad_clip_0_really_switch_off(hh_dir, tmp_path, mo
         assert (calls["whiten"] == 2) == whitened and calls["max_norms"]
         assert all(math.isfinite(m) for m in calls["max_norms"]) == finite
         assert all(m == float("inf") for m in calls["max_norms"]) == (not finite)
+
+
+# ----------------------------------------------------------------------------- the ladder's rungs
+@pytest.mark.parametrize("gamma", [1.0, 0.9])
+def test_reinforce_advantages_equal_loops_over_the_returns(gamma):
+    """Rungs 1-3 against the textbook sums: R = sum_t r_t; A = R, R - mean_b R, or G_t - mean_b R with the
+    reward-to-go G_t = sum_{t' >= t} gamma^(t' - t) r_t' over the real tokens."""
+    g = torch.Generator().manual_seed(11)
+    lengths, T = [5, 2, 4], 5
+    mask = prefix_mask(lengths, T)
+    rewards = torch.randn(3, T, generator=g) * mask
+    R = [sum(rewards[b, t].item() for t in range(lengths[b])) for b in range(3)]
+    b_mean = sum(R) / 3
+    for estimator in ("reinforce", "reinforce_baseline", "reward_to_go"):
+        adv = ppo.reinforce_advantages(rewards, mask, estimator, gamma)
+        for b in range(3):
+            for t in range(T):
+                if t >= lengths[b]:
+                    want = 0.0
+                elif estimator == "reinforce":
+                    want = R[b]
+                elif estimator == "reinforce_baseline":
+                    want = R[b] - b_mean
+                else:
+                    want = sum(gamma ** (u - t) * rewards[b, u].item() for u in range(t, lengths[b])) - b_mean
+                assert adv[b, t].item() == pytest.approx(want, abs=1e-5), (estimator, b, t)
+    with pytest.raises(ValueError, match="estimator 'gae'"):
+        ppo.reinforce_advantages(rewards, mask, "gae", gamma)
+
+
+def test_cpi_and_klpen_losses_equal_their_formulas_token_by_token():
+    """cpi: - mean rho A; klpen: that + beta * mean((rho - 1) - log rho); at rho = 1 both have the policy gradient
+    - A / N per token (the penalty's gradient is 0 there)."""
+    g = torch.Generator().manual_seed(4)
+    mask = prefix_mask([4, 2], 4)
+    old = -torch.rand(2, 4, generator=g) * 2
+    logprobs = old + torch.randn(2, 4, generator=g) * 0.5
+    adv = torch.randn(2, 4, generator=g)
+    terms, kls = [], []
+    for b in range(2):
+        for t in range(4):
+            if mask[b, t]:
+                rho = math.exp(logprobs[b, t] - old[b, t])
+                terms.append(rho * adv[b, t].item())
+                kls.append(rho - 1 - math.log(rho))
+    cpi, _ = ppo.cpi_loss(logprobs, old, adv, mask, 0.2)
+    klpen, _ = ppo.klpen_loss(logprobs, old, adv, mask, 0.2, 3.0)
+    assert cpi.item() == pytest.approx(-sum(terms) / len(terms), abs=1e-5)
+    assert klpen.item() == pytest.approx(-sum(terms) / len(terms) + 3.0 * sum(kls) / len(kls), abs=1e-5)
+    for loss_fn in (lambda lp: ppo.cpi_loss(lp, old, adv, mask, 0.2), lambda lp: ppo.klpen_loss(lp, old, adv, mask, 0.2, 3.0)):
+        lp = old.clone().requires_grad_()
+        loss_fn(lp)[0].backward()
+        assert torch.allclose(lp.grad, -adv * mask / mask.sum(), atol=1e-6)
+
+
+def test_klpen_beta_halves_and_doubles_around_the_target():
+    """PPO paper, section 4: d < d_targ / 1.5 halves beta, d > d_targ * 1.5 doubles it, between leaves it."""
+    assert ppo.klpen_beta_update(1.0, 0.006, 0.01) == 0.5  # 0.006 < 0.00667
+    assert ppo.klpen_beta_update(1.0, 0.007, 0.01) == 1.0
+    assert ppo.klpen_beta_update(1.0, 0.014, 0.01) == 1.0
+    assert ppo.klpen_beta_update(1.0, 0.016, 0.01) == 2.0  # 0.016 > 0.015
+
+
+def test_tiny_ladder_runs(hh_dir, tmp_path, monkeypatch):
+    """Rung 1 (REINFORCE, one on-policy step) builds no critic and its update's only ratio is 1; rung 5 (klpen)
+    logs the KL penalty's beta, moved from one iteration to the next by klpen_beta_update of the logged drift;
+    critic_init=sft starts the critic from the SFT trunk (its head fresh, not the reward model's)."""
+    monkeypatch.chdir(tmp_path)
+    out = str(tmp_path / "out")
+    write_tiny_checkpoints(out)
+    base = TINY + [f"--data_dir={hh_dir}", "--iterations=3", "--eval_prompts=4"]
+    ppo.main(base + [f"--out_dir={out}", "--advantage_estimator=reinforce", "--surrogate=cpi", "--ppo_epochs=1",
+                     "--minibatch_size=16"])
+    rows = [json.loads(line) for line in open(os.path.join(out, "ppo_log.jsonl"))]
+    assert all(r["approx_kl"] == 0 and "value_loss" not in r for r in rows)  # one step on pi_old itself: rho = 1
+    assert "critic" not in torch.load(os.path.join(out, "ppo.pt"))
+    out5 = str(tmp_path / "out5")
+    write_tiny_checkpoints(out5)
+    ppo.main(base + [f"--out_dir={out5}", "--advantage_estimator=reward_to_go", "--surrogate=klpen",
+                     "--klpen_target=0.001"])
+    rows = [json.loads(line) for line in open(os.path.join(out5, "ppo_log.jsonl"))]
+    assert rows[0]["klpen_beta"] == 1.0
+    for r, nxt in zip(rows, rows[1:]):
+        assert nxt["klpen_beta"] == ppo.klpen_beta_update(r["klpen_beta"], r["policy_drift"], 0.001)
+    assert torch.load(os.path.join(out5, "ppo.pt"))["klpen_beta"] == ppo.klpen_beta_update(
+        rows[-1]["klpen_beta"], rows[-1]["policy_drift"], 0.001)
+    out7 = str(tmp_path / "out7")
+    write_tiny_checkpoints(out7)
+    captured = []
+    real_start = ppo.start_run
+    monkeypatch.setattr(ppo, "start_run", lambda *a: captured.append(real_start(*a)) or captured[-1])
+    monkeypatch.setattr(ppo, "iteration", lambda *a: {"score": 0.0, "kl": 0.0})
+    ppo.main(base + [f"--out_dir={out7}", "--critic_init=sft", "--iterations=1"])
+    critic, rm = captured[0].critic, captured[0].reward_model
+    assert not torch.equal(critic.scalar_head.weight, rm.scalar_head.weight)
+    wpe = lambda m: m.transformer.wpe.weight  # the tiny reward model's positions are zeroed, the SFT model's not
+    assert torch.equal(wpe(critic), wpe(captured[0].reference)) and not torch.equal(wpe(critic), wpe(rm))
+
+
+def test_bad_ladder_settings_are_one_line_errors(tmp_path):
+    for flags, message in ((["--surrogate=trpo"], "--surrogate=trpo: expected one of clip, klpen, cpi"),
+                           (["--klpen_target=0"], "--klpen_target=0.0: expected a value > 0"),
+                           (["--advantage_estimator=grpo", "--samples_per_prompt=2", "--surrogate=cpi"],
+                            "grpo: GRPO's loss is its own clipped one")):
+        with pytest.raises(common.ConfigError, match=message):
+            ppo.main(["--device=cpu", f"--out_dir={tmp_path}"] + flags)
