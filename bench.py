@@ -9,6 +9,7 @@ with full vs last-token logits, and the sampler (torch.multinomial vs model.samp
     python bench.py --compile_check --n_layer=12   # ... at GPT-2-small's depth (dynamo's recompile_limit is per frame)
     python bench.py --gpu                    # the CUDA preset's figures in one table (GPT-2-small shape, <= 8 min)
     python bench.py --gpu --device=cpu       # the same at a tiny shape: a dry run (in the test suite)
+    python bench.py --gpu --help             # the settings of --gpu (--help alone: those of the plain run)
 """
 import contextlib
 import importlib
@@ -27,9 +28,22 @@ from common import parse_config, setup_runtime
 from model import GPT, GPTConfig, padded_vocab_size, sample_from_logits
 from speed import StaticGenerator
 
-config = dict(device="auto", dtype="auto", seed=1337, compile=False, n_layer=4, n_head=4, n_embd=192,
-              vocab_size=8192, block_size=256, batch_size=64, prompt_len=8, max_new_tokens=48, train_batch_size=16,
-              repeats=3)
+config = dict(
+    device="auto",           # auto | cpu | cuda | cuda:N
+    dtype="auto",            # auto (bfloat16 on a CUDA GPU that has it, float32 elsewhere) | float32 | bfloat16
+    seed=1337,               # the random seed of the initial weights and the inputs
+    compile=False,           # torch.compile the model for the full-logits forward
+    n_layer=4,               # transformer blocks
+    n_head=4,                # attention heads per block
+    n_embd=192,              # embedding width (a multiple of n_head)
+    vocab_size=8192,         # tokens of the vocabulary (50257 = GPT-2's whole one)
+    block_size=256,          # the model's context, and the tokens per row of the forward and the training step
+    batch_size=64,           # rows per generation and forward (PPO's rollout batch)
+    prompt_len=8,            # tokens per generation prompt (half the rows left-padded)
+    max_new_tokens=48,       # tokens generated per row
+    train_batch_size=16,     # windows of block_size tokens per training step
+    repeats=3,               # timed calls per figure after a warm-up one (the best is reported)
+)
 
 
 def once(fn, cfg):
@@ -65,7 +79,7 @@ def train_step_tokens_per_s(model, cfg, rt):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    if "--compile_check" in argv or "--compile_check=True" in argv:
+    if ("--compile_check" in argv or "--compile_check=True" in argv) and not set(argv) & set(common.HELP_FLAGS):
         return compile_check([a for a in argv if not a.startswith("--compile_check")])
     if "--gpu" in argv or "--gpu=True" in argv:
         return gpu_bench([a for a in argv if not a.startswith("--gpu")])
@@ -196,9 +210,25 @@ def compile_check(overrides=()):
 # ----------------------------------------------------------------------------------------------------
 # --gpu: the CUDA preset's figures in one table
 
-GPU_DRY_RUN = dict(device="auto", dtype="auto", seed=1337, n_layer=2, n_head=2, n_embd=64, vocab_size=512,
-                   block_size=64, batch_size=4, prompt_len=8, max_new_tokens=8, train_batch_size=2, train_block_size=32,
-                   rm_rows=8, dpo_rows=8, repeats=1, backend="eager")  # on the CPU: every path runs, nothing is timed
+GPU_DRY_RUN = dict(  # on the CPU: every path runs, nothing is timed; GPU_SIZES on a GPU
+    device="auto",           # auto | cpu | cuda | cuda:N
+    dtype="auto",            # auto (bfloat16 on a CUDA GPU that has it, float32 elsewhere) | float32 | bfloat16
+    seed=1337,               # the random seed of the initial weights and the inputs
+    n_layer=2,               # transformer blocks
+    n_head=2,                # attention heads per block
+    n_embd=64,               # embedding width (a multiple of n_head)
+    vocab_size=512,          # tokens of the vocabulary
+    block_size=64,           # the model's context
+    batch_size=4,            # prompts per generation (PPO's rollout batch)
+    prompt_len=8,            # tokens per prompt (half the rows left-padded)
+    max_new_tokens=8,        # tokens generated per prompt
+    train_batch_size=2,      # windows per pretraining step (sft.py's first phase)
+    train_block_size=32,     # tokens per window
+    rm_rows=8,               # rows of prompt + answer per reward-model step
+    dpo_rows=8,              # rows of prompt + answer (chosen and rejected) per DPO micro-batch
+    repeats=1,               # timed calls per figure after the first (the best is reported)
+    backend="eager",         # torch.compile's backend: eager (dynamo only, a dry run) | inductor
+)
 GPU_SIZES = dict(n_layer=12, n_head=12, n_embd=768, vocab_size=50257, block_size=512, batch_size=128, prompt_len=64,
                  max_new_tokens=128, train_batch_size=32, train_block_size=512, rm_rows=64, dpo_rows=64, repeats=3,
                  backend="inductor")  # GPT-2 small; PPO's rollout batch; sft's windows; reward.py's 16 x K=4 rows and

@@ -11,7 +11,9 @@ lr=setting(1e-3, ">= 0")) plus a dict of overrides for a CUDA GPU, then calls
     cfg = parse_config(config, argv, cuda_overrides=cuda_config)   # python sft.py --lr=3e-4 --device=cpu
     rt = setup_runtime(cfg)                                         # device, autocast, DDP rank
 
-and runs as `if __name__ == "__main__": common.cli(main)`, so that a user's mistake is one line.
+and runs as `if __name__ == "__main__": common.cli(main)`, so that a user's mistake is one line. `--help` prints every
+setting with its default, the values it allows and the comment of its config line (config_help): the comments are
+the help's one source, so each setting's line in a config says what it does.
 
 Multi-process training works as in nanoGPT: `torchrun --nproc_per_node=N sft.py` starts N processes;
 each one reads RANK / WORLD_SIZE from the environment, joins a process group (gloo on CPU, nccl on CUDA),
@@ -137,13 +139,13 @@ SHARED = dict(
     compile=False,           # torch.compile the training forward (measured: helps neither on CPU nor on an H200)
     fast_generation=False,   # sample with speed.StaticGenerator (static KV cache; a CUDA graph per decode step on
                              # CUDA): the same tokens as model.generate, the readable reference
-    seed=setting(1337, ">= 0"),
+    seed=setting(1337, ">= 0"),  # the random seed: initial weights, data order, sampling
     vocab_size=setting(8192, "[257, 50257]"),  # GPT-2's BPE cut to its first merges (data/tokenizer.py); 50257 = all
     block_size=setting(256, ">= 2"),      # tokens of prompt + response the models see
     max_prompt_len=setting(128, ">= 1"),  # prompts are cut to their last max_prompt_len tokens
     max_new_tokens=setting(48, ">= 1"),   # answer length cap: PPO's rollouts and every evaluation
     eval_prompts=setting(256, ">= 0"),    # the evaluation set: the first eval_prompts test prompts (0 = all)
-    eval_seed=setting(0, ">= 0"),         # ... answered with this sampler seed, at temperature 1
+    eval_seed=setting(0, ">= 0"),         # the sampler seed of the evaluation set's answers (at temperature 1)
     eval_batch_size=setting(128, ">= 1"),  # sequences per no-grad forward in evaluations and sampling
     checkpoint_every=setting(100, ">= 0"),  # steps between checkpoints (and one at the end); 0 = only at the end
     resume=False,            # continue from <out_dir>/<stage>.pt up to the same final step
@@ -190,6 +192,10 @@ def _parse_value(key, text, default):
 def parse_config(defaults, argv=None, cuda_overrides=None, verbose=True):
     """Build a stage's config from its defaults, the CUDA preset and `--key=value` overrides.
 
+    `--help` or `-h` anywhere in argv prints config_help of the script that called (its module docstring's usage
+    lines and the comments of its `defaults`, found among its globals) and exits with status 0, before anything
+    else happens.
+
     Args:
         defaults: dict of key -> default value (bool, int, float or str), the CPU preset.
         argv: list of strings `--key=value` (None reads sys.argv[1:]).
@@ -200,21 +206,37 @@ def parse_config(defaults, argv=None, cuda_overrides=None, verbose=True):
         and `dtype` from "auto" to "bfloat16" on CUDA, "float32" elsewhere; an empty `out_dir` becomes
         out/<task>.
     Raises:
-        ConfigError: an argument not of the form --key=value, an unknown key (the message lists the valid
-            keys), a value that does not parse as the default's type (or a float that is nan or inf), a value its
-            setting() declaration does not allow, or a CUDA device on a machine without one.
+        SystemExit(0): after printing the help.
+        ConfigError: an argument not of the form --key=value, an unknown key (the message names the closest key,
+            or lists the valid keys when none is close), a value that does not parse as the default's type (or a
+            float that is nan or inf), a value its setting() declaration does not allow, or a CUDA device on a
+            machine without one.
     """
     import sys
     argv = sys.argv[1:] if argv is None else list(argv)
+    if any(arg in HELP_FLAGS for arg in argv):
+        # the module whose code called: its docstring and the comments of its declaration of `defaults` (the dict's
+        # name among its globals), so that a script has --help by calling parse_config, passing nothing more
+        caller = sys._getframe(1).f_globals
+        print(config_help(defaults, cuda_overrides, caller.get("__doc__"), caller.get("__file__"),
+                          next((name for name, value in caller.items() if value is defaults), None)))
+        raise SystemExit(0)
     overrides = {}
-    for arg in argv:
+    for i, arg in enumerate(argv):
         if not arg.startswith("--") or "=" not in arg:
-            raise ConfigError(f"bad argument {arg!r}: expected --key=value")
+            value = argv[i + 1] if arg.startswith("--") and i + 1 < len(argv) else ""
+            if value and not value.startswith("-"):
+                raise ConfigError(f"bad argument {arg!r} {value!r}: expected --key=value, here {arg}={value} "
+                                  "(see --help)")
+            raise ConfigError(f"bad argument {arg!r}: expected --key=value (see --help)")
         key, text = arg[2:].split("=", 1)
         if key in RENAMED and RENAMED[key] in defaults:
             raise ConfigError(f"--{key} was renamed --{RENAMED[key]} (the same meaning): pass --{RENAMED[key]}={text}")
         if key not in defaults:
-            raise ConfigError(f"unknown config key --{key}; valid keys: {', '.join(sorted(defaults))}")
+            import difflib
+            near = difflib.get_close_matches(key, defaults, n=1)
+            raise ConfigError(f"unknown config key --{key}: " + (f"did you mean --{near[0]}?" if near else
+                              f"valid keys: {', '.join(sorted(defaults))}") + " (see --help)")
         overrides[key] = _parse_value(key, text, defaults[key])
     for key in cuda_overrides or {}:
         if key not in defaults:
@@ -245,9 +267,112 @@ def parse_config(defaults, argv=None, cuda_overrides=None, verbose=True):
         cfg["out_dir"] = os.path.join("out", cfg["task"])
     if verbose and int(os.environ.get("RANK", 0)) == 0:
         preset = "CUDA" if device.startswith("cuda") else "CPU"
-        print(f"config ({preset} preset; override with --key=value):")
+        print(f"config ({preset} preset; override with --key=value; --help says what each one does):")
         print("  " + " ".join(f"{k}={v}" for k, v in cfg.items()))
     return SimpleNamespace(**cfg)
+
+
+# ----------------------------------------------------------------------------- --help
+HELP_FLAGS = ("--help", "-h")
+SHARED_HEADING = "shared by every stage (common.SHARED; ppo.py and lab.py pass them on to the stages they run)"
+
+
+def setting_comments(path, name):
+    """What a source file says about each setting of its top-level `name = dict(...)` declaration, read from the
+    comments where a reader of the file sees them (so they are the one source of --help's words):
+
+        config = dict(common.SHARED,         # on the opening line: about the dict, no key's
+            # rollout                        <- a line of its own at the keys' indent: the heading of the keys below
+            iterations=setting(40, ">= 1"),  # <- the comment of the key on its line (of the last one, if several)
+                                             # <- a line of its own, indented further: more of that comment
+        )
+
+    Args:
+        path: a Python source file.
+        name: the variable the dict is assigned to (config, SHARED, ...).
+    Returns:
+        {key: (heading, words)} in the order declared; heading "" before the first heading, words "" for a key
+        without a comment of its own.
+    Raises:
+        ValueError: the file has no top-level `name = dict(`.
+    """
+    import tokenize
+    with open(path, encoding="utf-8") as f:
+        tokens = list(tokenize.generate_tokens(f.readline))
+    start = next((i + 3 for i, t in enumerate(tokens) if t.start[1] == 0
+                  and [u.string for u in tokens[i:i + 4]] == [name, "=", "dict", "("]), None)
+    if start is None:
+        raise ValueError(f"{path}: no top-level `{name} = dict(`")
+    found, heading, key, indent, depth = {}, "", None, 0, 0
+    for i in range(start, len(tokens)):
+        tok = tokens[i]
+        if tok.type == tokenize.OP and tok.string in "([{":
+            depth += 1
+        elif tok.type == tokenize.OP and tok.string in ")]}":
+            depth -= 1
+            if depth == 0:
+                break
+        elif tok.type == tokenize.NAME and depth == 1 and tokens[i + 1].string == "=":  # a key of the dict
+            key, indent = tok.string, len(tok.line) - len(tok.line.lstrip())
+            found[key] = (heading, "")
+        elif tok.type == tokenize.COMMENT:
+            words = tok.string.lstrip("#").strip()
+            own_line = not tok.line[:tok.start[1]].strip()
+            if key is not None and (not own_line or tok.start[1] > indent):  # the key's comment, or more of it
+                found[key] = (found[key][0], f"{found[key][1]} {words}".strip())
+            elif own_line:  # a heading, or its next line
+                heading = f"{heading} {words}".strip() if key is None else words
+                key = None
+    return found
+
+
+def setting_docs(defaults, path=None, name=None):
+    """The heading and words of every setting of `defaults`: a key the `name = dict(...)` of the file `path` declares
+    has that declaration's (setting_comments; before its first heading: the file's name), every other key
+    common.SHARED's, under SHARED_HEADING. Returns {key: (heading, words)}, words "" where there is no comment."""
+    own = setting_comments(path, name) if path and name else {}
+    shared = setting_comments(__file__, "SHARED")
+    return {k: (own[k][0] or os.path.basename(path), own[k][1]) if k in own
+            else (SHARED_HEADING, shared.get(k, ("", ""))[1]) for k in defaults}
+
+
+def config_help(defaults, cuda_overrides=None, doc=None, path=None, name=None):
+    """A script's --help: its docstring's first paragraph and usage lines (those that start with `python ` or
+    `torchrun `), then one line per setting, grouped under the headings of its config: --key=<the CPU preset's
+    default> [CUDA: <the CUDA preset's value, where it differs>], the values it allows, the comment of its line.
+
+    Args:
+        defaults, cuda_overrides: as parse_config's.
+        doc: the script's module docstring (None: no usage lines).
+        path, name: the script's file and the variable its defaults are assigned to (see setting_docs).
+    Returns:
+        The text, a str.
+    """
+    lines = (doc or "").strip().splitlines()
+    intro = []
+    for line in lines:
+        if not line.strip() or line.strip().startswith(("python ", "torchrun ")):
+            break
+        intro.append(line)
+    usage = [line for line in lines if line.strip().startswith(("python ", "torchrun "))]
+    out = intro + ["", "usage:"] + usage if usage else intro
+    shown = lambda v: '""' if v == "" else str(v)
+    kind = lambda v: {bool: "True | False", int: "int", float: "float"}.get(type(v), "text")
+    cuda, groups = cuda_overrides or {}, {}
+    for key, (heading, words) in setting_docs(defaults, path, name).items():
+        flag = f"--{key}={shown(defaults[key])}"
+        if key in cuda and cuda[key] != defaults[key]:
+            flag += f" [CUDA: {shown(cuda[key])}]"
+        groups.setdefault(heading, []).append((flag, allowed(defaults, key) or kind(defaults[key]), words))
+    rows = [row for group in groups.values() for row in group]
+    w_flag = min(36, max((len(flag) for flag, _, _ in rows), default=0))
+    w_allowed = min(18, max((len(a) for _, a, _ in rows), default=0))
+    out += ["", "settings, as --key=value: the default (the CPU preset) [the CUDA preset's value, where it differs],",
+            "the values allowed, what it does (the CUDA preset applies on a GPU; a flag wins over both)"]
+    for heading, group in groups.items():
+        out += ["", heading]
+        out += [f"  {flag:{w_flag}}  {a:{w_allowed}}  {words}".rstrip() for flag, a, words in group]
+    return "\n".join(out)
 
 
 def auto_dtype(device):

@@ -51,8 +51,8 @@ config = dict(common.SHARED, # out_dir, data_dir, device, block_size, eval_promp
     grad_accum=setting(1, ">= 1"),   # micro-batches per optimiser step
     max_iters=setting(300, ">= 1"),  # optimiser steps (of batch_size x grad_accum pairs each)
     lr=setting(2e-4, ">= 0"),        # peak learning rate (AdamW, warmup then cosine to 10%)
-    warmup_iters=setting(10, ">= 0"),
-    weight_decay=setting(0.0, ">= 0"),
+    warmup_iters=setting(10, ">= 0"),  # linear warmup steps, then cosine decay to 10%
+    weight_decay=setting(0.0, ">= 0"),  # AdamW decoupled weight decay on matrices
     grad_clip=setting(1.0, ">= 0"),  # max gradient norm (0 = off)
     log_every=setting(5, ">= 1"),  # log the mean of the train metrics over this many steps
     eval_pairs=setting(256, ">= 0"),  # test pairs for the implicit-reward accuracy (0 = all of `test`)

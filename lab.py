@@ -37,9 +37,10 @@ S = common.setting  # a default with the values it allows, checked by the config
 config = dict(common.SHARED,
     ppo_betas="0.05,0.1,0.2",    # one PPO run per beta against rm.pt (the smallest: the over-optimisation curve)
     dpo_betas="0.05,0.1,0.5",    # one DPO run per beta
-    critic_free="rloo,grpo",     # one ppo.py run of each critic-free estimator, at critic_free_beta ("" = none) ...
-    critic_free_beta=S(0.2, ">= 0"),  # ... with samples_per_prompt answers to each of batch_size / samples_per_prompt
-    samples_per_prompt=S(4, ">= 2"),  #     prompts: as many answers per iteration as GAE's run
+    critic_free="rloo,grpo",     # one ppo.py run of each critic-free estimator, at critic_free_beta ("" = none)
+    critic_free_beta=S(0.2, ">= 0"),  # the beta of the critic-free runs
+    samples_per_prompt=S(4, ">= 2"),  # the critic-free runs' answers to each of batch_size / samples_per_prompt
+                                      # prompts: as many answers per iteration as GAE's run
     ppo_args="",                 # more ppo.py flags for every PPO run, e.g. "--iterations=60 --reward=gold"
     dpo_args="",                 # more dpo.py flags for every DPO run
     rm_args="",                  # more reward.py flags for the lab's reward models (rm.pt is python reward.py's)
@@ -47,10 +48,10 @@ config = dict(common.SHARED,
     # over-optimisation (imdb): more reward models, and PPO against each at the smallest of ppo_betas
     rm_sizes="300,1000",         # reward models on the first n train rankings of comparisons.pt (rm.pt has them all)
     bias_weight=S(1.0, ">= 0"),  # a labeller with a bias: + this many log-odds per bias_feature in an answer (0: none)
-    bias_feature="!",
+    bias_feature="!",            # the text the biased labeller favours
     bias_betas="0.05,0.2,0.5,1",  # PPO against the biased reward model at each of these betas
-    bon_prompts=S(64, ">= 1"),   # best-of-n from one pool: the first bon_prompts evaluation prompts ...
-    bon_pool=S(256, ">= 1"),     # ... N answers each, sampled once from the SFT policy; n = 1, 2, 4, ..., N
+    bon_prompts=S(64, ">= 1"),   # best-of-n from one pool: the first bon_prompts evaluation prompts
+    bon_pool=S(256, ">= 1"),     # best-of-n: N answers to each, sampled once from the SFT policy; n = 1, 2, 4, ..., N
 )
 cuda_config = dict(common.SHARED_CUDA)
 

@@ -64,7 +64,7 @@ config = dict(common.SHARED,  # out_dir, data_dir, device, block_size, max_new_t
     minibatch_size=setting(16, ">= 1"),  # sequences per gradient step
     lr=setting(5e-4, ">= 0"),           # policy AdamW learning rate (a tiny model from scratch takes a large one)
     critic_lr=setting(3e-4, ">= 0"),    # critic AdamW learning rate
-    weight_decay=setting(0.0, ">= 0"),
+    weight_decay=setting(0.0, ">= 0"),  # AdamW decoupled weight decay on matrices, policy and critic
     decay_lr=True,                      # False: constant learning rates instead of cosine decay to 10%
     grad_clip=setting(1.0, ">= 0"),     # max gradient norm, policy and critic each (0 = off)
     cliprange=setting(0.2, "> 0"),      # PPO ratio clip epsilon
@@ -90,8 +90,9 @@ config = dict(common.SHARED,  # out_dir, data_dir, device, block_size, max_new_t
     ptx_batch_size=setting(4, ">= 1"),  # pretraining windows per gradient step
     ptx_block_size=setting(64, ">= 2"),  # tokens per pretraining window
     # logging
-    sample_every=setting(10, ">= 0"),   # log the answers to n_sample_prompts fixed test prompts every N iterations and
-    n_sample_prompts=setting(2, ">= 0"),  # at the last (0 = only at the last)
+    sample_every=setting(10, ">= 0"),   # log the answers to n_sample_prompts fixed test prompts every N iterations
+                                        # and at the last (0 = only at the last)
+    n_sample_prompts=setting(2, ">= 0"),  # how many of those prompts (the shortest test prompts; 0 = none)
     eval_every=setting(0, ">= 0"),      # evaluate every N iterations (eval_*: a curve on the reward-versus-KL chart;
                                         # 0 = only in the final report)
 )

@@ -42,14 +42,15 @@ config = dict(common.SHARED,  # out_dir, data_dir, device, block_size, checkpoin
     answers_per_prompt=S(4, ">= 2"),  # imdb: K answers ranked per prompt (InstructGPT ranks 4-9); hh has K = 2
     label_temperature=S(0.0, ">= 0"),  # imdb: Plackett-Luce temperature of the labeller (0 = the judge's own order)
     label_bias_weight=S(0.0, ">= 0"),  # imdb: a labeller with a bias: + this many log-odds per occurrence of
-    label_bias="!",           #   label_bias in an answer, on the train rankings only (0 = none); needs its own out_dir
+                              #   label_bias in an answer, on the train rankings only (0 = none); needs its own out_dir
+    label_bias="!",           # imdb: the text that biased labeller favours (see label_bias_weight)
     train_rankings=S(0, ">= 0"),  # imdb: train on the first n train rankings of comparisons.pt only (0 = all):
                               #   nested subsets of one set of comparisons, for the reward-model scaling curve (lab.py)
     max_iters=S(400, ">= 1"),  # optimiser steps (400 x 16 prompts: ~2 epochs of the 3,000)
     batch_size=S(16, ">= 1"),  # prompts per micro-batch (a forward of batch_size * K rows)
     grad_accum=S(1, ">= 1"),  # micro-batches per optimiser step (per DDP rank)
     lr=S(1e-3, ">= 0"),       # peak learning rate (warmup, then cosine to 10%)
-    weight_decay=S(0.1, ">= 0"),
+    weight_decay=S(0.1, ">= 0"),  # AdamW decoupled weight decay on matrices
     grad_clip=S(1.0, ">= 0"),  # max gradient norm (0 = off)
     warmup_frac=S(0.1, "[0, 1]"),  # linear warmup over this fraction of max_iters
     eval_every=S(0, ">= 0"),  # evaluate on `test` every this many steps (0: only at the start and the end)

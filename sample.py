@@ -39,7 +39,8 @@ config = dict({k: common.SHARED[k] for k in ("task", "out_dir", "data_dir", "dev
     policies="",             # comma-separated names (sft -> <out_dir>/sft.pt) and/or .pt paths; "" = sft,ppo,dpo found
     num_samples=common.setting(3, ">= 1"),     # answers per prompt and policy
     temperature=common.setting(1.0, ">= 0"),   # sampling temperature (1 = the policy as it is, as in every
-)                                              # evaluation; 0 = greedy)
+                                               # evaluation; 0 = greedy)
+)
 cuda_config = {k: v for k, v in common.SHARED_CUDA.items() if k in config}  # the vocabulary of a CUDA-preset run
 
 

@@ -45,7 +45,10 @@ from speed import torch_compile
 config = dict(common.SHARED, # out_dir, data_dir, device, block_size, max_new_tokens, checkpoint_every, ... (common.py)
     init_from="scratch",     # "scratch" | "gpt2" | "gpt2-medium" ... | a local GPT-2 file/folder
     # model shape (from scratch only)
-    n_layer=setting(4, ">= 1"), n_head=setting(4, ">= 1"), n_embd=setting(192, ">= 1"), dropout=setting(0.0, "[0, 1)"),
+    n_layer=setting(4, ">= 1"),       # transformer blocks
+    n_head=setting(4, ">= 1"),        # attention heads per block
+    n_embd=setting(192, ">= 1"),      # embedding width (a multiple of n_head)
+    dropout=setting(0.0, "[0, 1)"),   # dropout probability while training (with --init_from=gpt2 too)
     # phase 1, pretraining (from scratch only): every token of the task's text is a target
     pretrain_iters=setting(450, ">= 0"),      # optimiser steps (0 skips the phase)
     pretrain_batch_size=setting(16, ">= 1"),  # windows of block_size tokens per micro-batch
