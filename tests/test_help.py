@@ -12,7 +12,7 @@ import common
 from common import ConfigError, parse_config, setting_comments, setting_docs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = ["sft", "reward", "ppo", "dpo", "lab", "sample", "evaluate", "bench"]
+SCRIPTS = ["sft", "reward", "ppo", "dpo", "lab", "ladder", "sample", "evaluate", "bench"]
 # every dict of settings a script parses from the command line: (module, variable); evaluate.py's are SHARED's
 DECLARATIONS = [(name, "config") for name in SCRIPTS if name != "evaluate"] + [("bench", "GPU_DRY_RUN"),
                                                                               ("common", "SHARED")]
