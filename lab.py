@@ -44,7 +44,9 @@ config = dict(common.SHARED,
     ppo_args="",                 # more ppo.py flags for every PPO run, e.g. "--iterations=60 --reward=gold"
     dpo_args="",                 # more dpo.py flags for every DPO run
     rm_args="",                  # more reward.py flags for the lab's reward models (rm.pt is python reward.py's)
-    eval_every=S(5, ">= 1"),     # PPO iterations between the evaluations of its curve
+    eval_every=S(5, ">= 1"),     # PPO iterations between the evaluations of a curve (runs whose curve is drawn)
+    seeds=S(1, ">= 1"),          # training seeds of each frontier point and each run against the biased reward model
+                                 # (seed, seed + 1, ...): their mean, and the interval over the seeds
     # over-optimisation (imdb): more reward models, and PPO against each at the smallest of ppo_betas
     rm_sizes="300,1000",         # reward models on the first n train rankings of comparisons.pt (rm.pt has them all)
     bias_weight=S(1.0, ">= 0"),  # a labeller with a bias: + this many log-odds per bias_feature in an answer (0: none)
@@ -93,12 +95,16 @@ def gae_answers(cfg, extra):
     return ppo_cfg.batch_size * ppo_cfg.samples_per_prompt
 
 
-def run(method, beta, cfg, extra, rm=None):
-    """One run of ppo.py (method ppo, rloo or grpo) or dpo.py at `beta` in its own folder (kept if it already
-    finished); returns its point and the folder."""
+def run(method, beta, cfg, extra, rm=None, seed=None, curve=False):
+    """One run of ppo.py (method ppo, rloo or grpo) or dpo.py at `beta` and training `seed` (None: cfg.seed) in its
+    own folder (kept if it already finished; another seed's name ends in _seed<seed>), evaluated every eval_every
+    iterations where its `curve` is drawn; returns its point and the folder."""
+    seed = cfg.seed if seed is None else seed
     folder, stage = run_folder(cfg, method, beta, rm), "dpo" if method == "dpo" else "ppo"
-    argv = common.shared_flags(cfg) + [f"--out_dir={folder}", f"--beta={beta}"]  # the last --out_dir wins
-    if stage == "ppo":
+    folder = folder if seed == cfg.seed else link(f"{folder}_seed{seed}", **{
+        f: os.path.join(folder, f) for f in ("sft.pt", "comparisons.pt", "rm.pt")})
+    argv = common.shared_flags(cfg) + [f"--out_dir={folder}", f"--beta={beta}", f"--seed={seed}"]  # last flag wins
+    if stage == "ppo" and curve:
         argv.append(f"--eval_every={cfg.eval_every}")
     argv += extra.split()
     if method in ("rloo", "grpo"):  # k answers per prompt, as many answers per iteration as GAE (after `extra`, whose
@@ -111,6 +117,28 @@ def run(method, beta, cfg, extra, rm=None):
         (dpo if stage == "dpo" else ppo).main(argv)
     point = json.load(open(os.path.join(folder, f"eval_{stage}.json")))
     return dict(method=method, beta=beta, **{k: v for k, v in point.items() if k != "eval"}), folder
+
+
+def run_seeds(method, beta, cfg, extra, rm=None, curve=False):
+    """run() at each of the cfg.seeds training seeds; returns (the point over the seeds: over_seeds, the folders)."""
+    runs = [run(method, beta, cfg, extra, rm, cfg.seed + i, curve) for i in range(cfg.seeds)]
+    return over_seeds([p for p, _ in runs]), [f for _, f in runs]
+
+
+def over_seeds(points):
+    """One point from the same point of several training seeds: every number the mean over the seeds, and for gold,
+    kl and score their 95% interval over the seeds (evaluate.seed_interval) as <key>_low, <key>_high, with the seeds'
+    count; one seed: its point as it is."""
+    if len(points) == 1:
+        return points[0]
+    same = lambda k: all(p[k] == points[0][k] for p in points)  # e.g. the method, beta, an iteration
+    out = {k: v if same(k) or not isinstance(v, float) else sum(p[k] for p in points) / len(points)
+           for k, v in points[0].items()}
+    for key in ("gold", "kl", "score"):
+        if points[0].get(key) is not None:
+            iv = evaluate.seed_interval([p[key] for p in points])
+            out.update({f"{key}_low": iv["low"], f"{key}_high": iv["high"]})
+    return dict(out, n_seeds=len(points))
 
 
 def ppo_curve(folder, sft_point):
@@ -241,12 +269,15 @@ def plot(cfg, points, bon, curves, biased_runs, rms, y):
     for method, marker in (("sft", "*"), ("ppo", "o"), ("rloo", "^"), ("grpo", "v"), ("dpo", "s")):
         pts = [p for p in points if p["method"] == method]
         if pts:
-            ax.errorbar([p["kl"] for p in pts], [p[y] for p in pts], yerr=[p[f"{y}_se"] for p in pts],
+            ax.errorbar([p["kl"] for p in pts], [p[y] for p in pts], xerr=bars(pts, "kl"), yerr=bars(pts, y),
                         fmt=marker, capsize=3, ms=8, label=method.upper())
             for p in pts if method != "sft" else ():
                 ax.annotate(f"beta={p['beta']}", (p["kl"], p[y]), textcoords="offset points", xytext=(5, 4), fontsize=7)
+    seeds = max(p.get("n_seeds", 1) for p in points)
     ax.set(xlabel="KL(pi || pi_ref)  [nats per answer]", ylabel=f"{label}, {points[0]['n_prompts']} test prompts",
-           title=f"reward vs KL on {cfg.task} (cf. DPO paper, fig. 2)")
+           title=f"reward vs KL on {cfg.task} (cf. DPO paper, fig. 2)" + (
+               f"\ntrained policies: mean of {seeds} seeds, bars {'min-max' if seeds < 5 else '95% bootstrap'} over "
+               "them" if seeds > 1 else ""))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -262,8 +293,14 @@ def plot(cfg, points, bon, curves, biased_runs, rms, y):
         for i, (beta, rows) in enumerate(sorted(biased_runs.items())):
             c = f"C{i}"
             it = [r["iteration"] for r in rows]
-            axes[0].errorbar(it, [r["gold"] for r in rows], yerr=[2 * r["gold_se"] for r in rows], fmt="-o", ms=3,
-                             capsize=2, color=c, label=f"beta={beta}: gold (+- 2 s.e.)")
+            if "gold_low" in rows[-1]:  # several seeds: their mean and the interval over them
+                axes[0].plot(it, [r["gold"] for r in rows], "-o", ms=3, color=c,
+                             label=f"beta={beta}: gold, mean of {rows[-1]['n_seeds']} seeds (band: min-max)")
+                axes[0].fill_between(it, [r.get("gold_low", r["gold"]) for r in rows],
+                                     [r.get("gold_high", r["gold"]) for r in rows], color=c, alpha=0.15)
+            else:
+                axes[0].errorbar(it, [r["gold"] for r in rows], yerr=[2 * r["gold_se"] for r in rows], fmt="-o",
+                                 ms=3, capsize=2, color=c, label=f"beta={beta}: gold (+- 2 s.e.)")
             axes[0].plot(it, [r["score"] for r in rows], "--", color=c, alpha=0.7, label=f"beta={beta}: proxy")
             draw_trajectory(axes[1], sqrt_kl(rows), [r["gold"] for r in rows], c, f"beta={beta}")  # in iteration order
         axes[0].set(xlabel="PPO iteration", ylabel="score (log-odds)", title="against the biased reward model")
@@ -292,6 +329,15 @@ def plot(cfg, points, bon, curves, biased_runs, rms, y):
     fig.tight_layout()
     fig.savefig(os.path.join(folder, "rm_scaling.png"), dpi=100)
     plt.close(fig)
+
+
+def bars(points, key):
+    """matplotlib's error bars for `key` of each point: the interval over seeds where a point has one (over_seeds),
+    else its standard error over prompts (none for KL)."""
+    se = lambda p: 0.0 if key == "kl" else p[f"{key}_se"]
+    low = [p[key] - p[f"{key}_low"] if f"{key}_low" in p else se(p) for p in points]
+    high = [p[f"{key}_high"] - p[key] if f"{key}_high" in p else se(p) for p in points]
+    return [low, high]
 
 
 def sqrt_kl(rows):
@@ -398,14 +444,16 @@ def peak_and_end(rows):
     return peak, last, peak["gold"] - last["gold"] > 2 * se and last["score"] >= peak["score"]
 
 
-def print_tables(cfg, points, bon, curves, biased_runs, rms, y):
+def print_tables(cfg, points, bon, curves, biased_runs, rms, y, biased_seeds=None):
     print(f"\nthe lab on {cfg.task}: policies on {points[0]['n_prompts']} test prompts (seed {cfg.eval_seed}); "
           f"{y} +- standard error:")
     print(f"  {'method':10s} {'beta':>6s} {'KL':>7s} {y + ' (se)':>18s} {'proxy (se)':>18s}")
     for p in points:
         positive = f"  positive {p['positive']:.2f}" if "positive" in p else ""
+        seeds = f"  over {p['n_seeds']} seeds: {y} [{p[f'{y}_low']:+.3f}, {p[f'{y}_high']:+.3f}] KL " \
+            f"[{p['kl_low']:.2f}, {p['kl_high']:.2f}]" if "n_seeds" in p else ""
         print(f"  {p['method']:10s} {p['beta']:>6g} {p['kl']:7.2f} {p[y]:+9.3f} ({p[f'{y}_se']:.3f})"
-              f" {p['score']:+9.3f} ({p['score_se']:.3f}){positive}")
+              f" {p['score']:+9.3f} ({p['score_se']:.3f}){positive}{seeds}")
     print(f"\nbest-of-n from one pool of {cfg.bon_pool} SFT answers to each of {cfg.bon_prompts} test prompts; "
           f"{y} of the reward model's favourite (proxy in brackets):")
     ns = [r["n"] for r in bon[rms[0]["name"]]]
@@ -429,9 +477,12 @@ def print_tables(cfg, points, bon, curves, biased_runs, rms, y):
            [("rm_biased", beta, rows) for beta, rows in sorted(biased_runs.items())]
     for name, beta, rows in runs:
         peak, last, falls = peak_and_end(rows)
+        seeds = (biased_seeds or {}).get(beta, []) if name == "rm_biased" else []
+        count = f" (mean of {len(seeds)} seeds; each seed: {sum(peak_and_end(c)[2] for c in seeds)} of {len(seeds)})" \
+            if len(seeds) > 1 else ""
         print(f"  {name:12s} {beta:5g} {peak['gold']:+7.2f} +- {peak['gold_se']:.2f} {peak['iteration']:5d} "
               f"{peak['kl']:5.1f} {last['gold']:+7.2f} +- {last['gold_se']:.2f} {last['kl']:5.1f} "
-              f"{peak['score']:+8.2f} -> {last['score']:+6.2f}  {'YES' if falls else 'no'}")
+              f"{peak['score']:+8.2f} -> {last['score']:+6.2f}  {'YES' if falls else 'no'}{count}")
     print("\nGao et al.'s forms fitted to the gold gain over SFT, d = sqrt(KL): best-of-n d (alpha - beta d), "
           "RL d (alpha - beta log d):")
     for rm in rms:
@@ -443,25 +494,24 @@ def print_tables(cfg, points, bon, curves, biased_runs, rms, y):
 def run_sweep(cfg, rms):
     """Every training run of the lab (each kept if it finished): PPO at ppo_betas, the critic-free estimators and DPO
     at dpo_betas against rm.pt (the frontier's points), and PPO against every other reward model at the smallest
-    beta, or at bias_betas for the biased one. Returns (points, {rm name: PPO folder at the smallest beta},
-    {beta: PPO folder against the biased reward model})."""
+    beta, or at bias_betas for the biased one; the frontier's and the biased runs at every seed. Returns (points,
+    {rm name: PPO folder at the smallest beta}, {beta: PPO folders against the biased reward model, one a seed})."""
     points, folders, small_beta = [], {}, smallest_beta(cfg)
     for beta in sorted(floats(cfg.ppo_betas)):
-        point, folders[beta] = run("ppo", beta, cfg, cfg.ppo_args)
+        point, folders[beta] = run_seeds("ppo", beta, cfg, cfg.ppo_args, curve=beta == small_beta)
         points.append(point)
     for estimator in [e for e in cfg.critic_free.split(",") if e]:
-        points.append(run(estimator, cfg.critic_free_beta, cfg, cfg.ppo_args)[0])
+        points.append(run_seeds(estimator, cfg.critic_free_beta, cfg, cfg.ppo_args)[0])
     for beta in sorted(floats(cfg.dpo_betas)):
-        points.append(run("dpo", beta, cfg, cfg.dpo_args)[0])
-    curve_folders = {rms[0]["name"]: folders[small_beta]} if small_beta in folders else {}
+        points.append(run_seeds("dpo", beta, cfg, cfg.dpo_args)[0])
+    curve_folders = {rms[0]["name"]: folders[small_beta][0]} if small_beta in folders else {}
     biased_folders = {}
     for rm in rms[1:]:
-        for beta in (floats(cfg.bias_betas) if rm["bias"] else [small_beta]):
-            folder = run("ppo", beta, cfg, cfg.ppo_args, rm)[1]
-            if rm["bias"]:
-                biased_folders[beta] = folder
-            else:
-                curve_folders[rm["name"]] = folder
+        if rm["bias"]:  # every seed: the kl_penalty chart's curves and over-optimisation's count
+            for beta in floats(cfg.bias_betas):
+                biased_folders[beta] = run_seeds("ppo", beta, cfg, cfg.ppo_args, rm, curve=True)[1]
+        else:  # the over-optimisation curve at the smallest beta, one seed
+            curve_folders[rm["name"]] = run("ppo", small_beta, cfg, cfg.ppo_args, rm, curve=True)[1]
     return points, curve_folders, biased_folders
 
 
@@ -522,7 +572,8 @@ def main(argv=None):
     points = [dict(p, rm=rms[0]["name"], n_prompts=default["n_prompts"]) for p in points]
     curves = {name: ppo_curve(f, sft_points[name]) for name, f in curve_folders.items()}
     biased = next((rm for rm in rms if rm["bias"]), None)
-    biased_runs = {beta: ppo_curve(f, sft_points[biased["name"]]) for beta, f in biased_folders.items()}
+    biased_seeds = {beta: [ppo_curve(f, sft_points[biased["name"]]) for f in fs] for beta, fs in biased_folders.items()}
+    biased_runs = {beta: [over_seeds(rows) for rows in zip(*curves)] for beta, curves in biased_seeds.items()}
     if judge is not None:
         fit_forms(rms, bon, curves, biased_runs, small_beta)
     rows = points + [dict(method="best-of-n", rm=name, **r) for name, rs in bon.items() for r in rs]
@@ -536,7 +587,7 @@ def main(argv=None):
         f.writelines(json.dumps(row) + "\n" for row in rows)
     y = "gold" if judge is not None else "score"
     plot(cfg, points, bon, curves, biased_runs, rms, y)
-    print_tables(cfg, points, bon, curves, biased_runs, rms, y)
+    print_tables(cfg, points, bon, curves, biased_runs, rms, y, biased_seeds)
     charts = "frontier.png" + (", overoptimisation.png, kl_penalty.png, rm_scaling.png" if judge is not None else "")
     print(f"wrote {cfg.out_dir}/lab/{charts}, points.jsonl")
     common.cleanup(rt)

@@ -203,6 +203,48 @@ def test_critic_free_runs_get_as_many_answers_per_iteration_as_gae(ppo_args, tmp
         assert passed[estimator].batch_size * 4 == gae, (estimator, passed[estimator].batch_size, gae)
 
 
+def test_over_seeds_means_every_figure_and_gives_the_range_of_gold_kl_and_score():
+    a = dict(method="ppo", beta=0.2, iteration=5, n_prompts=256, gold=1.0, gold_se=0.1, kl=5.0, score=0.5)
+    b = dict(a, gold=2.0, gold_se=0.3, kl=7.0, score=1.5)
+    c = dict(a, gold=1.5, gold_se=0.2, kl=9.0, score=-0.5)
+    out = lab.over_seeds([a, b, c])
+    assert out["gold"] == pytest.approx(1.5) and out["gold_se"] == pytest.approx(0.2) and out["kl"] == 7.0
+    assert (out["gold_low"], out["gold_high"], out["kl_low"], out["kl_high"]) == (1.0, 2.0, 5.0, 9.0)
+    assert (out["score_low"], out["score_high"], out["n_seeds"]) == (-0.5, 1.5, 3)
+    assert (out["method"], out["beta"], out["iteration"], out["n_prompts"]) == ("ppo", 0.2, 5, 256)
+    assert lab.over_seeds([a]) == a  # one seed: its point as it is
+    assert lab.bars([out, a], "gold") == [[0.5, 0.1], [0.5, 0.1]] and lab.bars([a], "kl") == [[0.0], [0.0]]
+
+
+def test_the_sweep_runs_each_seed_in_its_own_folder_and_evaluates_only_the_drawn_curves(tmp_path, monkeypatch):
+    """--seeds=3: every frontier point and every run against the biased reward model at seeds 1337, 1338, 1339
+    (the first in the folder a one-seed lab uses), the smaller reward models' curve at one; eval_every only where a
+    curve is drawn (the smallest beta, the reward models' runs)."""
+    calls = []
+
+    def fake_main(argv):
+        cfg = common.parse_config(ppo.config, argv, verbose=False)
+        calls.append((os.path.basename(cfg.out_dir), cfg.seed, cfg.eval_every))
+        with open(os.path.join(cfg.out_dir, "eval_ppo.json"), "w") as f:
+            json.dump({"kl": 1.0 + cfg.seed - 1337, "gold": 0.1 * (cfg.seed - 1337), "score": 0.0}, f)
+    monkeypatch.setattr(ppo, "main", fake_main)
+    cfg = common.parse_config(lab.config, ["--device=cpu", f"--out_dir={tmp_path}", "--seeds=3", "--critic_free=",
+                                           "--dpo_betas=", "--ppo_betas=0.05,0.2", "--bias_betas=0.5"], verbose=False)
+    rms = [dict(name="rm3000", path=str(tmp_path / "rm.pt"), bias=0.0, default=True),
+           dict(name="rm300", path=str(tmp_path / "rm300.pt"), bias=0.0, default=False),
+           dict(name="rm_biased", path=str(tmp_path / "rmb.pt"), bias=1.0, default=False)]
+    points, curves, biased = lab.run_sweep(cfg, rms)
+    assert calls == [(f"ppo_beta0.05{s}", seed, 5) for s, seed in (("", 1337), ("_seed1338", 1338), ("_seed1339", 1339))] \
+        + [(f"ppo_beta0.2{s}", seed, 0) for s, seed in (("", 1337), ("_seed1338", 1338), ("_seed1339", 1339))] \
+        + [("ppo_rm300_beta0.05", 1337, 5)] \
+        + [(f"ppo_rm_biased_beta0.5{s}", seed, 5) for s, seed in (("", 1337), ("_seed1338", 1338), ("_seed1339", 1339))]
+    assert [p["n_seeds"] for p in points] == [3, 3] and points[0]["kl"] == 2.0 and points[0]["kl_high"] == 3.0
+    assert curves == {"rm3000": os.path.join(str(tmp_path), "lab", "ppo_beta0.05"),
+                      "rm300": os.path.join(str(tmp_path), "lab", "ppo_rm300_beta0.05")}
+    assert [os.path.basename(f) for f in biased[0.5]] == ["ppo_rm_biased_beta0.5", "ppo_rm_biased_beta0.5_seed1338",
+                                                          "ppo_rm_biased_beta0.5_seed1339"]
+
+
 @pytest.mark.slow
 def test_the_lab_writes_every_point_and_every_chart_and_keeps_what_it_ran(imdb_root, tmp_path, monkeypatch, one_thread):
     monkeypatch.chdir(tmp_path)
