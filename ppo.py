@@ -7,9 +7,9 @@ pretraining gradients ("PPO-ptx", InstructGPT eq. 2).
     python ppo.py --beta=0.1 --ptx_coef=0.5        # any config key as --key=value (each is explained where it is set)
     torchrun --nproc_per_node=2 ppo.py             # DDP: each rank rolls out its own prompts, gradients averaged
 
-Models: policy and frozen reference <- sft.pt; frozen reward model and trainable critic <- rm.pt (a reward model
-already predicts the returns well, so the critic needs no warm-up). All stay in eval mode (no dropout), so the
-rollout's and the update's logprobs come from one function. One iteration of main():
+Models: policy and frozen reference <- sft.pt; frozen reward model and trainable critic <- rm.pt (it already predicts
+the returns; --critic_init=sft for a fresh head). All stay in eval mode (no dropout), so the rollout's and the
+update's logprobs come from one function. One iteration of main():
   1. rollout  answers y ~ pi_old(.|x) to `batch_size` train prompts: log pi_old, log pi_ref, V per response token
   2. score    s = r(x, y) / (std of the first rollout's scores) (Ziegler et al. 2019); critic head likewise
   3. rewards  per_token_rewards: -beta * kl_t, plus s on the last response token (InstructGPT eq. 2)
@@ -337,8 +337,7 @@ def rollout(policy, reference, critic, reward_model, prompts, rt, max_new_tokens
     computing log pi_theta that the update uses (policy.logprobs, or its torch.compile with --compile), so that
     log pi_old comes from the same computation and the first ratio pi_theta / pi_old of an update is 1 (exactly in
     eager mode; compiled, the no-grad and the grad graphs may differ by float rounding, ~1e-6). Answers are sampled
-    with speed.generate_fn(policy, rt) (model.generate, or the static-cache generator). Returns a SimpleNamespace of
-    aligned tensors on rt.device:
+    with speed.generate_fn(policy, rt). Returns a SimpleNamespace of aligned tensors on rt.device:
       idx, attn          (B, P+R)  prompt + response tokens, their attention mask
       target_mask        (B, P+R)  1 on the response tokens: P zeros, then response_mask
       P                  int       the (padded) prompt width: response token t sits at position P + t
@@ -346,8 +345,7 @@ def rollout(policy, reference, critic, reward_model, prompts, rt, max_new_tokens
       old_logprobs       (B, R)    log pi_old(y_t | x, y_<t) at `temperature`
       ref_logprobs       (B, R)    log pi_ref(y_t | x, y_<t) at `temperature`
       entropy            (B, R)    entropy of pi_old's distribution at t (nats)
-      old_values         (B, R)    V_old_t = the critic at position P + t - 1, the token before y_t (raw critic units;
-                                   0 when there is no critic: rloo, grpo)
+      old_values         (B, R)    V_old_t = the critic at position P + t - 1, the token before y_t (0 without one)
       scores             (B,)      r(x, y) at the last real token (its EOS when it has one), raw reward-model units
       has_eos            (B,)      1 if the response ended with EOS
     Everything is 0 outside the response mask."""
@@ -371,13 +369,12 @@ def rollout(policy, reference, critic, reward_model, prompts, rt, max_new_tokens
 
 
 def update(run, batch, advantages, returns, old_values, beta, cfg, rt, text, it):
-    """Step 5: ppo_epochs passes over shuffled minibatches of the rollout: the clipped policy loss (grpo: GRPO's
-    loss, with its KL term) plus the ptx loss, and (gae) the (clipped) value loss, one optimiser step each per
-    minibatch. run: what trains (policy, critic (None without one), opt_policy, opt_critic, and logprobs: the
-    function computing log pi_theta, policy.logprobs or its torch.compile) and gen (the minibatch order, the ptx
-    windows); batch: rollout()'s namespace (read only); advantages, returns, old_values (B, R) (returns None
-    without a critic; old_values in the rewards' units); text: the pretraining token stream for ptx; it: the
-    iteration (for error messages). Returns the mean of each loss / diagnostic over the minibatch steps."""
+    """Step 5: ppo_epochs passes over shuffled minibatches of the rollout: the policy loss (--surrogate; grpo: GRPO's
+    loss) plus the ptx loss, and (gae) the (clipped) value loss, one optimiser step each per minibatch. run: what
+    trains (policy, critic or None, their optimisers, logprobs: the function computing log pi_theta) and gen (the
+    minibatch order, the ptx windows); batch: rollout()'s namespace (read only); advantages, returns, old_values
+    (B, R) (returns None without a critic); text: the pretraining tokens; it: the iteration (for error messages).
+    Returns the mean of each loss / diagnostic over the minibatch steps."""
     policy, critic, train_logprobs, gen = run.policy, run.critic, run.logprobs, run.gen
     cliprange_value = cfg.cliprange_value if cfg.clip_value_loss else None
     P, stats = batch.P, defaultdict(list)
@@ -403,10 +400,8 @@ def update(run, batch, advantages, returns, old_values, beta, cfg, rt, text, it)
             common.check_finite(it, policy_loss=pg_loss, ptx_loss=ptx)
             (pg_loss + ptx).backward()
             common.optimizer_step(policy, run.opt_policy, cfg.grad_clip, rt, it)
-            approx_kl = masked_mean(kl_estimate(batch.old_logprobs[mb], logprobs.detach(), "k3"),  # KL(old || new)
-                                    response_mask)
-            step_stats = dict(policy_loss=pg_loss, ptx_loss=ptx, approx_kl=approx_kl,
-                              policy_clipfrac=pg_clipfrac)
+            approx_kl = masked_mean(kl_estimate(old, logprobs.detach(), "k3"), response_mask)  # KL(old || new)
+            step_stats = dict(policy_loss=pg_loss, ptx_loss=ptx, approx_kl=approx_kl, policy_clipfrac=pg_clipfrac)
             if critic is not None:
                 with rt.autocast():
                     values = critic.scalar(idx, attn)[:, P - 1:-1]  # (b, R) V_t, the rollout's convention
@@ -438,9 +433,8 @@ def responses(batch):
 
 def score_scale(scores, cfg, rt, what="scores"):
     """Ziegler et al. 2019: rewards normalised to std 1 on the initial policy's answers. Returns the std of `scores`
-    (B,), the first rollout's, over every DDP rank: 1 with normalize_scores off, or when every score is alike (one
-    answer, or a reward model that cannot tell them apart: dividing by 0 would make every reward inf or nan), with a
-    warning naming `what`."""
+    (B,), the first rollout's, over every DDP rank: 1 with normalize_scores off, or when every score is alike
+    (dividing by 0 would make every reward inf or nan), with a warning naming `what`."""
     s = common.global_std(scores, rt) if cfg.normalize_scores else 1.0
     if not s > 1e-8:
         if rt.master:
@@ -451,8 +445,8 @@ def score_scale(scores, cfg, rt, what="scores"):
 
 @torch.no_grad()
 def rescale_critic(critic, scale):
-    """Put the critic in the rewards' normalised units: it starts as the reward model, so divide its head (weight and
-    bias) by `scale`, the std of the reward model's own scores on the first rollout. In place."""
+    """Put the critic (a copy of the reward model) in the rewards' normalised units: divide its head (weight and bias)
+    by `scale`, the std of the reward model's own scores on the first rollout. In place."""
     for p in critic.scalar_head.parameters():
         p /= scale
 
@@ -594,8 +588,7 @@ def iteration(run, it, beta, cfg, rt, task):
 
 def samples_and_evaluation(run, it, cfg, rt, task):
     """The master's extra figures of iteration `it`: the answers to the shortest test prompts (every sample_every
-    iterations and at the last) and, every eval_every iterations, the evaluation (a curve on the reward-versus-KL
-    chart)."""
+    iterations and at the last) and, every eval_every iterations, the evaluation (the reward-versus-KL curve)."""
     metrics = {}
     if rt.master and ((cfg.sample_every and it % cfg.sample_every == 0) or it == cfg.iterations - 1):
         prompts = sorted(task.prompts_test, key=lambda e: len(e["prompt"]))[:cfg.n_sample_prompts]
