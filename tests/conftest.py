@@ -103,3 +103,19 @@ def imdb_root(tmp_path):
     """A tiny synthetic IMDb data root (see write_imdb_fixture)."""
     return write_imdb_fixture(tmp_path / "imdb_root")
 
+
+
+def tiny_imdb_stages(imdb_root, out):
+    """Train a tiny SFT model and reward model on the synthetic IMDb archive into `out` (sft.pt, comparisons.pt,
+    rm.pt), as the lab and the ladder find them after `python ppo.py`. Returns argv(**flags): these shared settings
+    (tiny block, 6-token answers, 4 evaluation prompts) plus `flags`, as --key=value."""
+    import reward
+    import sft
+    shared = dict(task="imdb", device="cpu", data_dir=imdb_root, out_dir=out, block_size=64, max_new_tokens=6,
+                  eval_prompts=4, eval_batch_size=4)
+    argv = lambda **kw: [f"--{k}={v}" for k, v in {**shared, **kw}.items()]
+    sft.main(argv(n_layer=1, n_head=2, n_embd=32, pretrain_iters=4, pretrain_batch_size=2, sft_iters=4, batch_size=4,
+                  eval_every=0, eval_examples=4, n_answers=1))
+    reward.main(argv(n_prompts=8, n_test_prompts=4, answers_per_prompt=3, max_iters=2, batch_size=4, eval_every=0,
+                     norm_examples=4, n_show=0))
+    return argv

@@ -14,8 +14,7 @@ import data
 import evaluate
 import lab
 import ppo
-import reward
-import sft
+from conftest import tiny_imdb_stages
 from model import GPT, GPTConfig
 
 
@@ -249,13 +248,7 @@ def test_the_sweep_runs_each_seed_in_its_own_folder_and_evaluates_only_the_drawn
 def test_the_lab_writes_every_point_and_every_chart_and_keeps_what_it_ran(imdb_root, tmp_path, monkeypatch, one_thread):
     monkeypatch.chdir(tmp_path)
     out = str(tmp_path / "out")
-    shared = dict(task="imdb", device="cpu", data_dir=imdb_root, out_dir=out, block_size=64, max_new_tokens=6,
-                  eval_prompts=4, eval_batch_size=4)
-    argv = lambda **kw: [f"--{k}={v}" for k, v in {**shared, **kw}.items()]
-    sft.main(argv(n_layer=1, n_head=2, n_embd=32, pretrain_iters=4, pretrain_batch_size=2, sft_iters=4, batch_size=4,
-                  eval_every=0, eval_examples=4, n_answers=1))
-    reward.main(argv(n_prompts=8, n_test_prompts=4, answers_per_prompt=3, max_iters=2, batch_size=4, eval_every=0,
-                     norm_examples=4, n_show=0))
+    argv = tiny_imdb_stages(imdb_root, out)
     lab_args = dict(ppo_betas="0.05,0.2", dpo_betas="0.1", eval_every=1, critic_free="grpo", samples_per_prompt=2,
                     rm_sizes="4", bias_betas="0.05,1", bon_prompts=3, bon_pool=4,
                     rm_args="--max_iters=2 --batch_size=4",

@@ -9,9 +9,8 @@ import torch
 import common
 import evaluate
 import ladder
+from conftest import tiny_imdb_stages
 import ppo
-import reward
-import sft
 
 
 def test_seed_interval_is_the_range_below_five_seeds_and_a_bootstrap_from_five():
@@ -50,13 +49,7 @@ def test_a_tiny_ladder_runs_every_seed_draws_and_keeps_what_it_ran(imdb_root, tm
                                                                    capsys):
     monkeypatch.chdir(tmp_path)
     out = str(tmp_path / "out")
-    shared = dict(task="imdb", device="cpu", data_dir=imdb_root, out_dir=out, block_size=64, max_new_tokens=6,
-                  eval_prompts=4, eval_batch_size=4)
-    argv = lambda **kw: [f"--{k}={v}" for k, v in {**shared, **kw}.items()]
-    sft.main(argv(n_layer=1, n_head=2, n_embd=32, pretrain_iters=4, pretrain_batch_size=2, sft_iters=4, batch_size=4,
-                  eval_every=0, eval_examples=4, n_answers=1))
-    reward.main(argv(n_prompts=8, n_test_prompts=4, answers_per_prompt=3, max_iters=2, batch_size=4, eval_every=0,
-                     norm_examples=4, n_show=0))
+    argv = tiny_imdb_stages(imdb_root, out)
     real_main, calls = ppo.main, []
 
     def main(args):  # the klpen run of the second seed stops on a nan, as a diverged run would
