@@ -19,7 +19,8 @@ rollouts and the minibatch order; the evaluation prompts and the evaluation's sa
 Runs go to out/<task>/ladder/<setting>_seed<s>/ (links to the shared sft.pt and rm.pt; nothing is re-trained that a
 run does not change) and a second call runs only what is missing. Prints the table (markdown) and draws
 out/<task>/ladder/ladder.png. A run counts as collapsed when its gold ends below the SFT policy's or its answers
-become one phrase (distinct-2 below half of SFT's), diverged when it stopped on a nan.
+become one phrase (distinct-2 below half of SFT's) or shrink to nothing (under half SFT's length), diverged when it
+stopped on a nan.
 """
 import json
 import os
@@ -30,14 +31,15 @@ import ppo
 from checkpoint import load_checkpoint, make_missing_checkpoints
 from lab import link
 
-ONE_STEP = "--ppo_epochs=1 --minibatch_size={batch}"  # on-policy: one gradient step on the whole rollout
+ONE_STEP = "--surrogate=cpi --ppo_epochs=1 --minibatch_size={batch}"  # on-policy: one gradient step a rollout
+RTG = "--advantage_estimator=reward_to_go"
 RUNGS = [  # name, what it adds, ppo.py flags
-    ("reinforce", "1 REINFORCE: A = R", f"--advantage_estimator=reinforce --surrogate=cpi {ONE_STEP}"),
-    ("baseline", "2 + baseline: A = R - mean R", f"--advantage_estimator=reinforce_baseline --surrogate=cpi {ONE_STEP}"),
-    ("reward_to_go", "3 + reward-to-go: A_t = G_t - mean R", f"--advantage_estimator=reward_to_go --surrogate=cpi {ONE_STEP}"),
-    ("is", "4 + importance sampling: epochs x minibatches, rho A", "--advantage_estimator=reward_to_go --surrogate=cpi"),
-    ("klpen", "5 + adaptive KL penalty to pi_old (PPO1)", "--advantage_estimator=reward_to_go --surrogate=klpen"),
-    ("clip", "6 + the clip instead (PPO2)", "--advantage_estimator=reward_to_go"),
+    ("reinforce", "1 REINFORCE: A = R", f"--advantage_estimator=reinforce {ONE_STEP}"),
+    ("baseline", "2 + baseline: A = R - mean R", f"--advantage_estimator=reinforce_baseline {ONE_STEP}"),
+    ("reward_to_go", "3 + reward-to-go: A_t = G_t - mean R", f"{RTG} {ONE_STEP}"),
+    ("is", "4 + importance sampling: epochs x minibatches, rho A", f"{RTG} --surrogate=cpi"),
+    ("klpen", "5 + adaptive KL penalty to pi_old (PPO1)", f"{RTG} --surrogate=klpen"),
+    ("clip", "6 + the clip instead (PPO2)", RTG),
     ("gae", "7 + critic and GAE (the default)", ""),
 ]
 TRICKS = [  # each from rung 7
@@ -93,14 +95,16 @@ def run_seed(cfg, name, flags, seed, batch):
 
 def summarise(runs, sft):
     """A setting's figures over its seeds (evaluate.seed_interval each): final gold, KL, gold gained per nat
-    ((gold - SFT's) / KL), distinct-2, and the counts of diverged and collapsed runs."""
+    ((gold - SFT's) / KL), distinct-2, length, and the counts of diverged and collapsed runs (module docstring)."""
     done = [r["final"] for r in runs if r["final"]]
     figure = lambda f: evaluate.seed_interval([f(p) for p in done])
-    collapsed = sum(p["gold"] < sft["gold"] or p["distinct2"] < 0.5 * sft["distinct2"] for p in done)
-    return dict(gold=figure(lambda p: p["gold"]), kl=figure(lambda p: p["kl"]), positive=figure(lambda p: p["positive"]),
+    collapsed = sum(p["gold"] < sft["gold"] or p["distinct2"] < 0.5 * sft["distinct2"]
+                    or p["length"] < 0.5 * sft["length"] for p in done)
+    return dict(gold=figure(lambda p: p["gold"]), kl=figure(lambda p: p["kl"]),
+                positive=figure(lambda p: p["positive"]),
                 per_nat=figure(lambda p: (p["gold"] - sft["gold"]) / p["kl"] if p["kl"] > 0.1 else float("nan")),
-                distinct2=figure(lambda p: p["distinct2"]), diverged=sum(r["diverged"] is not None for r in runs),
-                collapsed=collapsed, n=len(runs))
+                distinct2=figure(lambda p: p["distinct2"]), length=figure(lambda p: p["length"]),
+                diverged=sum(r["diverged"] is not None for r in runs), collapsed=collapsed, n=len(runs))
 
 
 def interval_text(i, fmt="{:+.2f}"):
@@ -113,21 +117,24 @@ def print_table(cfg, rows, sft):
     """The markdown table: each setting's figures over its seeds, and where its gold stands against the rung before
     it (rungs) or the default (tricks): above, below, or not separable."""
     how = next((r["stats"]["gold"]["how"] for r in rows if r["stats"]["gold"]["n"]), "range")
-    print(f"\nthe ladder on {cfg.task}: mean over seeds [95% interval: {'min, max' if how == 'range' else how}]; SFT gold "
-          f"{sft['gold']:+.3f}, distinct-2 {sft['distinct2']:.2f}; {sft['eval']['n_prompts']} test prompts")
-    print("| setting | gold | positive | KL (nats) | gold gained per nat | distinct-2 | diverged / collapsed | gold vs |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print(f"\nthe ladder on {cfg.task}: mean over seeds [{'min, max' if how == 'range' else '95% bootstrap'}]; SFT "
+          f"gold {sft['gold']:+.3f}, distinct-2 {sft['distinct2']:.2f}, length {sft['length']:.0f}; "
+          f"{sft['eval']['n_prompts']} test prompts")
+    print("| setting | gold | positive | KL (nats) | gold gained per nat | distinct-2 | length | diverged / collapsed "
+          "| gold vs |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     default = next((r for r in rows if r["name"] == "gae"), None)
     previous = None
     for r in rows:
         st = r["stats"]
         against = previous if r["kind"] == "rung" else default
+        words = {1: "above", -1: "below", 0: f"not separable at {st['n']} seeds"}
         vs = "" if against is None or against is r else \
-            {1: "above", -1: "below", 0: f"not separable at {st['n']} seeds"}[evaluate.order(st["gold"], against["stats"]["gold"])] \
-            + f" ({against['name']})"
+            f"{words[evaluate.order(st['gold'], against['stats']['gold'])]} ({against['name']})"
         print(f"| {r['label']} | {interval_text(st['gold'])} | {interval_text(st['positive'], '{:.2f}')} | "
               f"{interval_text(st['kl'], '{:.1f}')} | {interval_text(st['per_nat'], '{:+.3f}')} | "
-              f"{interval_text(st['distinct2'], '{:.2f}')} | {st['diverged']} / {st['collapsed']} of {st['n']} | {vs} |")
+              f"{interval_text(st['distinct2'], '{:.2f}')} | {interval_text(st['length'], '{:.0f}')} | "
+              f"{st['diverged']} / {st['collapsed']} of {st['n']} | {vs} |")
         previous = r if r["kind"] == "rung" else previous
 
 

@@ -233,10 +233,10 @@ def test_the_sweep_runs_each_seed_in_its_own_folder_and_evaluates_only_the_drawn
            dict(name="rm300", path=str(tmp_path / "rm300.pt"), bias=0.0, default=False),
            dict(name="rm_biased", path=str(tmp_path / "rmb.pt"), bias=1.0, default=False)]
     points, curves, biased = lab.run_sweep(cfg, rms)
-    assert calls == [(f"ppo_beta0.05{s}", seed, 5) for s, seed in (("", 1337), ("_seed1338", 1338), ("_seed1339", 1339))] \
-        + [(f"ppo_beta0.2{s}", seed, 0) for s, seed in (("", 1337), ("_seed1338", 1338), ("_seed1339", 1339))] \
-        + [("ppo_rm300_beta0.05", 1337, 5)] \
-        + [(f"ppo_rm_biased_beta0.5{s}", seed, 5) for s, seed in (("", 1337), ("_seed1338", 1338), ("_seed1339", 1339))]
+    seeds = (("", 1337), ("_seed1338", 1338), ("_seed1339", 1339))
+    assert calls == [(f"ppo_beta0.05{s}", seed, 5) for s, seed in seeds] \
+        + [(f"ppo_beta0.2{s}", seed, 0) for s, seed in seeds] + [("ppo_rm300_beta0.05", 1337, 5)] \
+        + [(f"ppo_rm_biased_beta0.5{s}", seed, 5) for s, seed in seeds]
     assert [p["n_seeds"] for p in points] == [3, 3] and points[0]["kl"] == 2.0 and points[0]["kl_high"] == 3.0
     assert curves == {"rm3000": os.path.join(str(tmp_path), "lab", "ppo_beta0.05"),
                       "rm300": os.path.join(str(tmp_path), "lab", "ppo_rm300_beta0.05")}

@@ -768,7 +768,8 @@ def test_cpi_and_klpen_losses_equal_their_formulas_token_by_token():
     klpen, _ = ppo.klpen_loss(logprobs, old, adv, mask, 0.2, 3.0)
     assert cpi.item() == pytest.approx(-sum(terms) / len(terms), abs=1e-5)
     assert klpen.item() == pytest.approx(-sum(terms) / len(terms) + 3.0 * sum(kls) / len(kls), abs=1e-5)
-    for loss_fn in (lambda lp: ppo.cpi_loss(lp, old, adv, mask, 0.2), lambda lp: ppo.klpen_loss(lp, old, adv, mask, 0.2, 3.0)):
+    for loss_fn in (lambda lp: ppo.cpi_loss(lp, old, adv, mask, 0.2),
+                    lambda lp: ppo.klpen_loss(lp, old, adv, mask, 0.2, 3.0)):
         lp = old.clone().requires_grad_()
         loss_fn(lp)[0].backward()
         assert torch.allclose(lp.grad, -adv * mask / mask.sum(), atol=1e-6)
