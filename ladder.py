@@ -140,44 +140,48 @@ def print_table(cfg, rows, sft):
 
 def plot(cfg, rows, sft):
     """ladder.png: gold against KL for every setting (mean over seeds, bars: the interval), the rungs joined in order;
-    the rollouts' gold per iteration as bands over the seeds, rungs and tricks in a panel each."""
+    the rollouts' gold per iteration as bands over the seeds, rungs and tricks in a panel each. The rungs take the
+    colours of a sequence (viridis, 1 dark to 7 light), the tricks those of tab10, the default black in the tricks'."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 3, figsize=(18, 5.5))
-    ax = axes[0]
-    ax.plot([0], [sft["gold"]], "k*", ms=12, label="SFT (start)")
     rungs = [r for r in rows if r["kind"] == "rung" and r["stats"]["gold"]["mean"] is not None]
     tricks = [r for r in rows if r["kind"] == "trick" and r["stats"]["gold"]["mean"] is not None]
+    colour = {r["name"]: plt.cm.viridis(i / max(1, len(rungs) - 1) * 0.9) for i, r in enumerate(rungs)}
+    colour.update({r["name"]: f"C{i % 10}" for i, r in enumerate(tricks)})
+    fig, axes = plt.subplots(1, 3, figsize=(18, 7))
+    ax = axes[0]
+    ax.plot([0], [sft["gold"]], "k*", ms=12, label="SFT (the start)")
     ax.plot([r["stats"]["kl"]["mean"] for r in rungs], [r["stats"]["gold"]["mean"] for r in rungs], "-", color="grey",
             lw=1, alpha=0.6)
-    for i, r in enumerate(rungs + tricks):
+    for r in rungs + tricks:
         g, k = r["stats"]["gold"], r["stats"]["kl"]
         ax.errorbar([k["mean"]], [g["mean"]], xerr=[[k["mean"] - k["low"]], [k["high"] - k["mean"]]],
                     yerr=[[g["mean"] - g["low"]], [g["high"] - g["mean"]]], fmt="o" if r["kind"] == "rung" else "s",
-                    color=f"C{i % 10}", capsize=3, ms=7, mfc=None if r["kind"] == "rung" else "none", label=r["label"])
+                    color=colour[r["name"]], capsize=3, ms=7, mfc=None if r["kind"] == "rung" else "none",
+                    label=r["label"] if r["kind"] == "rung" else f"rung 7, {r['label']}")
         ax.annotate(r["label"].split()[0] if r["kind"] == "rung" else r["name"], (k["mean"], g["mean"]),
                     textcoords="offset points", xytext=(6, 4), fontsize=8)
     how = "min-max" if (rungs + tricks)[0]["stats"]["gold"]["how"] == "range" else "95% bootstrap"
     ax.set(xlabel="KL(pi || pi_ref)  [nats per answer]", ylabel="gold (judge log-odds), test prompts",
            title=f"each rung and trick: mean over seeds, bars {how}")
-    for ax, group, title in ((axes[1], rungs, "the rungs"), (axes[2], tricks, "the tricks (each from rung 7)")):
+    ax.legend(fontsize=7, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.12))
+    for ax, group, title in ((axes[1], rungs, "the rungs"), (axes[2], tricks, "the tricks, each alone from rung 7")):
         ref = [r for r in rungs if r["name"] == "gae"] if group is tricks else []
-        for i, r in enumerate(group + ref):
+        for r in group + ref:
             curves = [c for c in r["curves"] if c]
-            if not curves:
-                continue
             n = min(map(len, curves))
             cols = list(zip(*[c[:n] for c in curves]))
-            c = "black" if r in ref else f"C{(rows.index(r)) % 10}"
+            c = "black" if r in ref else colour[r["name"]]
             ax.plot(range(n), [sum(v) / len(v) for v in cols], color=c, lw=1.5, label=r["label"])
             ax.fill_between(range(n), [min(v) for v in cols], [max(v) for v in cols], color=c, alpha=0.15)
         ax.set(xlabel="PPO iteration", ylabel="gold of the rollout's answers (train prompts)",
-               title=f"{title}: mean over seeds, band min-max")
+               title=f"{title}: mean (band: min-max)")
+        ax.legend(fontsize=7, loc="upper left")
     for ax in axes:
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle(f"from REINFORCE to PPO on {cfg.task}: {rows[0]['stats']['n']} seeds per setting")
+    fig.suptitle(f"from REINFORCE to PPO on {cfg.task}: {rows[0]['stats']['n']} training seeds per setting, the same "
+                 "SFT policy and reward model")
     fig.tight_layout()
     path = os.path.join(cfg.out_dir, "ladder", "ladder.png")
     fig.savefig(path, dpi=100)
