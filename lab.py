@@ -95,10 +95,11 @@ def gae_answers(cfg, extra):
     return ppo_cfg.batch_size * ppo_cfg.samples_per_prompt
 
 
-def run(method, beta, cfg, extra, rm=None, seed=None, curve=False):
+def run(method, beta, cfg, extra, rm=None, seed=None, curve=False, progress=""):
     """One run of ppo.py (method ppo, rloo or grpo) or dpo.py at `beta` and training `seed` (None: cfg.seed) in its
     own folder (kept if it already finished; another seed's name ends in _seed<seed>), evaluated every eval_every
-    iterations where its `curve` is drawn; returns its point and the folder."""
+    iterations where its `curve` is drawn; `progress` ("run 3 of 20") heads what it prints. Returns its point and the
+    folder."""
     seed = cfg.seed if seed is None else seed
     folder, stage = run_folder(cfg, method, beta, rm), "dpo" if method == "dpo" else "ppo"
     folder = folder if seed == cfg.seed else link(f"{folder}_seed{seed}", **{
@@ -113,16 +114,11 @@ def run(method, beta, cfg, extra, rm=None, seed=None, curve=False):
                  f"--batch_size={max(1, gae_answers(cfg, extra) // k)}"]
     path = os.path.join(folder, f"{stage}.pt")
     if not (os.path.exists(path) and load_checkpoint(path, stage=stage)["finished"]):
-        print(f"\n===== {method} beta={beta}{'' if rm is None else ' against ' + rm['name']} -> {folder}")
+        against = "" if rm is None else f" against {rm['name']}"
+        print(f"\n===== lab {progress}: {method} beta={beta}{against} seed {seed} -> {folder}")
         (dpo if stage == "dpo" else ppo).main(argv)
     point = json.load(open(os.path.join(folder, f"eval_{stage}.json")))
     return dict(method=method, beta=beta, **{k: v for k, v in point.items() if k != "eval"}), folder
-
-
-def run_seeds(method, beta, cfg, extra, rm=None, curve=False):
-    """run() at each of the cfg.seeds training seeds; returns (the point over the seeds: over_seeds, the folders)."""
-    runs = [run(method, beta, cfg, extra, rm, cfg.seed + i, curve) for i in range(cfg.seeds)]
-    return over_seeds([p for p, _ in runs]), [f for _, f in runs]
 
 
 def over_seeds(points):
@@ -492,26 +488,33 @@ def print_tables(cfg, points, bon, curves, biased_runs, rms, y, biased_seeds=Non
 
 
 def run_sweep(cfg, rms):
-    """Every training run of the lab (each kept if it finished): PPO at ppo_betas, the critic-free estimators and DPO
-    at dpo_betas against rm.pt (the frontier's points), and PPO against every other reward model at the smallest
-    beta, or at bias_betas for the biased one; the frontier's and the biased runs at every seed. Returns (points,
-    {rm name: PPO folder at the smallest beta}, {beta: PPO folders against the biased reward model, one a seed})."""
-    points, folders, small_beta = [], {}, smallest_beta(cfg)
-    for beta in sorted(floats(cfg.ppo_betas)):
-        point, folders[beta] = run_seeds("ppo", beta, cfg, cfg.ppo_args, curve=beta == small_beta)
-        points.append(point)
-    for estimator in [e for e in cfg.critic_free.split(",") if e]:
-        points.append(run_seeds(estimator, cfg.critic_free_beta, cfg, cfg.ppo_args)[0])
-    for beta in sorted(floats(cfg.dpo_betas)):
-        points.append(run_seeds("dpo", beta, cfg, cfg.dpo_args)[0])
-    curve_folders = {rms[0]["name"]: folders[small_beta][0]} if small_beta in folders else {}
-    biased_folders = {}
-    for rm in rms[1:]:
-        if rm["bias"]:  # every seed: the kl_penalty chart's curves and over-optimisation's count
-            for beta in floats(cfg.bias_betas):
-                biased_folders[beta] = run_seeds("ppo", beta, cfg, cfg.ppo_args, rm, curve=True)[1]
+    """Every training run of the lab (each kept if it finished), in this order: PPO at ppo_betas, the critic-free
+    estimators and DPO at dpo_betas against rm.pt (the frontier's points), PPO against every other reward model at the
+    smallest beta, or at bias_betas for the biased one; the frontier's and the biased runs at each of the cfg.seeds
+    training seeds, the others at one. Returns (the frontier's points, over_seeds each; {rm name: PPO folder at the
+    smallest beta}; {beta: PPO folders against the biased reward model, one a seed})."""
+    small_beta, seeds = smallest_beta(cfg), [cfg.seed + i for i in range(cfg.seeds)]
+    plan = [("ppo", beta, cfg.ppo_args, None, beta == small_beta) for beta in sorted(floats(cfg.ppo_betas))]
+    plan += [(e, cfg.critic_free_beta, cfg.ppo_args, None, False) for e in cfg.critic_free.split(",") if e]
+    plan += [("dpo", beta, cfg.dpo_args, None, False) for beta in sorted(floats(cfg.dpo_betas))]
+    plan += [("ppo", beta, cfg.ppo_args, rm, True) for rm in rms[1:]
+             for beta in (floats(cfg.bias_betas) if rm["bias"] else [small_beta])]
+    seeded = lambda rm: rm is None or rm["bias"]
+    jobs = [(k, seed) for k, job in enumerate(plan) for seed in (seeds if seeded(job[3]) else seeds[:1])]
+    done = [[] for _ in plan]  # (point, folder) of each seed, per entry of the plan
+    for i, (k, seed) in enumerate(jobs):
+        method, beta, extra, rm, curve = plan[k]
+        done[k].append(run(method, beta, cfg, extra, rm, seed, curve, progress=f"run {i + 1} of {len(jobs)}"))
+    points, curve_folders, biased_folders = [], {}, {}
+    for (method, beta, extra, rm, curve), runs in zip(plan, done):
+        if rm is None:
+            points.append(over_seeds([p for p, _ in runs]))
+            if curve:
+                curve_folders[rms[0]["name"]] = runs[0][1]
+        elif rm["bias"]:  # every seed: the kl_penalty chart's curves and over-optimisation's count
+            biased_folders[beta] = [f for _, f in runs]
         else:  # the over-optimisation curve at the smallest beta, one seed
-            curve_folders[rm["name"]] = run("ppo", small_beta, cfg, cfg.ppo_args, rm, curve=True)[1]
+            curve_folders[rm["name"]] = runs[0][1]
     return points, curve_folders, biased_folders
 
 
