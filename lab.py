@@ -3,6 +3,7 @@ The lab: how much gold reward each method buys per nat of KL, and why the recipe
 
     python lab.py                                     # imdb CPU preset: everything below
     python lab.py --ppo_betas=0.05 --dpo_betas= --critic_free= --rm_sizes= --bias_betas=0.05   # a quick look
+    python lab.py --seeds=3                           # each frontier point and biased run at 3 training seeds
 
 It reuses out/<task>/sft.pt, rm.pt and comparisons.pt (running sft.py and reward.py first if they are missing) and
 runs every policy and every extra reward model into its own folder under out/<task>/lab/, so a second `python
