@@ -29,7 +29,7 @@ import common
 import evaluate
 import ppo
 from checkpoint import load_checkpoint, make_missing_checkpoints
-from lab import link
+from lab import gae_answers, link
 
 ONE_STEP = "--surrogate=cpi --ppo_epochs=1 --minibatch_size={batch}"  # on-policy: one gradient step a rollout
 RTG = "--advantage_estimator=reward_to_go"
@@ -195,9 +195,7 @@ def main(argv=None):
     if cfg.task != "imdb":
         raise common.ConfigError(f"--task={cfg.task}: the ladder measures the gold judge's score, which only imdb has")
     make_missing_checkpoints(cfg, "sft", "rm")
-    ppo_cfg = common.parse_config(ppo.config, common.shared_flags(cfg, ppo.config) + [
-        a for a in cfg.ppo_args.split() if a.split("=")[0][2:] in ppo.config], cuda_overrides=ppo.cuda_config,
-        verbose=False)
+    batch = gae_answers(cfg, cfg.ppo_args)  # answers per rollout in ppo.py's preset: the one-step rungs' minibatch
     seeds = [cfg.seed + i for i in range(cfg.seeds)]
     total, rows, sft = len(settings) * len(seeds), [], None
     for i, (name, label, flags, kind) in enumerate(settings):
@@ -205,7 +203,7 @@ def main(argv=None):
         for j, seed in enumerate(seeds):
             done = i * len(seeds) + j
             print(f"\n===== ladder [{'#' * (20 * done // total):20s}] run {done + 1} of {total}: {name} seed {seed}")
-            runs.append(run_seed(cfg, name, flags, seed, ppo_cfg.batch_size))
+            runs.append(run_seed(cfg, name, flags, seed, batch))
         sft = sft or next((r["sft"] for r in runs if r["sft"]), None)
         rows.append(dict(name=name, label=label, kind=kind, runs=runs, curves=[r["curve"] for r in runs]))
     if sft is None:
