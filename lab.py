@@ -299,10 +299,11 @@ def plot(cfg, points, bon, curves, biased_runs, rms, y):
                 axes[0].errorbar(it, [r["gold"] for r in rows], yerr=[2 * r["gold_se"] for r in rows], fmt="-o",
                                  ms=3, capsize=2, color=c, label=f"beta={beta}: gold (+- 2 s.e.)")
             axes[0].plot(it, [r["score"] for r in rows], "--", color=c, alpha=0.7, label=f"beta={beta}: proxy")
-            draw_trajectory(axes[1], sqrt_kl(rows), [r["gold"] for r in rows], c, f"beta={beta}")  # in iteration order
+            seeds = f", mean of {rows[-1]['n_seeds']} seeds" if "n_seeds" in rows[-1] else ""
+            draw_trajectory(axes[1], sqrt_kl(rows), [r["gold"] for r in rows], c, f"beta={beta}{seeds}")  # in order
         axes[0].set(xlabel="PPO iteration", ylabel="score (log-odds)", title="against the biased reward model")
         axes[1].set(xlabel="sqrt(KL(pi || pi_ref))  [sqrt(nats)]", ylabel="gold (judge log-odds)",
-                    title="gold against sqrt(KL): one curve if beta acts as early stopping")
+                    title="gold vs sqrt(KL): one curve if beta is early stopping")
         for ax in axes:
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7, ncol=2)
