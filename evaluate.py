@@ -203,12 +203,15 @@ def best_of_n_curve(proxy, gold=None, ns=None):
     return rows
 
 
+INTERVAL_NAMES = dict(range="min-max", bootstrap="95% bootstrap", none="none")  # seed_interval's `how`, in words
+
+
 def seed_interval(values, resamples=10000):
     """The mean over training seeds of one figure, with a 95% interval over the seeds (RL results move with the seed:
     Henderson et al. 2018; report intervals over runs: Agarwal et al. 2021). values: floats, one per seed (nan for
     a run that diverged is dropped). Fewer than 5 seeds: the range (min, max), said as "range"; 5 or more: a
     percentile bootstrap of the mean ("bootstrap", resamples draws of n seeds with replacement, generator seed 0).
-    Returns dict mean, low, high, n, how; mean None when no value is left."""
+    Returns dict mean, low, high, n, how; mean None when no value is left (INTERVAL_NAMES says `how` in words)."""
     x = torch.tensor([v for v in values if v == v], dtype=torch.float64)  # v == v drops nan
     if len(x) == 0:
         return dict(mean=None, low=None, high=None, n=0, how="none")

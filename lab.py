@@ -124,8 +124,8 @@ def run(method, beta, cfg, extra, rm=None, seed=None, curve=False, progress=""):
 
 def over_seeds(points):
     """One point from the same point of several training seeds: every number the mean over the seeds, and for gold,
-    kl and score their 95% interval over the seeds (evaluate.seed_interval) as <key>_low, <key>_high, with the seeds'
-    count; one seed: its point as it is."""
+    kl and score their interval over the seeds (evaluate.seed_interval) as <key>_low, <key>_high, with the seeds'
+    count and the interval's name (evaluate.INTERVAL_NAMES); one seed: its point as it is."""
     if len(points) == 1:
         return points[0]
     same = lambda k: all(p[k] == points[0][k] for p in points)  # e.g. the method, beta, an iteration
@@ -135,7 +135,7 @@ def over_seeds(points):
         if points[0].get(key) is not None:
             iv = evaluate.seed_interval([p[key] for p in points])
             out.update({f"{key}_low": iv["low"], f"{key}_high": iv["high"]})
-    return dict(out, n_seeds=len(points))
+    return dict(out, n_seeds=len(points), interval=evaluate.INTERVAL_NAMES[iv["how"]])
 
 
 def ppo_curve(folder, sft_point):
@@ -270,11 +270,11 @@ def plot(cfg, points, bon, curves, biased_runs, rms, y):
                         fmt=marker, capsize=3, ms=8, label=method.upper())
             for p in pts if method != "sft" else ():
                 ax.annotate(f"beta={p['beta']}", (p["kl"], p[y]), textcoords="offset points", xytext=(5, 4), fontsize=7)
-    seeds = max(p.get("n_seeds", 1) for p in points)
+    seeded = max(points, key=lambda p: p.get("n_seeds", 1))
     ax.set(xlabel="KL(pi || pi_ref)  [nats per answer]", ylabel=f"{label}, {points[0]['n_prompts']} test prompts",
            title=f"reward vs KL on {cfg.task} (cf. DPO paper, fig. 2)" + (
-               f"\ntrained policies: mean of {seeds} seeds, bars {'min-max' if seeds < 5 else '95% bootstrap'} over "
-               "them" if seeds > 1 else ""))
+               f"\ntrained policies: mean of {seeded['n_seeds']} seeds, bars {seeded['interval']} over them"
+               if "n_seeds" in seeded else ""))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -292,7 +292,8 @@ def plot(cfg, points, bon, curves, biased_runs, rms, y):
             it = [r["iteration"] for r in rows]
             if "gold_low" in rows[-1]:  # several seeds: their mean and the interval over them
                 axes[0].plot(it, [r["gold"] for r in rows], "-o", ms=3, color=c,
-                             label=f"beta={beta}: gold, mean of {rows[-1]['n_seeds']} seeds (band: min-max)")
+                             label=f"beta={beta}: gold, mean of {rows[-1]['n_seeds']} seeds "
+                                   f"(band: {rows[-1]['interval']})")
                 axes[0].fill_between(it, [r.get("gold_low", r["gold"]) for r in rows],
                                      [r.get("gold_high", r["gold"]) for r in rows], color=c, alpha=0.15)
             else:

@@ -108,6 +108,7 @@ def summarise(runs, sft):
 
 
 def interval_text(i, fmt="{:+.2f}"):
+    """A seed_interval as 'mean [low, high]' in `fmt`, or '-' when no seed finished."""
     if i["mean"] is None:
         return "-"
     return f"{fmt.format(i['mean'])} [{fmt.format(i['low'])}, {fmt.format(i['high'])}]"
@@ -117,7 +118,7 @@ def print_table(cfg, rows, sft):
     """The markdown table: each setting's figures over its seeds, and where its gold stands against the rung before
     it (rungs) or the default (tricks): above, below, or not separable."""
     how = next((r["stats"]["gold"]["how"] for r in rows if r["stats"]["gold"]["n"]), "range")
-    print(f"\nthe ladder on {cfg.task}: mean over seeds [{'min, max' if how == 'range' else '95% bootstrap'}]; SFT "
+    print(f"\nthe ladder on {cfg.task}: mean over seeds [{evaluate.INTERVAL_NAMES[how]}]; SFT "
           f"gold {sft['gold']:+.3f}, distinct-2 {sft['distinct2']:.2f}, length {sft['length']:.0f}; "
           f"{sft['eval']['n_prompts']} test prompts")
     print("| setting | gold | positive | KL (nats) | gold gained per nat | distinct-2 | length | diverged / collapsed "
@@ -162,7 +163,7 @@ def plot(cfg, rows, sft):
                     label=r["label"] if r["kind"] == "rung" else f"rung 7, {r['label']}")
         ax.annotate(r["label"].split()[0] if r["kind"] == "rung" else r["name"], (k["mean"], g["mean"]),
                     textcoords="offset points", xytext=(6, 4), fontsize=8)
-    how = "min-max" if (rungs + tricks)[0]["stats"]["gold"]["how"] == "range" else "95% bootstrap"
+    how = evaluate.INTERVAL_NAMES[(rungs + tricks)[0]["stats"]["gold"]["how"]]
     ax.set(xlabel="KL(pi || pi_ref)  [nats per answer]", ylabel="gold (judge log-odds), test prompts",
            title=f"each rung and trick: mean over seeds, bars {how}")
     ax.legend(fontsize=7, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.12))

@@ -209,7 +209,7 @@ def test_over_seeds_means_every_figure_and_gives_the_range_of_gold_kl_and_score(
     out = lab.over_seeds([a, b, c])
     assert out["gold"] == pytest.approx(1.5) and out["gold_se"] == pytest.approx(0.2) and out["kl"] == 7.0
     assert (out["gold_low"], out["gold_high"], out["kl_low"], out["kl_high"]) == (1.0, 2.0, 5.0, 9.0)
-    assert (out["score_low"], out["score_high"], out["n_seeds"]) == (-0.5, 1.5, 3)
+    assert (out["score_low"], out["score_high"], out["n_seeds"], out["interval"]) == (-0.5, 1.5, 3, "min-max")
     assert (out["method"], out["beta"], out["iteration"], out["n_prompts"]) == ("ppo", 0.2, 5, 256)
     assert lab.over_seeds([a]) == a  # one seed: its point as it is
     assert lab.bars([out, a], "gold") == [[0.5, 0.1], [0.5, 0.1]] and lab.bars([a], "kl") == [[0.0], [0.0]]
